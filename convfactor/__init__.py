@@ -1,0 +1,50 @@
+"""convfactor: make trained PyTorch CNNs smaller and faster by low-rank factorization.
+
+Importing the package has no side effects; the public names are loaded lazily.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "factorize": "convfactor.core.api",
+    "compress": "convfactor.core.api",
+    "CompressionReport": "convfactor.core.api",
+    "ConvSpec": "convfactor.core.convspec",
+    "UnsupportedLayer": "convfactor.core.convspec",
+    "inspect_model": "convfactor.core.inspect",
+    "count": "convfactor.measure.count",
+    "measure_latency": "convfactor.measure.latency",
+    "save": "convfactor.io",
+    "load": "convfactor.io",
+    "load_weights": "convfactor.io",
+    "psnr": "convfactor.measure.quality",
+    "ssim": "convfactor.measure.quality",
+    "accuracy": "convfactor.measure.quality",
+    "evbmf": "convfactor.rank.vbmf",
+    "plan": "convfactor.rank.planner",
+    "Plan": "convfactor.rank.planner",
+    "finetune": "convfactor.train.finetune",
+    "basis_regularizer": "convfactor.methods.basis",
+}
+_SUBMODULES = {"models", "methods", "measure", "rank", "train", "data", "report", "io", "core", "bench"}
+
+__all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"convfactor.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'convfactor' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

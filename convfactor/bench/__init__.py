@@ -1,0 +1,1 @@
+"""convfactor.bench"""

@@ -1,0 +1,46 @@
+"""The ``convfactor`` command line: thin; every command is one library call.
+
+Each command lives in ``convfactor/commands/NAME.py`` with ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> int``; commands whose module is absent are simply not offered.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ["inspect", "compress", "plan", "finetune", "evaluate", "demo", "report", "bench", "export"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convfactor", description="Low-rank factorization of trained PyTorch CNNs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"convfactor.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"convfactor.commands.{name}":
+                continue
+            raise
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, OSError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"convfactor {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""convfactor compress MODEL (--method M (--rank|--macs-ratio|--energy) | --rules FILE | --plan FILE) -o OUT."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import add_model_arguments, load_model
+
+HELP = "factorize a model's conv/linear layers and write the result (safetensors + JSON recipe) atomically"
+
+
+def add_arguments(p) -> None:
+    add_model_arguments(p)
+    p.add_argument("--method", help="factorization method (channel_svd, spatial_svd, tucker2, cp, depthwise, ...)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--rank", type=lambda s: tuple(int(v) for v in s.split(",")) if "," in s else int(s),
+                        help="rank (or r1,r2 for two-rank methods)")
+    target.add_argument("--macs-ratio", type=float, help="per-layer MACs after / before, in (0, 1]")
+    target.add_argument("--energy", type=float, help="fraction of squared singular values kept, in (0, 1]")
+    p.add_argument("--op-types", nargs="*", default=["Conv2d"], help="layer types to select (default: Conv2d)")
+    p.add_argument("--op-names", nargs="*", help="glob patterns of layer names to select")
+    p.add_argument("--exclude", nargs="*", default=[], help="glob patterns of layer names to leave alone")
+    p.add_argument("--rules", help="a JSON/YAML file with a list of NNI-style rules (overrides --method etc.)")
+    p.add_argument("--plan", help="a plan file written by 'convfactor plan'")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+
+
+def rules_from_args(args) -> list[dict]:
+    if args.rules:
+        import yaml
+        return yaml.safe_load(Path(args.rules).read_text())
+    if not args.method:
+        raise ValueError("give --method with one of --rank/--macs-ratio/--energy, or --rules, or --plan")
+    target = {"rank": args.rank} if args.rank is not None else (
+        {"macs_ratio": args.macs_ratio} if args.macs_ratio is not None else
+        {"energy": args.energy} if args.energy is not None else None)
+    if target is None:
+        raise ValueError("give one of --rank, --macs-ratio, --energy")
+    rule = {"op_types": args.op_types, "method": args.method, **target}
+    if args.op_names:
+        rule["op_names"] = args.op_names
+    if args.exclude:
+        rule["exclude_op_names"] = args.exclude
+    return [rule]
+
+
+def run(args) -> int:
+    from .. import io
+    from ..core.api import compress
+    io.check_writable(args.output)            # fail before any work
+    model, example = load_model(args)
+    if args.plan:
+        from ..rank import Plan
+        plan = Plan.load(args.plan)
+        compressed, report = plan.apply(model, example)
+    else:
+        compressed, report = compress(model, rules_from_args(args), example, progress=True)
+    meta = {"model": args.model if ":" in args.model or not Path(args.model).exists() else None,
+            "input_shape": list(example.shape)}
+    io.save(compressed, args.output, metadata={k: v for k, v in meta.items() if v is not None})
+    (Path(args.output) / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    print(report.table())
+    print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,71 @@
+"""EDSR (Lim et al. 2017, "Enhanced Deep Residual Networks for Single Image Super-Resolution").
+
+Images are in [0, 1]; the DIV2K RGB mean is subtracted at the head and added back at the tail
+(a fixed, parameter-free shift, so it is never a factorization candidate).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+DIV2K_MEAN = (0.4488, 0.4371, 0.4040)
+
+
+class MeanShift(nn.Module):
+    def __init__(self, sign: float, mean=DIV2K_MEAN):
+        super().__init__()
+        self.register_buffer("shift", sign * torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.shift.to(x.dtype)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, feats: int, kernel: int = 3, res_scale: float = 1.0):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(feats, feats, kernel, padding=kernel // 2), nn.ReLU(inplace=True),
+                                  nn.Conv2d(feats, feats, kernel, padding=kernel // 2))
+        self.res_scale = res_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return x + (out * self.res_scale if self.res_scale != 1 else out)
+
+
+class Upsampler(nn.Sequential):
+    def __init__(self, scale: int, feats: int):
+        layers = []
+        if scale & (scale - 1) == 0:
+            for _ in range(int(math.log2(scale))):
+                layers += [nn.Conv2d(feats, 4 * feats, 3, padding=1), nn.PixelShuffle(2)]
+        elif scale == 3:
+            layers += [nn.Conv2d(feats, 9 * feats, 3, padding=1), nn.PixelShuffle(3)]
+        else:
+            raise ValueError(f"scale {scale} is not supported")
+        super().__init__(*layers)
+
+
+class EDSR(nn.Module):
+    """``n_resblocks`` x ``n_feats``; input (B, 3, h, w) in [0, 1] -> (B, 3, scale*h, scale*w)."""
+
+    def __init__(self, n_resblocks: int = 16, n_feats: int = 64, scale: int = 2, res_scale: float = 1.0,
+                 n_colors: int = 3):
+        super().__init__()
+        self.scale = scale
+        self.sub_mean = MeanShift(-1.0)
+        self.add_mean = MeanShift(+1.0)
+        self.head = nn.Conv2d(n_colors, n_feats, 3, padding=1)
+        self.body = nn.Sequential(*[ResBlock(n_feats, 3, res_scale) for _ in range(n_resblocks)],
+                                  nn.Conv2d(n_feats, n_feats, 3, padding=1))
+        self.tail = nn.Sequential(Upsampler(scale, n_feats), nn.Conv2d(n_feats, n_colors, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.sub_mean(x))
+        x = x + self.body(x)
+        return self.add_mean(self.tail(x))
+
+
+def edsr_baseline_x2() -> EDSR:
+    return EDSR(16, 64, 2, 1.0)
