@@ -11,7 +11,7 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["get", "names", "pretrained_names", "register", "default_input", "WEIGHTS_DIR"]
+__all__ = ["get", "names", "info", "pretrained_names", "register", "default_input", "WEIGHTS_DIR"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
@@ -20,7 +20,21 @@ _ZOO: dict[str, tuple[str, tuple[int, ...], str]] = {
     "resnet20": ("resnet_cifar:resnet20", (3, 32, 32), "classification"),
     "resnet56": ("resnet_cifar:resnet56", (3, 32, 32), "classification"),
     "edsr_baseline_x2": ("edsr:edsr_baseline_x2", (3, 64, 64), "sr"),
+    "edsr_baseline_x4": ("edsr:edsr_baseline_x4", (3, 64, 64), "sr"),
+    "edsr_8_128_x2": ("edsr:edsr_8_128_x2", (3, 64, 64), "sr"),
+    "edsr_x2": ("edsr:edsr_x2", (3, 64, 64), "sr"),
+    "srresnet_x4": ("srresnet:srresnet_x4", (3, 64, 64), "sr"),
+    "srresnet_x2": ("srresnet:srresnet_x2", (3, 64, 64), "sr"),
+    "rrdbnet_x4": ("rrdbnet:rrdbnet_x4", (3, 64, 64), "sr"),
+    "rrdbnet_x2": ("rrdbnet:rrdbnet_x2", (3, 64, 64), "sr"),
+    "dncnn": ("dncnn:dncnn", (1, 64, 64), "denoise"),
+    "dncnn_color": ("dncnn:dncnn_color", (3, 64, 64), "denoise"),
+    "vgg16_cifar": ("vgg_cifar:vgg16_cifar", (3, 32, 32), "classification"),
+    "densenet_bc_40_12": ("densenet:densenet_bc_40_12", (3, 32, 32), "classification"),
+    "blognet": ("blognet:blognet", (3, 32, 32), "classification"),
 }
+#: upscaling factor of the super-resolution models (``info(name)["scale"]``)
+_SCALE: dict[str, int] = {name: int(name.rsplit("_x", 1)[1]) for name, (_, _, task) in _ZOO.items() if task == "sr"}
 _CUSTOM: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -32,16 +46,22 @@ def pretrained_names() -> list[str]:
     return sorted(n for n in names() if (WEIGHTS_DIR / f"{n}.safetensors").is_file())
 
 
-def register(name: str, factory: Callable[..., nn.Module], input_shape=(3, 32, 32), task: str = "other") -> None:
+def register(name: str, factory: Callable[..., nn.Module], input_shape=(3, 32, 32), task: str = "other",
+             scale: int | None = None) -> None:
     _CUSTOM[name] = factory
     _ZOO.setdefault(name, ("", tuple(input_shape), task))
+    if scale is not None:
+        _SCALE[name] = int(scale)
 
 
 def info(name: str) -> dict:
     if name not in _ZOO:
         raise KeyError(f"unknown model {name!r}; built-in models: {', '.join(names())}")
     _, shape, task = _ZOO[name]
-    return {"name": name, "input_shape": shape, "task": task}
+    out = {"name": name, "input_shape": shape, "task": task}
+    if name in _SCALE:
+        out["scale"] = _SCALE[name]
+    return out
 
 
 def default_input(name: str, batch: int = 1):
