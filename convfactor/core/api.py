@@ -30,6 +30,11 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return diff / denom if denom > 0 else diff
 
 
+def rank_options(method: Method, options: dict) -> dict:
+    """The options a method's rank arithmetic depends on (its ``rank_options``, e.g. TT's mode shapes)."""
+    return {k: options[k] for k in getattr(method, "rank_options", ()) if k in options}
+
+
 def factorize(layer: nn.Module, method: str | Method, *, rank=None, macs_ratio: float | None = None,
               energy: float | None = None, input_size: Sequence[int] | None = None, **options) -> Factorized:
     """A drop-in low-rank replacement for ``layer`` (an ``nn.Conv1d/2d/3d`` or ``nn.Linear``).
@@ -48,7 +53,11 @@ def factorize(layer: nn.Module, method: str | Method, *, rank=None, macs_ratio: 
     check_finite(weight, "weight")
     if layer.bias is not None:
         check_finite(layer.bias, "bias")
-    ranks = m.resolve_ranks(spec, weight, rank=rank, macs_ratio=macs_ratio, energy=energy, input_size=input_size)
+    ranks = m.resolve_ranks(spec, weight, rank=rank, macs_ratio=macs_ratio, energy=energy, input_size=input_size,
+                            **rank_options(m, options))
+    if options.get("calibration") is not None:   # data-aware (response) fitting, issue 7
+        from ..methods.data_aware import factorize_data_aware
+        return factorize_data_aware(layer, m, spec, ranks, **options)
     factors = m.factorize(weight.to(torch.float64), spec, ranks, **options)
     if layer.bias is not None:
         factors["bias"] = layer.bias.detach()
@@ -159,6 +168,8 @@ def compress(model: nn.Module, rules: list[dict] | dict, example_input=None, *, 
     selects, and layers skipped with a reason, stay bit-identical.  ``model`` is never modified.
 
     ``calibration``: batches of model inputs for rules with ``data_aware: true``.
+    Rules with ``share`` (``basis``: ``'block' | 'group' | 'network' | [[names...], ...]``) factorize
+    their layers jointly, one shared tensor per group (see :mod:`convfactor.methods.basis`).
     """
     parsed = parse_rules(rules)
     work = copy.deepcopy(model)
@@ -181,7 +192,8 @@ def compress(model: nn.Module, rules: list[dict] | dict, example_input=None, *, 
             continue
         check_finite(layer.weight, f"{name}.weight")
         try:
-            ranks = method.resolve_ranks(spec, layer.weight.detach(), input_size=size or None, **rule.target)
+            ranks = method.resolve_ranks(spec, layer.weight.detach(), input_size=size or None, **rule.target,
+                                         **rank_options(method, rule.options))
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
         plans.append((name, rule, layer, spec, size, method, ranks))
@@ -194,6 +206,8 @@ def compress(model: nn.Module, rules: list[dict] | dict, example_input=None, *, 
         from .calibration import collect_inputs  # provided by the data-aware feature
         calib_io = collect_inputs(work, data_aware_layers, calibration)
 
+    shared = _factorize_shared(plans)
+    seen_shared: set[int] = set()
     iterator = plans
     if progress:
         from tqdm.auto import tqdm
@@ -202,9 +216,13 @@ def compress(model: nn.Module, rules: list[dict] | dict, example_input=None, *, 
         options = dict(rule.options)
         if options.pop("data_aware", False):
             options["calibration"] = calib_io[name]
-        new = factorize(layer, method, rank=ranks, input_size=size or None, **options)
+        new = shared[name] if name in shared else factorize(layer, method, rank=ranks, input_size=size or None,
+                                                            **options)
         set_submodule(work, name, new)
-        before, after = spec.dense_params(), method.cost(spec, ranks, size)
+        before, after = spec.dense_params(), method.cost(spec, ranks, size, **rank_options(method, rule.options))
+        if name in shared:   # a tensor shared with an earlier layer (e.g. a filter basis) is counted there, once
+            after = type(after)(sum(p.numel() for p in new.parameters() if id(p) not in seen_shared), after.macs)
+            seen_shared.update(id(p) for p in new.parameters())
         weight_err = relative_error(method.reconstruct(_module_factors(new, method, spec), spec), layer.weight)
         out_err = None
         if name in io:
@@ -216,6 +234,24 @@ def compress(model: nn.Module, rules: list[dict] | dict, example_input=None, *, 
     order = {name: i for i, name in enumerate(n for n, _ in work.named_modules())}
     report.layers.sort(key=lambda L: order.get(L.name, math.inf))
     return work, report
+
+
+def _factorize_shared(plans: list) -> dict[str, nn.Module]:
+    """Rules with a ``share`` option: their method builds all of the rule's layers jointly through
+    ``method.factorize_shared(layers: {name: layer}, ranks: {name: ranks}, **options) -> {name: module}``
+    (e.g. ``basis`` with one filter basis per block / group / network)."""
+    by_rule: dict[int, list] = {}
+    for name, rule, layer, spec, size, method, ranks in plans:
+        if rule.options.get("share") is not None:
+            by_rule.setdefault(rule.index, []).append((name, rule, layer, method, ranks))
+    out: dict[str, nn.Module] = {}
+    for group in by_rule.values():
+        rule, method = group[0][1], group[0][3]
+        if not hasattr(method, "factorize_shared"):
+            raise ValueError(f"rule {rule.index}: method {method.name!r} does not support 'share'")
+        options = {k: v for k, v in rule.options.items() if k != "data_aware"}
+        out.update(method.factorize_shared({g[0]: g[2] for g in group}, {g[0]: g[4] for g in group}, **options))
+    return out
 
 
 def _module_factors(module: Factorized, method: Method, spec: ConvSpec) -> dict[str, torch.Tensor]:
