@@ -1,1 +1,30 @@
-"""convfactor.rank"""
+"""Rank selection and compression planning.
+
+* :mod:`~convfactor.rank.energy`: errors from spectra, energy ranks;
+* :mod:`~convfactor.rank.vbmf`: EVBMF (:func:`evbmf`), weakening, the rank floor;
+* :mod:`~convfactor.rank.criteria`: condition-number marking, the speed bound, rank rounding;
+* :mod:`~convfactor.rank.budget`: global MACs/params budgets;
+* :mod:`~convfactor.rank.latency`: timing cache, measured-latency choice;
+* :mod:`~convfactor.rank.planfile`: the :class:`Plan` file; :mod:`~convfactor.rank.planner`: :func:`plan`.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Plan": "planfile", "LayerPlan": "planfile", "plan": "planner", "parse_target": "planner",
+    "evbmf": "vbmf", "evbmf_spectrum": "vbmf", "weaken": "vbmf", "kernel_vbmf_ranks": "vbmf",
+    "speed_bound": "criteria", "below_dense": "criteria", "round_ranks": "criteria",
+    "mark_by_condition": "criteria", "allocate": "budget", "parse_ratio": "budget",
+    "LatencyCache": "latency", "error_estimate": "energy",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'convfactor.rank' has no attribute {name!r}")

@@ -1,0 +1,234 @@
+"""Measured-latency building blocks: a timing cache, layer/model timing, and the per-layer choice.
+
+Timings are medians after warm-up from :func:`convfactor.measure.latency.measure_latency` (threads
+set explicitly), or from an injected ``timer(module, inputs) -> seconds`` (tests use a fake one,
+so planning decisions are deterministic).  A :class:`LatencyCache` keys every figure by the
+device, CPU, threads, torch version, dtype, input shape (batch included), memory format and the
+module's structure, so identical layers (EDSR's 32 body convs) are timed once, and a cache file
+can be reused across runs on the same machine.
+
+:func:`choose` is the multiple-choice knapsack at the heart of the planner: per layer one option
+(dense, or a candidate that is faster than dense), minimizing the summed squared kernel error
+under a total-time budget (or the time under an error budget), by a Lagrangian sweep followed by
+a greedy fill of the remaining slack.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..measure.latency import environment, measure_latency
+
+__all__ = ["LatencyCache", "LayerTimer", "Option", "choose", "compare_models", "env_key"]
+
+Timer = Callable[[nn.Module, tuple], float]
+
+
+@functools.lru_cache(maxsize=None)
+def _machine(threads: int | None) -> tuple:
+    env = environment(threads)
+    return tuple((k, env[k]) for k in ("device", "cpu", "threads", "torch", "cuda_device") if k in env)
+
+
+def env_key(threads: int | None, dtype, input_shape: Sequence[int], memory_format: str, timer=None) -> dict:
+    """What a timing depends on besides the module: machine, threads, dtype, input shape, format."""
+    key = dict(_machine(threads or torch.get_num_threads()))
+    key.update(dtype=str(dtype), input_shape=list(input_shape), memory_format=memory_format)
+    if timer is not None:
+        # an injected timer: its own ``cache_tag`` (or its repr) keeps differently set-up fakes apart
+        key["timer"] = str(getattr(timer, "cache_tag", None) or repr(timer))
+    return key
+
+
+class LatencyCache:
+    """``key -> milliseconds``; in memory, optionally persisted as JSON at ``path``."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else None
+        self.data: dict[str, float] = {}
+        self.hits = 0
+        self.misses = 0
+        if self.path and self.path.is_file():
+            self.data = {str(k): float(v) for k, v in json.loads(self.path.read_text()).items()}
+
+    @staticmethod
+    def key(env: dict, signature: str) -> str:
+        return json.dumps({"env": env, "module": signature}, sort_keys=True)
+
+    def get(self, key: str) -> float | None:
+        value = self.data.get(key)
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return value
+
+    def put(self, key: str, ms: float) -> None:
+        self.data[key] = float(ms)
+
+    def save(self) -> None:
+        if self.path:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(self.data, indent=0))
+            tmp.replace(self.path)
+
+
+@dataclass
+class LayerTimer:
+    """Times single layers on their real input shape, through a :class:`LatencyCache`."""
+
+    threads: int | None = None
+    timer: Timer | None = None
+    repeats: int = 15
+    warmup: int = 3
+    min_run_time: float = 0.0
+    cache: LatencyCache = field(default_factory=LatencyCache)
+
+    def time(self, module: nn.Module, input_shape: Sequence[int], signature: str, *, dtype=torch.float32,
+             memory_format: str = "contiguous") -> float:
+        """Median milliseconds of ``module`` on a random input of ``input_shape``."""
+        env = env_key(self.threads, dtype, input_shape, memory_format, self.timer)
+        key = self.cache.key(env, signature)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+        module = copy.deepcopy(module)          # measure_latency converts the memory format in place
+        lat = measure_latency(module, x, threads=self.threads, repeats=self.repeats, warmup=self.warmup,
+                              min_run_time=self.min_run_time, memory_format=memory_format, timer=self.timer)
+        self.cache.put(key, lat.median_ms)
+        return lat.median_ms
+
+
+    def time_group(self, items: list[tuple[nn.Module, str]], input_shape: Sequence[int], *, dtype=torch.float32,
+                   memory_format: str = "contiguous", rounds: int = 3) -> list[float]:
+        """Median ms of each ``(module, signature)`` on one input, measured round-robin.
+
+        A layer's dense form and its candidates are timed interleaved (``rounds`` rounds of
+        ``repeats / rounds`` each, median of all), so a load spike on a shared machine hits them
+        alike and their ratios hold.  Cached entries are not re-timed.
+        """
+        env = env_key(self.threads, dtype, input_shape, memory_format, self.timer)
+        keys = [self.cache.key(env, sig) for _, sig in items]
+        out: list[float | None] = [self.cache.get(k) for k in keys]
+        todo = [i for i, v in enumerate(out) if v is None]
+        if todo:
+            x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+            modules = {i: copy.deepcopy(items[i][0]) for i in todo}
+            samples: dict[int, list[float]] = {i: [] for i in todo}
+            rounds = max(1, min(rounds, self.repeats))
+            for r in range(rounds):
+                for i in todo:
+                    lat = measure_latency(modules[i], x, threads=self.threads, repeats=max(1, self.repeats // rounds),
+                                          warmup=self.warmup if r == 0 else 1, min_run_time=self.min_run_time,
+                                          memory_format=memory_format, timer=self.timer)
+                    samples[i].extend(lat.times_ms)
+            for i in todo:
+                out[i] = statistics.median(samples[i])
+                self.cache.put(keys[i], out[i])
+        return [float(v) for v in out]
+
+
+def compare_models(models: dict[str, tuple[nn.Module, str]], example_input, *, threads: int | None = None,
+                   timer: Timer | None = None, rounds: int = 5, repeats: int = 5, warmup: int = 2,
+                   min_run_time: float = 0.0) -> dict[str, float]:
+    """Median ms of each ``name -> (model, memory_format)``, measured interleaved (round-robin).
+
+    Interleaving puts slow drifts of a shared machine on every model alike, so the ratios hold
+    even when absolute times wander.  The models are deep-copied (formats are set on the copies).
+    """
+    copies = {name: (copy.deepcopy(m).eval(), fmt) for name, (m, fmt) in models.items()}
+    results: dict[str, list[float]] = {name: [] for name in copies}
+    for r in range(max(1, rounds)):
+        for name, (m, fmt) in copies.items():
+            lat = measure_latency(m, example_input, threads=threads, repeats=repeats,
+                                  warmup=warmup if r == 0 else 1, min_run_time=min_run_time,
+                                  memory_format=fmt, timer=timer)
+            results[name].append(lat.median_ms)
+    return {name: statistics.median(v) for name, v in results.items()}
+
+
+@dataclass
+class Option:
+    """One choice for one layer: ``method None`` is the dense layer."""
+
+    method: str | None
+    ranks: tuple[int, ...] | None
+    ms: float
+    error: float          # relative kernel error
+    macs: int = 0
+    params: int = 0
+
+
+def _pick(options: list[list[Option]], lam: float, mode: str) -> list[int]:
+    # mode 'time': minimize err^2 + lam * ms ;  mode 'error': minimize ms + lam * err^2
+    out = []
+    for opts in options:
+        if mode == "time":
+            out.append(min(range(len(opts)), key=lambda i: (opts[i].error ** 2 + lam * opts[i].ms, opts[i].ms)))
+        else:
+            out.append(min(range(len(opts)), key=lambda i: (opts[i].ms + lam * opts[i].error ** 2, opts[i].error)))
+    return out
+
+
+def choose(options: list[list[Option]], *, time_budget: float | None = None,
+           error_budget: float | None = None) -> tuple[list[int], bool]:
+    """Per layer an index into its options (index 0 must be dense).
+
+    ``time_budget``: minimize ``sum err^2`` subject to ``sum ms <= time_budget``.
+    ``error_budget``: minimize ``sum ms`` subject to ``sum err^2 <= error_budget``.
+    Returns ``(choice, feasible)``; infeasible gives the fastest (resp. most accurate) choice.
+    """
+    if (time_budget is None) == (error_budget is None):
+        raise ValueError("give exactly one of time_budget=, error_budget=")
+    mode = "time" if time_budget is not None else "error"
+
+    def total(choice, attr):
+        if attr == "ms":
+            return sum(options[l][i].ms for l, i in enumerate(choice))
+        return sum(options[l][i].error ** 2 for l, i in enumerate(choice))
+
+    budget, attr = (time_budget, "ms") if mode == "time" else (error_budget, "err")
+    # The extreme where the budget weighs infinitely: fastest (or most accurate) everywhere.
+    extreme = _pick(options, 1e30, mode)
+    if total(extreme, attr) > budget + 1e-12:
+        return extreme, False
+    # Smallest multiplier whose choice fits; bisect in log space.
+    lo, hi = -30.0, 30.0
+    best = extreme
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        c = _pick(options, math.exp(mid), mode)
+        if total(c, attr) <= budget + 1e-12:
+            best, hi = c, mid
+        else:
+            lo = mid
+    best = list(best)
+    # Greedy fill: spend the remaining slack on the moves that buy the most.
+    while True:
+        slack = budget - total(best, attr)
+        move = None
+        for l, opts in enumerate(options):
+            cur = opts[best[l]]
+            for i, o in enumerate(opts):
+                if mode == "time":
+                    cost, gain = o.ms - cur.ms, cur.error ** 2 - o.error ** 2
+                else:
+                    cost, gain = o.error ** 2 - cur.error ** 2, cur.ms - o.ms
+                if gain > 1e-15 and cost <= slack + 1e-12:
+                    key = gain / max(cost, 1e-15)
+                    if move is None or key > move[0]:
+                        move = (key, l, i)
+        if move is None:
+            break
+        best[move[1]] = move[2]
+    return best, True

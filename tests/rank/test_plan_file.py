@@ -1,0 +1,120 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from convfactor import models
+from convfactor.cli import main
+from convfactor.core.api import compress
+from convfactor.rank import LayerPlan, Plan, plan
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return models.get("resnet20"), models.default_input("resnet20")
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_round_trip(resnet, tmp_path, suffix):
+    model, x = resnet
+    p = plan(model, x, target="macs=50%", criterion="budget", model_name="resnet20")
+    path = p.save(tmp_path / f"plan{suffix}")
+    q = Plan.load(path)
+    assert q.to_dict() == p.to_dict()
+    assert [(L.name, L.method, L.ranks) for L in q.layers] == [(L.name, L.method, L.ranks) for L in p.layers]
+
+
+def test_apply_equals_compress_with_the_same_ranks(resnet):
+    model, x = resnet
+    p = plan(model, x, target="macs=50%", criterion="budget")
+    a, report = p.apply(model, x)
+    rules = [{"op_names": [L.name], "method": L.method, "rank": L.ranks[0]} for L in p.compressed]
+    b, _ = compress(model, rules, x)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    assert {L.name for L in report.compressed} == {L.name for L in p.compressed}
+    # the original is untouched
+    assert all(type(m) is not type(a.layer1[0].conv1) for m in [model.layer1[0].conv1])
+
+
+def test_hand_edited_plan(resnet, tmp_path):
+    model, x = resnet
+    p = plan(model, x, target="macs=50%", criterion="budget")
+    data = p.to_dict()
+    first = next(L for L in data["layers"] if L["method"])
+    first["ranks"] = [3]
+    second = [L for L in data["layers"] if L["method"]][1]
+    second["method"], second["ranks"] = None, None            # keep dense
+    path = tmp_path / "edited.yaml"
+    import yaml
+    path.write_text(yaml.safe_dump(data))
+    compressed, report = Plan.load(path).apply(model, x)
+    layers = {L.name: L for L in report.layers}
+    assert layers[first["name"]].ranks == (3,)
+    assert second["name"] not in layers
+    assert isinstance(compressed.get_submodule(second["name"]), nn.Conv2d)
+
+
+def test_bad_plans_fail_clearly(resnet, tmp_path):
+    model, x = resnet
+    with pytest.raises(ValueError, match="does not have"):
+        Plan(layers=[LayerPlan("nope", "channel_svd", [2])]).apply(model, x)
+    with pytest.raises(ValueError, match="needs ranks"):
+        LayerPlan("conv1", "channel_svd", None)
+    with pytest.raises(ValueError, match="out of range"):
+        Plan(layers=[LayerPlan("layer1.0.conv1", "channel_svd", [999])]).apply(model, x)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"layers": [{"name": "conv1", "rnaks": [2]}]}))
+    with pytest.raises(ValueError, match="unknown keys"):
+        Plan.load(bad)
+    bad.write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="mapping"):
+        Plan.load(bad)
+    with pytest.raises(FileNotFoundError):
+        Plan().save(tmp_path / "no" / "plan.yaml")
+
+
+def test_cli_plan_then_compress_with_plan(tmp_path, capsys):
+    plan_file = tmp_path / "plan.yaml"
+    assert main(["plan", "resnet20", "--target", "macs=40%", "--criterion", "budget", "-o", str(plan_file)]) == 0
+    assert "layer1.0.conv1" in capsys.readouterr().out
+    p = Plan.load(plan_file)
+    assert p.criterion == "budget" and p.model == "resnet20" and p.compressed
+    assert abs(p.summary["achieved_ratio"] - 0.4) <= 0.008
+    out = tmp_path / "out"
+    assert main(["compress", "resnet20", "--plan", str(plan_file), "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    planned = {L.name: L.ranks for L in p.compressed}
+    got = {L["name"]: L["ranks"] for L in report["layers"] if not L["skipped"]}
+    assert got == planned
+
+
+@pytest.mark.parametrize("args", [["--criterion", "vbmf", "--weakening", "0.5"],
+                                  ["--criterion", "energy", "--energy", "0.95", "--round-to", "8"],
+                                  ["--target", "macs=50%", "--kappa-threshold", "2.0"]])
+def test_cli_other_criteria(tmp_path, capsys, args):
+    plan_file = tmp_path / "plan.json"
+    assert main(["plan", "resnet20", *args, "-o", str(plan_file)]) == 0
+    p = Plan.load(plan_file)
+    assert p.layers
+    if "--round-to" in args:
+        from convfactor.core.convspec import ConvSpec
+        from convfactor.methods import registry
+        from convfactor.rank.criteria import below_dense
+        model = models.get("resnet20")
+        for L in p.compressed:
+            spec = ConvSpec.from_module(model.get_submodule(L.name))
+            m = registry.get(L.method)
+            assert all(r % 8 == 0 or r == m.max_rank(spec)[0] for r in L.ranks) or "no multiple" in L.note
+            assert below_dense(m, spec, L.ranks, L.input_shape[2:])
+    if "--kappa-threshold" in args:
+        for L in p.layers:
+            if L.kappa is not None and L.kappa <= 2.0:
+                assert L.method is None and "threshold" in L.note
+
+
+def test_cli_plan_bad_target(tmp_path, capsys):
+    assert main(["plan", "resnet20", "--target", "speed=3", "-o", str(tmp_path / "p.yaml")]) == 2
+    assert "unknown target" in capsys.readouterr().err
+    assert not (tmp_path / "p.yaml").exists()

@@ -1,0 +1,204 @@
+"""The latency planner's decisions on a deterministic fake timer (tests/rank/fake_timer.py)."""
+import itertools
+import random
+
+import pytest
+import torch
+
+from convfactor import models
+from convfactor.measure.latency import to_memory_format
+from convfactor.rank import LatencyCache, plan
+from convfactor.rank.latency import Option, choose
+
+from fake_timer import FakeTimer
+
+FAST = dict(repeats=1, e2e_rounds=1, e2e_repeats=1, methods=("channel_svd", "linear_svd"))
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return models.get("resnet20"), models.default_input("resnet20")
+
+
+def fake_speedup(model, compressed, x, fmt, timer):
+    """Independent end-to-end check: the original in its fastest form vs the plan in its format."""
+    ref = min(timer(*to_memory_format(model, (x,), f)) for f in ("contiguous", "channels_last"))
+    import copy
+    m, inputs = to_memory_format(copy.deepcopy(compressed), (x,), fmt)
+    return ref / timer(m, inputs)
+
+
+@pytest.mark.parametrize("speedup", [1.5, 2.0, 3.0])
+def test_plan_meets_requested_speedup(resnet, speedup):
+    model, x = resnet
+    timer = FakeTimer()
+    p = plan(model, x, target=f"speedup={speedup}x", timer=timer, **FAST)
+    assert p.summary["reachable"]
+    assert abs(p.summary["measured_speedup"] / speedup - 1) <= 0.10
+    # The fake timer favours channels_last for everything: that is the reference and the plan's format.
+    assert p.summary["reference_format"] == "channels_last" and p.memory_format == "channels_last"
+    for layer in p.compressed:
+        assert layer.factorized_ms < layer.dense_ms
+    compressed, _ = p.apply(model, x)
+    assert fake_speedup(model, compressed, x, p.memory_format, FakeTimer()) == pytest.approx(
+        p.summary["measured_speedup"], rel=1e-6)
+
+
+def test_more_speed_costs_more_error(resnet):
+    model, x = resnet
+    errs = [plan(model, x, target=f"speedup={s}x", timer=FakeTimer(), **FAST).summary["rms_kernel_error"]
+            for s in (1.5, 3.0)]
+    assert errs[0] < errs[1]
+
+
+def test_dense_is_kept_where_no_candidate_is_faster(resnet):
+    model, x = resnet
+    # A per-conv overhead far above the arithmetic: splitting a conv in two only adds time.
+    timer = FakeTimer(overhead=1.0)
+    p = plan(model, x, target="speedup=2x", timer=timer, **FAST)
+    assert not p.compressed
+    assert all(L.note for L in p.layers)
+    assert p.summary["measured_speedup"] >= 1.0
+    assert not p.summary["reachable"] and "unreachable" in p.summary["message"]
+
+
+def test_small_layers_stay_dense_with_moderate_overhead(resnet):
+    model, x = resnet
+    # The overhead of one extra conv outweighs what factorizing the tiny stem conv and fc can save.
+    p = plan(model, x, target="speedup=1.5x", timer=FakeTimer(overhead=2e-4), **FAST)
+    by_name = {L.name: L for L in p.layers}
+    assert by_name["conv1"].method is None and by_name["fc"].method is None
+    assert "faster" in (by_name["fc"].note or "")
+    assert p.compressed
+
+
+def test_never_slower_than_the_original(resnet):
+    model, x = resnet
+    # Per layer the candidates look faster, but end to end every factorized piece costs a lot more.
+    p = plan(model, x, target="speedup=2x", timer=FakeTimer(e2e_penalty=1.0), max_iter=3, **FAST)
+    assert not p.compressed
+    assert p.summary["measured_speedup"] == 1.0
+    assert "slower" in p.summary["message"]
+
+
+def test_tightens_when_end_to_end_misses(resnet):
+    model, x = resnet
+    timer = FakeTimer(e2e_penalty=1e-4)
+    p = plan(model, x, target="speedup=2x", timer=timer, max_iter=6, **FAST)
+    history = p.summary["history"]
+    assert len(history) > 1
+    assert history[0]["measured_speedup"] < 1.8              # the first try missed ...
+    assert history[-1]["aimed_speedup"] > 2.0                # ... so the planner aimed higher
+    assert abs(p.summary["measured_speedup"] / 2.0 - 1) <= 0.10 and p.summary["reachable"]
+
+
+def test_unreachable_target_reports_best_found(resnet):
+    model, x = resnet
+    p = plan(model, x, target="speedup=40x", timer=FakeTimer(), **FAST)
+    assert not p.summary["reachable"]
+    assert "unreachable" in p.summary["message"]
+    assert 1.0 < p.summary["measured_speedup"] < 36
+
+
+def test_error_budget_mode(resnet):
+    model, x = resnet
+    tight = plan(model, x, target="error=0.3", timer=FakeTimer(), **FAST)
+    loose = plan(model, x, target="error=0.8", timer=FakeTimer(), **FAST)
+    assert tight.summary["rms_kernel_error"] <= 0.3 + 1e-9
+    assert loose.summary["rms_kernel_error"] <= 0.8 + 1e-9
+    assert loose.summary["measured_speedup"] > tight.summary["measured_speedup"] >= 1.0
+
+
+def test_cache_avoids_re_timing(resnet, tmp_path):
+    model, x = resnet
+    path = tmp_path / "timings.json"
+    first = FakeTimer()
+    p1 = plan(model, x, target="speedup=2x", timer=first, cache=str(path), **FAST)
+    assert path.is_file()
+    second = FakeTimer()
+    cache = LatencyCache(path)
+    p2 = plan(model, x, target="speedup=2x", timer=second, cache=cache, **FAST)
+    assert cache.hits > 0 and cache.misses == 0
+    # only the end-to-end runs are timed again: 2 formats of the original + 2 per iteration
+    assert second.calls <= 2 + 2 * len(p2.summary["history"]) < first.calls
+    assert [(L.method, L.ranks) for L in p1.layers] == [(L.method, L.ranks) for L in p2.layers]
+
+
+def test_cache_key_separates_memory_format_and_shape():
+    from convfactor.rank.latency import env_key
+    a = LatencyCache.key(env_key(2, torch.float32, (1, 16, 32, 32), "contiguous"), "sig")
+    b = LatencyCache.key(env_key(2, torch.float32, (1, 16, 32, 32), "channels_last"), "sig")
+    c = LatencyCache.key(env_key(2, torch.float32, (2, 16, 32, 32), "contiguous"), "sig")
+    d = LatencyCache.key(env_key(1, torch.float32, (1, 16, 32, 32), "contiguous"), "sig")
+    e = LatencyCache.key(env_key(2, torch.float64, (1, 16, 32, 32), "contiguous"), "sig")
+    assert len({a, b, c, d, e}) == 5
+
+
+def _brute(options, budget):
+    best = None
+    for combo in itertools.product(*[range(len(o)) for o in options]):
+        t = sum(options[l][i].ms for l, i in enumerate(combo))
+        e = sum(options[l][i].error ** 2 for l, i in enumerate(combo))
+        if t <= budget + 1e-12 and (best is None or e < best):
+            best = e
+    return best
+
+
+def test_choose_is_feasible_and_near_optimal():
+    rng = random.Random(0)
+    for _ in range(30):
+        options = []
+        for _layer in range(4):
+            dense = rng.uniform(1, 3)
+            opts = [Option(None, None, dense, 0.0)]
+            for r in range(rng.randint(1, 4)):
+                opts.append(Option("m", (r + 1,), rng.uniform(0.1, dense), rng.uniform(0.01, 1.0)))
+            options.append(opts)
+        lo = sum(min(o.ms for o in opts) for opts in options)
+        hi = sum(opts[0].ms for opts in options)
+        budget = rng.uniform(lo, hi)
+        choice, ok = choose(options, time_budget=budget)
+        assert ok
+        t = sum(options[l][i].ms for l, i in enumerate(choice))
+        e = sum(options[l][i].error ** 2 for l, i in enumerate(choice))
+        assert t <= budget + 1e-9
+        optimum = _brute(options, budget)
+        assert e <= optimum * 1.5 + 1e-9
+        # no single-layer change lowers the error and still fits
+        for l, opts in enumerate(options):
+            for i, o in enumerate(opts):
+                t2 = t - options[l][choice[l]].ms + o.ms
+                e2 = e - options[l][choice[l]].error ** 2 + o.error ** 2
+                assert not (t2 <= budget + 1e-9 and e2 < e - 1e-12)
+    # an impossible budget: infeasible, fastest everywhere
+    opts = [[Option(None, None, 1.0, 0.0), Option("m", (1,), 0.5, 0.3)]] * 2
+    choice, ok = choose(opts, time_budget=0.5)
+    assert not ok and choice == [1, 1]
+
+
+def test_any_available_method_is_handled_generically(resnet):
+    from convfactor.rank.planner import LATENCY_METHODS, _loadable
+    model, x = resnet
+    names = [n for n in LATENCY_METHODS if _loadable(n)]
+    p = plan(model, x, target="speedup=1.5x", timer=FakeTimer(), op_names=["layer3.*"], repeats=1,
+             e2e_rounds=1, e2e_repeats=1, ratios=(0.2, 0.5))
+    assert {L.name for L in p.layers} == {n for n, _ in model.named_modules()
+                                          if n.startswith("layer3.") and n.endswith(("conv1", "conv2"))}
+    for L in p.compressed:
+        assert L.method in names and L.factorized_ms < L.dense_ms
+        assert 0 <= L.error <= 1
+    assert p.summary["measured_speedup"] >= 1.0
+
+
+def test_next_aim_interpolates_between_bracketing_tries():
+    from convfactor.rank.planner import _next_aim
+    hist = [{"aimed_speedup": 2.0, "predicted_speedup": 2.0, "measured_speedup": 1.5},
+            {"aimed_speedup": 4.0, "predicted_speedup": 3.9, "measured_speedup": 2.5}]
+    aim = _next_aim(hist, 2.0, 4.0, 2.5)
+    assert 2.0 < aim < 3.9
+    # without a bracket: the last prediction scaled by the miss
+    assert _next_aim(hist[:1], 2.0, 2.0, 1.5) == pytest.approx(2.0 * 2.0 / 1.5)
+    # a try far faster than asked never sends the next one to the dense model
+    fast = [{"aimed_speedup": 2.0, "predicted_speedup": 1.6, "measured_speedup": 4.0}]
+    assert _next_aim(fast, 2.0, 2.0, 4.0) > 1.0
