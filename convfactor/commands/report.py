@@ -1,0 +1,60 @@
+"""convfactor report RUN_DIR: (re)write report.md and a self-contained report.html from a run directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HELP = "write report.json / report.md / report.html (with figures) for a run directory"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run_dir", help="a directory holding report.json (e.g. written by 'convfactor compress')")
+    p.add_argument("--measure", action="store_true",
+                   help="also time the original and the compressed model (needs the run's recipe.json and its "
+                        "base model; the speed-up is against the original's fastest form)")
+    p.add_argument("--weights", default=None,
+                   help="the original model's weights (as given to 'convfactor compress'); needed for the singular "
+                        "spectra and condition numbers of the original layers")
+    p.add_argument("--threads", type=int, default=None, help="threads for --measure (default: torch's current)")
+    p.add_argument("--kappa-threshold", type=float, default=None, help="condition-number threshold drawn in the figure")
+    p.add_argument("--title", default=None)
+
+
+def run(args) -> int:
+    from .. import report
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a directory")
+    data_file = run_dir / "report.json"
+    data = json.loads(data_file.read_text()) if data_file.is_file() else {}
+    recipe_file = run_dir / "recipe.json"
+    if recipe_file.is_file():
+        meta = json.loads(recipe_file.read_text()).get("metadata", {})
+        if "model" in meta:           # a 'convfactor compress' directory: enrich with spectra (and timings)
+            import torch
+
+            from .. import io
+            from .common import build_model
+            base, shape = build_model(meta["model"])
+            compressed = io.load(run_dir, base)
+            if args.weights:
+                io.load_weights(base, args.weights)
+            shape = tuple(meta.get("input_shape") or shape)
+            example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+            fresh = report.collect(base, compressed, example, compression_report=data if data.get("layers") else None,
+                                   measure=args.measure, threads=args.threads, kappa_threshold=args.kappa_threshold,
+                                   model_name=meta["model"], spectra=bool(args.weights))
+            data = {**data, **{k: v for k, v in fresh.items() if k not in data or k in ("spectra", "speed", "latency")}}
+            if not args.weights:
+                print("note: no --weights given, so no singular spectra (the original's trained kernels are not "
+                      "stored in the run directory)")
+    if not data:
+        raise FileNotFoundError(f"{run_dir} has neither report.json nor a recipe.json naming its model")
+    if args.title:
+        data["title"] = args.title
+    if args.kappa_threshold is not None:
+        data["kappa_threshold"] = args.kappa_threshold
+    paths = report.write_report(run_dir, data)
+    for key in ("json", "md", "html"):
+        print(f"wrote {paths[key]}")
+    return 0
