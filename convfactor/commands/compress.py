@@ -1,7 +1,6 @@
 """convfactor compress MODEL (--method M (--rank|--macs-ratio|--energy) | --rules FILE | --plan FILE) -o OUT."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .common import add_model_arguments, load_model
@@ -58,7 +57,9 @@ def run(args) -> int:
     meta = {"model": args.model if ":" in args.model or not Path(args.model).exists() else None,
             "input_shape": list(example.shape)}
     io.save(compressed, args.output, metadata={k: v for k, v in meta.items() if v is not None})
-    (Path(args.output) / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    from ..report import collect, write_report
+    write_report(args.output, collect(model, compressed, example, compression_report=report,
+                                      model_name=args.model, title=f"convfactor compress {args.model}"))
     print(report.table())
     print(f"wrote {args.output}")
     return 0
