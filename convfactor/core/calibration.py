@@ -1,0 +1,123 @@
+"""Calibration inputs for data-aware fitting, collected with forward hooks under a memory budget.
+
+:func:`collect_inputs` runs a model on a few batches and keeps, for each named layer, a random
+sample of what that layer received:
+
+* conv layers: whole samples ``(B, C, *spatial)``; a sample larger than ``max_bytes / 8`` is
+  replaced by a random spatial *crop* (crops are real inputs too, so a fit on them is a fit on the
+  data), and samples beyond the budget are dropped by reservoir sampling (uniform over all seen);
+* ``nn.Linear`` layers: rows ``(P, in_features)`` (leading axes flattened), reservoir-sampled.
+
+Sampling is seeded, so the same batches give the same calibration set.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["collect_inputs", "as_batches"]
+
+#: keep at least this many samples per layer when cropping to the budget
+MIN_ITEMS = 8
+
+
+def as_batches(calibration) -> list:
+    """``calibration`` as a list of model inputs (a tensor, a tuple of tensors, or an iterable of those)."""
+    if isinstance(calibration, torch.Tensor) or isinstance(calibration, tuple):
+        return [calibration]
+    return list(calibration)
+
+
+class _Reservoir:
+    """Uniform sample of at most ``capacity`` items from a stream (Vitter's algorithm R)."""
+
+    def __init__(self, max_bytes: int, generator: torch.Generator, crop: bool):
+        self.max_bytes = int(max_bytes)
+        self.gen = generator
+        self.crop = crop
+        self.items: list[torch.Tensor] = []
+        self.seen = 0
+        self.shape = None
+
+    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+        """Random spatial crop of one sample ``(C, *S)`` to at most ``max_bytes / MIN_ITEMS`` bytes."""
+        budget = self.max_bytes / MIN_ITEMS
+        nbytes = x.numel() * x.element_size()
+        if nbytes <= budget or x.dim() < 2:
+            return x
+        spatial = x.shape[1:]
+        scale = (budget / nbytes) ** (1 / len(spatial))
+        sizes = [max(min(s, 4), int(s * scale)) for s in spatial]
+        for axis, (s, c) in enumerate(zip(spatial, sizes)):
+            start = int(torch.randint(0, s - c + 1, (1,), generator=self.gen))
+            x = x.narrow(axis + 1, start, c)
+        return x
+
+    def add(self, rows: torch.Tensor) -> None:
+        for item in rows:
+            item = self._crop(item) if self.crop else item
+            if self.shape is None:
+                self.shape = tuple(item.shape)
+            elif tuple(item.shape) != self.shape:   # differently sized inputs: crop to the first size
+                item = _crop_to(item, self.shape)
+            capacity = max(1, self.max_bytes // max(1, item.numel() * item.element_size()))
+            self.seen += 1
+            if len(self.items) < capacity:
+                self.items.append(item.detach().clone())
+            else:
+                j = int(torch.randint(0, self.seen, (1,), generator=self.gen))
+                if j < capacity:
+                    self.items[j] = item.detach().clone()
+
+    def result(self) -> torch.Tensor:
+        if not self.items:
+            raise ValueError("no calibration input reached this layer")
+        return torch.stack(self.items)
+
+
+def _crop_to(item: torch.Tensor, shape: tuple) -> torch.Tensor:
+    if item.shape[0] != shape[0] or any(a < b for a, b in zip(item.shape[1:], shape[1:])):
+        raise ValueError(f"calibration inputs of shapes {tuple(item.shape)} and {shape} cannot be pooled")
+    for axis, size in enumerate(shape[1:]):
+        item = item.narrow(axis + 1, 0, size)
+    return item
+
+
+@torch.no_grad()
+def collect_inputs(model: nn.Module, layer_names: Iterable[str], calibration_batches, *,
+                   max_bytes: int = 16 * 2 ** 20, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``{name: inputs}`` of each named layer on ``calibration_batches``, at most ``max_bytes`` per layer.
+
+    ``calibration_batches``: a tensor, a tuple of tensors, or an iterable of those (model inputs).
+    Conv layers give ``(S, C, *spatial)`` samples (maybe cropped), Linear layers ``(P, in_features)`` rows.
+    The model runs in eval mode; its mode is restored afterwards.
+    """
+    names = list(dict.fromkeys(layer_names))
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    gen = torch.Generator().manual_seed(seed)
+    stores: dict[str, _Reservoir] = {}
+    handles = []
+    for name in names:
+        layer = model.get_submodule(name)
+        is_linear = isinstance(layer, nn.Linear)
+        stores[name] = _Reservoir(max_bytes, gen, crop=not is_linear)
+
+        def hook(mod, args, name=name, is_linear=is_linear):
+            x = args[0].detach()
+            rows = x.reshape(-1, x.shape[-1]) if is_linear else x
+            stores[name].add(rows)
+        handles.append(layer.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in as_batches(calibration_batches):
+            model(*(batch if isinstance(batch, tuple) else (batch,)))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: stores[name].result() for name in names}
+
