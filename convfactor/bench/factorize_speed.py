@@ -42,7 +42,7 @@ BUDGET_S = 120.0
 def _methods(quick: bool) -> list[str]:
     from ..methods import registry
     names = [m for m in registry.available() if 2 in getattr(registry.get(m), "supported_dims", ())
-             and m not in ("linear_svd", "tt")]
+             and m not in ("linear_svd", "tt", "lowrank_sparse")]   # ADMM on responses: its own section
     return [m for m in names if m in TARGETS] if quick else names
 
 

@@ -1,1 +1,28 @@
-"""convfactor.train"""
+"""Fine-tuning and training: :func:`finetune` (Adam/SGD, schedules, distillation, basis regularizer,
+checkpoints + resume, DDP), :func:`lowrank_structure` (Tai et al. from-scratch training), the
+distillation helpers, pickle-free checkpoints, the DDP helpers, and the plan -> compress ->
+fine-tune -> measure pipeline behind ``convfactor demo``.  Names load lazily (no import cost).
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "finetune": "finetune", "lr_factor": "finetune", "batch_for_step": "finetune",
+    "FeatureTap": "distill", "kd_loss": "distill", "feature_loss": "distill",
+    "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "latest_step": "checkpoint",
+    "lowrank_structure": "scratch", "insert_batchnorm": "scratch",
+    "heldout_quality": "heldout", "training_set": "datasets",
+    "PipelineConfig": "pipeline", "compress_finetune_measure": "pipeline",
+}
+__all__ = sorted(_EXPORTS) + ["ddp"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    if name == "ddp":
+        return importlib.import_module(f"{__name__}.ddp")
+    raise AttributeError(f"module 'convfactor.train' has no attribute {name!r}")
