@@ -45,7 +45,7 @@ def run(args) -> int:
                                    measure=args.measure, threads=args.threads, kappa_threshold=args.kappa_threshold,
                                    model_name=meta["model"], spectra=bool(args.weights))
             data = {**data, **{k: v for k, v in fresh.items() if k not in data or k in ("spectra", "speed", "latency")}}
-            if not args.weights:
+            if not args.weights and "spectra" not in data:
                 print("note: no --weights given, so no singular spectra (the original's trained kernels are not "
                       "stored in the run directory)")
     if not data:

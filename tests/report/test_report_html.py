@@ -129,6 +129,15 @@ def test_report_command_on_compress_output(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["compress", "resnet20", "--weights", str(tmp_path / "w.safetensors"), "--method", "channel_svd",
                  "--macs-ratio", "0.5", "--op-names", "layer1.0.*", "-o", str(out)]) == 0
+    # compress had the trained kernels in hand, so its report already holds their spectra
+    compressed_spectra = json.loads((out / "report.json").read_text())["spectra"]
+    assert main(["report", str(out)]) == 0           # re-rendering without weights keeps them
+    assert json.loads((out / "report.json").read_text())["spectra"] == compressed_spectra
+    for name, s in compressed_spectra.items():
+        assert s["kappa"] == pytest.approx(layer_facts(name, original.get_submodule(name))["kappa"])
+    data = json.loads((out / "report.json").read_text())
+    del data["spectra"]
+    (out / "report.json").write_text(json.dumps(data))
     assert main(["report", str(out)]) == 0
     assert "no singular spectra" in capsys.readouterr().out
     assert "spectra" not in json.loads((out / "report.json").read_text())
