@@ -27,10 +27,10 @@ def condition_number(singular_values: torch.Tensor) -> float:
 
 def layer_facts(name: str, layer: nn.Module, input_size=()) -> dict[str, Any]:
     from ..methods.base import energy_rank
-    from ..methods.channel_svd import grouped_matrix
+    from ..methods.channel_svd import grouped_matrix, singular_values
 
     spec = ConvSpec.from_module(layer)
-    s = torch.linalg.svdvals(grouped_matrix(layer.weight.detach().double(), spec.groups))
+    s = singular_values(grouped_matrix(layer.weight.detach().double(), spec.groups))
     return {"name": name, "type": type(layer).__name__, "shape": list(layer.weight.shape),
             "groups": spec.groups, "stride": list(spec.stride), "params": spec.dense_params(),
             "macs": spec.dense_macs(input_size), "kappa": condition_number(s), "full_rank": int(s.shape[-1]),

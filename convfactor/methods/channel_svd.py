@@ -27,13 +27,22 @@ def grouped_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return weight.reshape(groups, n // groups, -1)
 
 
+def singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.svdvals`` of ``matrix: (..., m, n)``, computed on the tall orientation (faster)."""
+    return torch.linalg.svdvals(matrix.mT if matrix.shape[-2] < matrix.shape[-1] else matrix)
+
+
 def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced rank-``rank`` factors of a batch of matrices.
 
     ``matrix: (..., m, n)`` -> ``left: (..., m, r)``, ``right: (..., r, n)`` with
     ``left @ right`` the optimal rank-r approximation.
     """
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    if matrix.shape[-2] < matrix.shape[-1]:       # LAPACK is ~4x faster on the tall orientation
+        v, s, uh = torch.linalg.svd(matrix.mT, full_matrices=False)
+        u, vh = uh.mT, v.mT
+    else:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     root = s[..., :rank].sqrt()
     return u[..., :rank] * root.unsqueeze(-2), root.unsqueeze(-1) * vh[..., :rank, :]
 
@@ -48,7 +57,7 @@ class ChannelSVD(Method):
         return (min(spec.out_per_group, spec.in_per_group * spec.kernel_volume),)
 
     def spectra(self, weight: torch.Tensor, spec: ConvSpec) -> list[torch.Tensor]:
-        return [torch.linalg.svdvals(grouped_matrix(weight, spec.groups))]
+        return [singular_values(grouped_matrix(weight, spec.groups))]
 
     def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, **options) -> dict[str, torch.Tensor]:
         (r,) = ranks
