@@ -1,0 +1,98 @@
+"""convfactor finetune MODEL --data builtin|PATH -o OUT [--distill-from TEACHER] [--checkpoint-dir DIR] ..."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import add_model_arguments, load_model
+
+HELP = ("fine-tune a (compressed) model: Adam/SGD with cosine/step schedules, optional distillation from "
+        "the original, atomic checkpoints and resume")
+
+
+def add_arguments(p) -> None:
+    add_model_arguments(p)
+    p.add_argument("--data", default="builtin", help="'builtin' (the built-in training photos / patches) or a "
+                                                     "folder (SR layouts, images, CIFAR-10 batches, ImageFolder)")
+    p.add_argument("--task", choices=["sr", "denoise", "classification"],
+                   help="default: the zoo model's task (from the compressed directory's base model)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--patch-size", type=int, help="training patch side (LR side for SR)")
+    p.add_argument("--sigma", type=float, default=25.0, help="noise level for denoising (0-255 scale)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine")
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--step-size", type=int, help="steps between decays for --schedule step")
+    p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--loss", choices=["l1", "mse", "ce"], help="default: l1 (SR), mse (denoise), ce (classification)")
+    p.add_argument("--distill-from", metavar="TEACHER",
+                   help="a zoo model name (its shipped weights) or 'base': the compressed directory's base model "
+                        "with its shipped weights")
+    p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--task-weight", type=float, default=1.0, help="weight of the loss to the ground truth (0: pure distillation)")
+    p.add_argument("--feature-layers", nargs="*", default=[], help="layer names for feature distillation")
+    p.add_argument("--feature-weight", type=float, default=1.0)
+    p.add_argument("--checkpoint-dir", help="checkpoints here (default: OUT.ckpt); an existing one is resumed")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("-o", "--output", required=True, help="output directory (convfactor format)")
+
+
+def _base_name(args) -> str | None:
+    import json
+    source = Path(args.model)
+    if source.is_dir() and (source / "recipe.json").is_file():
+        return json.loads((source / "recipe.json").read_text()).get("metadata", {}).get("model")
+    return args.model if ":" not in args.model else None
+
+
+def run(args) -> int:
+    import json
+
+    import torch
+
+    from .. import io, models
+    from ..train.datasets import training_set
+    from ..train.finetune import finetune
+
+    io.check_writable(args.output)                      # fail before any work
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, example = load_model(args)
+    base = _base_name(args)
+    info = models.info(base) if base in models.names() else {}
+    task = args.task or info.get("task")
+    if task not in ("sr", "denoise", "classification"):
+        raise ValueError("cannot tell the task of this model; pass --task sr|denoise|classification")
+    teacher = None
+    if args.distill_from:
+        name = base if args.distill_from == "base" else args.distill_from
+        if name is None:
+            raise ValueError("--distill-from base needs a model whose base is a zoo model")
+        teacher = models.get(name, pretrained=True)
+    data = training_set(task, args.data, scale=info.get("scale"), sigma=args.sigma, patch_size=args.patch_size,
+                        seed=args.seed, grey=(info.get("input_shape", (1,))[0] == 1))
+    loss = args.loss or {"sr": "l1", "denoise": "mse", "classification": "ce"}[task]
+    history: list = []
+    finetune(model, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+             momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup,
+             step_size=args.step_size, gamma=args.gamma, loss=loss, task_weight=args.task_weight, teacher=teacher,
+             distill_weight=args.distill_weight, feature_layers=args.feature_layers,
+             feature_weight=args.feature_weight, seed=args.seed,
+             checkpoint_dir=args.checkpoint_dir or f"{args.output}.ckpt", checkpoint_every=args.checkpoint_every,
+             resume=not args.no_resume, history=history)
+    meta = {"model": base, "input_shape": list(example.shape),
+            "finetune": {"steps": args.steps, "data": args.data, "task": task, "loss": loss, "lr": args.lr,
+                         "optimizer": args.optimizer, "schedule": args.schedule, "distill_from": args.distill_from,
+                         "seed": args.seed, "final_loss": history[-1]["loss"] if history else None}}
+    io.save(model, args.output, metadata={k: v for k, v in meta.items() if v is not None})
+    print(json.dumps(meta["finetune"], indent=1))
+    print(f"wrote {args.output}")
+    return 0

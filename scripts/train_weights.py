@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Train the weights shipped in ``convfactor/weights/`` on the built-in training photos.
+
+    python scripts/train_weights.py edsr_baseline_x2      # x2 super-resolution
+    python scripts/train_weights.py dncnn                 # grey denoising, sigma = 25
+
+Every setting is in ``RECIPES`` below and is written, with the measured held-out results, to
+``convfactor/weights/NAME.json`` next to ``NAME.safetensors``.  Seeds are fixed and batches are a
+function of (seed, step) (see :func:`convfactor.train.finetune.batch_for_step`), so a run killed
+part-way resumes from its last checkpoint in ``--work`` and ends with the same weights.  Re-running
+with the same torch version and thread count reproduces the weights (float summation order can
+differ across CPUs/thread counts, so bit-identity is only claimed for one machine).
+
+Initialization of EDSR ("interp_init"): the network starts out computing bilinear x2 upsampling
+(head copies RGB into features 0-2, the second conv of every residual block and the body's last
+conv are scaled by 0.1 so the trunk starts near identity — the "zero-init residual" idea of Goyal
+et al. 2017 — the upsampler's first 12 outputs hold bilinear x2 sub-pixel kernels of features
+0-2 and the tail copies them back).  Training then only has to learn the correction, which is what
+makes a few hundred CPU iterations enough to beat bicubic.  The architecture is unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+RECIPES = {
+    "edsr_baseline_x2": {
+        "task": "sr", "scale": 2, "patch_size": 32, "length": 100_000, "augment": True, "data_seed": 0,
+        "steps": 200, "batch_size": 16, "optimizer": "adam", "lr": 4e-4, "schedule": "cosine", "warmup": 20,
+        "min_lr_ratio": 0.02, "loss": "l1", "seed": 0, "init": "interp_init", "checkpoint_every": 20,
+    },
+    "dncnn": {
+        "task": "denoise", "sigma": 25, "patch_size": 40, "length": 100_000, "grey": True, "data_seed": 0,
+        "steps": 200, "batch_size": 16, "optimizer": "adam", "lr": 1e-3, "schedule": "cosine", "warmup": 20,
+        "min_lr_ratio": 0.02, "loss": "mse", "seed": 0, "init": "default", "checkpoint_every": 20,
+        # a second stage, started from the first stage's final weights with a fresh optimizer and schedule
+        "stages": [{}, {"steps": 300, "lr": 5e-4, "warmup": 0, "seed": 1, "data_seed": 1}],
+    },
+}
+
+
+@torch.no_grad()
+def interp_init(model) -> None:
+    """Make an EDSR x2 compute (approximately) bilinear upsampling before training (see module doc)."""
+    seed_conv = model.head
+    feats = seed_conv.out_channels
+    model.head.weight[:3].zero_()
+    model.head.bias[:3].zero_()
+    for c in range(3):
+        model.head.weight[c, c, 1, 1] = 1.0
+    for block in list(model.body)[:-1]:
+        block.body[2].weight.mul_(0.1)
+        block.body[2].bias.zero_()
+    model.body[-1].weight.mul_(0.1)
+    model.body[-1].bias.zero_()
+    up = model.tail[0][0]               # Conv2d(feats, 4 * feats) followed by PixelShuffle(2)
+    # bilinear x2 (half-pixel centres): sub-pixel 0 takes 0.25 * x[i-1] + 0.75 * x[i], sub-pixel 1 0.75 / 0.25
+    taps = {0: torch.tensor([0.25, 0.75, 0.0]), 1: torch.tensor([0.0, 0.75, 0.25])}
+    for c in range(3):
+        for i in range(2):
+            for j in range(2):
+                out = c * 4 + i * 2 + j            # PixelShuffle: channel c*r^2 + i*r + j -> (c, i, j)
+                up.weight[out].zero_()
+                up.weight[out, c] = torch.outer(taps[i], taps[j])
+                up.bias[out] = 0.0
+    tail = model.tail[1]
+    tail.weight.zero_()
+    tail.bias.zero_()
+    for c in range(3):
+        tail.weight[c, c, 1, 1] = 1.0
+    assert feats >= 3
+
+
+def build_data(recipe: dict, split: str):
+    from convfactor.data.images import builtin_images
+    images = builtin_images(split)
+    if recipe["task"] == "sr":
+        from convfactor.data.sr import SRPatchDataset
+        return SRPatchDataset(images, recipe["scale"], recipe["patch_size"], recipe["length"],
+                              augment=recipe["augment"], seed=recipe["data_seed"])
+    from convfactor.data.denoise import DenoisePatchDataset
+    return DenoisePatchDataset(images, recipe["sigma"], recipe["patch_size"], recipe["length"],
+                               grey=recipe["grey"], seed=recipe["data_seed"])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("name", choices=sorted(RECIPES))
+    p.add_argument("--steps", type=int, help="override the recipe's steps (then the result is not the shipped recipe)")
+    p.add_argument("--work", help="checkpoint directory (default: runs/train-NAME)")
+    p.add_argument("--out", default=str(ROOT / "convfactor" / "weights"), help="where NAME.safetensors/.json go")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--eval-only", action="store_true", help="only (re-)measure the shipped weights and rewrite the JSON")
+    args = p.parse_args(argv)
+
+    from safetensors.torch import save_file
+    from convfactor import models
+    from convfactor.io import atomic_write, check_writable
+    from convfactor.train.finetune import finetune
+    from convfactor.train.heldout import heldout_quality
+
+    torch.set_num_threads(args.threads)
+    recipe = dict(RECIPES[args.name])
+    if args.steps is not None:
+        recipe["steps"] = args.steps
+    out_dir = Path(args.out)
+    check_writable(out_dir / f"{args.name}.safetensors")
+    work = Path(args.work or ROOT / "runs" / f"train-{args.name}")
+    work.parent.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(recipe["seed"])
+    model = models.get(args.name).train()
+    history: list = []
+    train_s = None
+    weights = out_dir / f"{args.name}.safetensors"
+    if args.eval_only:
+        model = models.get(args.name, pretrained=True)
+    else:
+        if recipe["init"] == "interp_init":
+            interp_init(model)
+        t0 = time.time()
+        for k, overrides in enumerate(recipe.get("stages") or [{}]):
+            stage = {**recipe, **overrides}
+            data = build_data(stage, "train")
+            finetune(model, data, steps=stage["steps"], batch_size=stage["batch_size"], lr=stage["lr"],
+                     optimizer=stage["optimizer"], schedule=stage["schedule"], warmup=stage["warmup"],
+                     min_lr_ratio=stage["min_lr_ratio"], loss=stage["loss"], seed=stage["seed"],
+                     checkpoint_dir=work if k == 0 else work / f"stage{k + 1}",
+                     checkpoint_every=stage["checkpoint_every"], progress=not args.no_progress,
+                     desc=f"train {args.name}" + (f" (stage {k + 1})" if k else ""), history=history)
+            model.train()
+        train_s = time.time() - t0
+        total_steps = sum({**recipe, **o}["steps"] for o in recipe.get("stages") or [{}])
+        print(f"trained {total_steps} steps ({len(history)} in this process) in {train_s:.0f} s", flush=True)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        tmp = out_dir / f".{args.name}.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"model": args.name, "recipe": json.dumps(recipe)})
+        tmp.chmod(0o644)                     # package data: world-readable (temporary files are 0600)
+        tmp.replace(weights)
+        print(f"wrote {weights}", flush=True)
+        log = work / "history.jsonl"
+        with open(log, "a") as f:
+            for h in history:
+                f.write(json.dumps(h) + "\n")
+
+    results = heldout_quality(model.eval(), recipe["task"], scale=recipe.get("scale"), sigma=recipe.get("sigma"),
+                              progress=not args.no_progress)
+    print(json.dumps(results["mean"], indent=1), flush=True)
+    previous = json.loads((out_dir / f"{args.name}.json").read_text()) if (out_dir / f"{args.name}.json").is_file() else {}
+    meta = {"model": args.name, "recipe": recipe, "script": "scripts/train_weights.py",
+            "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+            "train_seconds_this_process": round(train_s, 1) if train_s is not None else
+            previous.get("train_seconds_this_process"),
+            "steps_this_process": len(history) if train_s is not None else previous.get("steps_this_process"),
+            "final_loss": history[-1]["loss"] if history else previous.get("final_loss"),
+            "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                            "threads": args.threads, "machine": platform.machine()},
+            "held_out": results}
+    atomic_write(out_dir / f"{args.name}.json", json.dumps(meta, indent=1))
+    (out_dir / f"{args.name}.json").chmod(0o644)
+    print(f"wrote {out_dir / args.name}.json", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
