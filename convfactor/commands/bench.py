@@ -80,6 +80,10 @@ def run(args) -> int:
                 took = time.perf_counter() - t0
                 print(f"[bench] {name}: {took:.1f} s", file=sys.stderr, flush=True)
                 parts.append(text.rstrip() + f"\n\n_(section `{name}`: {took:.1f} s)_\n")
+                if args.output and len(parts) < len(names):   # an interrupted run keeps the finished sections
+                    pending = ", ".join(names[len(parts):])
+                    atomic_write(args.output, header(args.quick, args.threads, names) + "\n" + "\n".join(parts)
+                                 + f"\n> **Incomplete run**: still to come: {pending}.\n")
     finally:
         torch.set_num_threads(previous)
     doc = header(args.quick, args.threads, names) + "\n" + "\n".join(parts)
