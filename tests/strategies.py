@@ -50,3 +50,36 @@ def input_for(layer: nn.Module, size=(11, 9), batch: int = 2, dtype=torch.float6
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@st.composite
+def convnd_configs(draw, dim):
+    """Conv1d / Conv3d layers with every option (small, for speed)."""
+    groups = draw(st.sampled_from([1, 2]))
+    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 4))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(dim))
+    stride = tuple(draw(st.integers(1, 2)) for _ in range(dim))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dim))
+    padding = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
+    if padding == "same":
+        stride = 1
+    elif padding == "int":
+        padding = draw(st.integers(0, 2))
+    elif padding == "tuple":
+        padding = tuple(draw(st.integers(0, 2)) for _ in range(dim))
+    return dict(in_channels=cin, out_channels=cout, kernel_size=kernel, stride=stride, padding=padding,
+                dilation=dilation, groups=groups, bias=draw(st.booleans()),
+                padding_mode=draw(st.sampled_from(PADDING_MODES)))
+
+
+def input_nd(layer, dim):
+    """A float64 input for a Conv1d/2d/3d ``layer``."""
+    size = {1: (13,), 2: (9, 8), 3: (7, 6, 7)}[dim]
+    return torch.randn(2, layer.in_channels, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def make_nd(cfg: dict, dim: int, seed: int = 0) -> nn.Module:
+    """A float64 ``nn.Conv{dim}d`` from a :func:`convnd_configs` config."""
+    from convfactor.core.convspec import conv_class
+    torch.manual_seed(seed)
+    return conv_class(dim)(**cfg, dtype=torch.float64)

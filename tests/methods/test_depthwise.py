@@ -7,34 +7,9 @@ from torch import nn
 import convfactor
 from convfactor.core.convspec import ConvSpec, UnsupportedLayer, conv_class, conv_of
 from convfactor.methods import registry
-from strategies import PADDING_MODES, rel_err
+from strategies import convnd_configs, input_nd, rel_err
 
 M = registry.get("depthwise")
-
-
-@st.composite
-def convnd_configs(draw, dim):
-    """Conv1d / Conv3d layers with every option (small, for speed)."""
-    groups = draw(st.sampled_from([1, 2]))
-    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 4))
-    kernel = tuple(draw(st.integers(1, 3)) for _ in range(dim))
-    stride = tuple(draw(st.integers(1, 2)) for _ in range(dim))
-    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dim))
-    padding = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
-    if padding == "same":
-        stride = 1
-    elif padding == "int":
-        padding = draw(st.integers(0, 2))
-    elif padding == "tuple":
-        padding = tuple(draw(st.integers(0, 2)) for _ in range(dim))
-    return dict(in_channels=cin, out_channels=cout, kernel_size=kernel, stride=stride, padding=padding,
-                dilation=dilation, groups=groups, bias=draw(st.booleans()),
-                padding_mode=draw(st.sampled_from(PADDING_MODES)))
-
-
-def input_nd(layer, dim):
-    size = {1: (13,), 2: (9, 8), 3: (7, 6, 7)}[dim]
-    return torch.randn(2, layer.in_channels, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
 def slice_of(w: torch.Tensor, groups: int, c: int) -> torch.Tensor:

@@ -8,39 +8,9 @@ import convfactor
 from convfactor.core.convspec import ConvSpec, UnsupportedLayer, conv_class, conv_of
 from convfactor.methods import registry
 from convfactor.methods.tucker2 import tucker2
-from strategies import PADDING_MODES, rel_err
+from strategies import convnd_configs, input_nd, make_nd, rel_err
 
 M = registry.get("tucker2")
-
-
-@st.composite
-def convnd_configs(draw, dim):
-    """Conv1d / Conv3d layers with every option (small, for speed)."""
-    groups = draw(st.sampled_from([1, 2]))
-    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 4))
-    kernel = tuple(draw(st.integers(1, 3)) for _ in range(dim))
-    stride = tuple(draw(st.integers(1, 2)) for _ in range(dim))
-    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dim))
-    padding = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
-    if padding == "same":
-        stride = 1
-    elif padding == "int":
-        padding = draw(st.integers(0, 2))
-    elif padding == "tuple":
-        padding = tuple(draw(st.integers(0, 2)) for _ in range(dim))
-    return dict(in_channels=cin, out_channels=cout, kernel_size=kernel, stride=stride, padding=padding,
-                dilation=dilation, groups=groups, bias=draw(st.booleans()),
-                padding_mode=draw(st.sampled_from(PADDING_MODES)))
-
-
-def make_nd(cfg, dim, seed=0):
-    torch.manual_seed(seed)
-    return conv_class(dim)(**cfg, dtype=torch.float64)
-
-
-def input_nd(layer, dim):
-    size = {1: (13,), 2: (9, 8), 3: (7, 6, 7)}[dim]
-    return torch.randn(2, layer.in_channels, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
 def hosvd_error2(t: torch.Tensor, r1: int, r2: int) -> float:
