@@ -27,7 +27,8 @@ def condition_number(singular_values: torch.Tensor) -> float:
 
 def layer_facts(name: str, layer: nn.Module, input_size=()) -> dict[str, Any]:
     from ..methods.base import energy_rank
-    from ..methods.channel_svd import grouped_matrix, singular_values
+    from ..methods.channel_svd import grouped_matrix
+    from ..methods.linalg import singular_values
 
     spec = ConvSpec.from_module(layer)
     s = singular_values(grouped_matrix(layer.weight.detach().double(), spec.groups))

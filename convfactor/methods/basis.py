@@ -62,7 +62,7 @@ from torch.nn import functional as F
 
 from ..core.convspec import _PAD_MODES, ConvSpec, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
-from .channel_svd import truncated_svd
+from .linalg import truncated_svd
 
 __all__ = ["Basis", "BasisConv2d", "SplitBasisConv", "basis_regularizer", "optimal_splits", "compression_ratio",
            "split_matrix", "share_groups", "joint_basis", "IMPLS", "CONCRETE_IMPLS", "DEFAULT_IMPL"]

@@ -8,7 +8,7 @@ Frobenius error equals the discarded squared singular values.  The singular valu
 evenly (``sqrt(S)`` to each side), which balances the factors for fine-tuning.
 
 ``linear_svd`` is the same math for ``nn.Linear`` and 1x1 convs: ``W: (out, in) ~ (U sqrt S)(sqrt S V^T)``.
-torch.linalg.svd is used directly: no library does a truncated SVD of a small dense matrix better.
+The SVD is LAPACK's (:func:`.linalg.truncated_svd`), on the tall orientation of the matrix.
 """
 from __future__ import annotations
 
@@ -19,32 +19,13 @@ import torch
 
 from ..core.convspec import ConvSpec, UnsupportedLayer, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
+from .linalg import singular_values, truncated_svd
 
 
 def grouped_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """``weight: (N, C/g, *k)`` -> ``(g, N/g, C/g * prod(k))``."""
     n = weight.shape[0]
     return weight.reshape(groups, n // groups, -1)
-
-
-def singular_values(matrix: torch.Tensor) -> torch.Tensor:
-    """``torch.linalg.svdvals`` of ``matrix: (..., m, n)``, computed on the tall orientation (faster)."""
-    return torch.linalg.svdvals(matrix.mT if matrix.shape[-2] < matrix.shape[-1] else matrix)
-
-
-def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balanced rank-``rank`` factors of a batch of matrices.
-
-    ``matrix: (..., m, n)`` -> ``left: (..., m, r)``, ``right: (..., r, n)`` with
-    ``left @ right`` the optimal rank-r approximation.
-    """
-    if matrix.shape[-2] < matrix.shape[-1]:       # LAPACK is ~4x faster on the tall orientation
-        v, s, uh = torch.linalg.svd(matrix.mT, full_matrices=False)
-        u, vh = uh.mT, v.mT
-    else:
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    root = s[..., :rank].sqrt()
-    return u[..., :rank] * root.unsqueeze(-2), root.unsqueeze(-1) * vh[..., :rank, :]
 
 
 class ChannelSVD(Method):

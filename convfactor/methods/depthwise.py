@@ -21,7 +21,7 @@ import torch
 
 from ..core.convspec import ConvSpec, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
-from .spatial_svd import gram_singular_values, truncated_factors
+from .linalg import gram_singular_values, truncated_factors
 
 __all__ = ["Depthwise", "channel_slices", "from_channel_slices"]
 

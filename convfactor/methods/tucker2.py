@@ -39,7 +39,7 @@ import torch
 
 from ..core.convspec import ConvSpec, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
-from .spatial_svd import gram_singular_values, leading_left
+from .linalg import gram_singular_values, leading_left
 
 __all__ = ["Tucker2", "tucker2", "unfold_out", "unfold_in"]
 
