@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..core.convspec import ConvSpec, UnsupportedLayer, make_conv
-from .base import Cost, Factorized, Method, Ranks, copy_into, default_input_size, energy_rank
+from .base import Cost, Factorized, Method, Ranks, copy_into, default_input_size
 
 __all__ = ["LowRankSparse", "LowRankSparseConv", "admm_lowrank_sparse", "refit_structure", "group_shrink", "svt",
            "input_gram"]

@@ -47,15 +47,17 @@ def heldout_quality(model: nn.Module, task: str, *, scale: int | None = None, si
     model = model.eval()
     images = images if images is not None else test_images(max_side, limit)
     rows: dict[str, dict] = {}
-    iterator = images
-    if progress:
+
+    def progress_bar(items):
+        if not progress:
+            return items
         from tqdm.auto import tqdm
-        iterator = tqdm(images, desc=f"evaluating ({task})", unit="image")
+        return tqdm(list(items), desc=f"evaluating ({task})", unit="image")
     if task == "sr":
         if not scale:
             raise ValueError("task 'sr' needs scale=")
         from ..data.sr import bicubic_upscale, sr_eval_pairs
-        for name, lr, hr in sr_eval_pairs(images, scale):
+        for name, lr, hr in progress_bar(sr_eval_pairs(images, scale)):
             out = model(lr[None]).clamp(0, 1)[0]
             base = bicubic_upscale(lr, scale).clamp(0, 1)
             rows[name] = {"psnr_y": psnr(out, hr, scale=scale), "ssim_y": ssim(out, hr, scale=scale),
@@ -68,7 +70,7 @@ def heldout_quality(model: nn.Module, task: str, *, scale: int | None = None, si
         from ..data.denoise import add_noise, denoise_eval_images
         first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
         grey = first.in_channels == 1
-        for name, clean in denoise_eval_images(images, grey=grey):
+        for name, clean in progress_bar(denoise_eval_images(images, grey=grey)):
             g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
             noisy = add_noise(clean, sigma, g)
             out = model(noisy[None]).clamp(0, 1)[0]
