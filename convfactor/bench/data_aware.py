@@ -57,14 +57,8 @@ def _model(name: str):
 def _methods(quick: bool) -> list[str]:
     if quick:
         return ["channel_svd"]
-    out = []
-    for name in CANDIDATE_METHODS:
-        try:
-            registry.get(name)
-        except (KeyError, ImportError, AttributeError):
-            continue
-        out.append(name)
-    return out
+    present = registry.available()
+    return [name for name in CANDIDATE_METHODS if name in present]
 
 
 def _psnr_vs(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -136,17 +136,11 @@ class Method:
                       macs_ratio: float | None = None, energy: float | None = None,
                       input_size: Sequence[int] | None = None) -> Ranks:
         """Exactly one of ``rank``, ``macs_ratio`` (MACs after / before) and ``energy``."""
-        given = [x is not None for x in (rank, macs_ratio, energy)]
-        if sum(given) != 1:
-            raise ValueError("give exactly one of rank=, macs_ratio=, energy=")
+        check_target(rank, macs_ratio, energy)
         if rank is not None:
             return self.validate_ranks(spec, self.expand_rank(spec, rank))
         if macs_ratio is not None:
-            if not (0 < float(macs_ratio) <= 1):
-                raise ValueError(f"macs_ratio must be in (0, 1], got {macs_ratio}")
             return self.ranks_for_macs(spec, float(macs_ratio), input_size)
-        if not (0 < float(energy) <= 1):
-            raise ValueError(f"energy must be in (0, 1], got {energy}")
         if not self.supports_energy:
             raise ValueError(f"{self.name}: an energy target is not defined; give rank= or macs_ratio=")
         if weight is None:
@@ -203,6 +197,15 @@ class Method:
     def options_for_recipe(self, options: dict[str, Any]) -> dict:
         """The JSON-able subset of ``options`` that :meth:`build` needs to rebuild the module."""
         return {}
+
+
+def check_target(rank, macs_ratio, energy) -> None:
+    """Exactly one of the three targets; ``macs_ratio`` and ``energy`` in (0, 1]."""
+    if sum(x is not None for x in (rank, macs_ratio, energy)) != 1:
+        raise ValueError("give exactly one of rank=, macs_ratio=, energy=")
+    for name, value in (("macs_ratio", macs_ratio), ("energy", energy)):
+        if value is not None and not (0 < float(value) <= 1):
+            raise ValueError(f"{name} must be in (0, 1], got {value}")
 
 
 def default_input_size(spec: ConvSpec) -> tuple[int, ...]:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..core.convspec import ConvSpec, UnsupportedLayer, make_conv
-from .base import Cost, Factorized, Method, Ranks, copy_into, default_input_size
+from .base import Cost, Factorized, Method, Ranks, check_target, copy_into, default_input_size
 
 __all__ = ["LowRankSparse", "LowRankSparseConv", "admm_lowrank_sparse", "refit_structure", "group_shrink", "svt",
            "input_gram"]
@@ -229,16 +229,13 @@ class LowRankSparse(Method):
                       sparse_fraction: float = 0.25) -> Ranks:
         if not 0 <= float(sparse_fraction) < 1:
             raise ValueError(f"lowrank_sparse: sparse_fraction must be in [0, 1), got {sparse_fraction}")
-        if sum(x is not None for x in (rank, macs_ratio, energy)) != 1:
-            raise ValueError("give exactly one of rank=, macs_ratio=, energy=")
+        check_target(rank, macs_ratio, energy)
         if rank is not None:
             return self.validate_ranks(spec, self.expand_rank(spec, rank, sparse_fraction))
         if energy is not None:
             r = super().resolve_ranks(spec, weight, energy=energy)[0]
             return (r, self._default_channels(spec, sparse_fraction))
         ratio = float(macs_ratio)
-        if not 0 < ratio <= 1:
-            raise ValueError(f"macs_ratio must be in (0, 1], got {macs_ratio}")
         size = default_input_size(spec) if input_size is None else tuple(input_size)
         budget = ratio * spec.dense_macs(size)
         s = min(spec.in_channels, math.floor(sparse_fraction * ratio * spec.in_channels))

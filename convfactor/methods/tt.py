@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..core.convspec import ConvSpec, UnsupportedLayer
-from .base import Cost, Factorized, Method, Ranks, energy_rank
+from .base import Cost, Factorized, Method, Ranks, check_target, energy_rank
 
 __all__ = ["TT", "TTLinear", "balanced_modes", "default_d", "tt_svd", "tt_full", "tt_full_ranks", "tt_macs",
            "runs_reversed"]
@@ -305,16 +305,11 @@ class TT(Method):
                       in_modes=None, out_modes=None, d=None) -> Ranks:
         modes = dict(in_modes=in_modes, out_modes=out_modes, d=d)
         resolve_modes(spec, **modes)                          # fail early on bad modes
-        if sum(x is not None for x in (rank, macs_ratio, energy)) != 1:
-            raise ValueError("give exactly one of rank=, macs_ratio=, energy=")
+        check_target(rank, macs_ratio, energy)
         if rank is not None:
             return self.validate_ranks(spec, self.expand_rank(spec, rank, **modes), **modes)
         if macs_ratio is not None:
-            if not (0 < float(macs_ratio) <= 1):
-                raise ValueError(f"macs_ratio must be in (0, 1], got {macs_ratio}")
             return self._ranks_for_macs(spec, float(macs_ratio), modes)
-        if not (0 < float(energy) <= 1):
-            raise ValueError(f"energy must be in (0, 1], got {energy}")
         if weight is None:
             raise ValueError("an energy target needs the weight")
         spectra = self.spectra(weight.detach().double(), spec, **modes)
