@@ -5,10 +5,13 @@ import sys
 import time
 import traceback
 
+from .common import add_malloc_argument, apply_malloc
+
 HELP = "run the benchmark sections (convfactor.bench) and write BENCHMARKS.md atomically"
 
 
 def add_arguments(p) -> None:
+    add_malloc_argument(p)
     p.add_argument("-o", "--output", default=None, help="Markdown file to write (default: print to stdout)")
     p.add_argument("--quick", action="store_true", help="the seconds-long smoke configuration of every section")
     p.add_argument("--sections", nargs="*", default=None, help="section names to run (default: all that exist)")
@@ -36,6 +39,7 @@ def header(quick: bool, threads: int, sections: list[str]) -> str:
 
 
 def run(args) -> int:
+    apply_malloc(args)
     import torch
 
     from .. import bench

@@ -17,6 +17,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", help="example input shape, e.g. 1x3x256x256 (default: the model's own)")
 
 
+def add_malloc_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                   help="CPU allocator for timing: 'retain' reuses freed activations instead of re-faulting them in "
+                        "(like preloading jemalloc; see convfactor.measure.allocator), 'default' leaves glibc as it "
+                        "is; recorded with every figure (default: retain)")
+
+
+def apply_malloc(args) -> None:
+    """Set the allocator mode the command's timings run under (both models of every comparison alike)."""
+    from ..measure.allocator import set_malloc
+    set_malloc(getattr(args, "malloc", "retain"))
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.lower().replace(",", "x").split("x"))

@@ -2,11 +2,14 @@
 distillation, measured before and after on the held-out built-in photos, and reported."""
 from __future__ import annotations
 
+from .common import add_malloc_argument, apply_malloc
+
 HELP = ("compress the shipped EDSR-baseline x2 for a measured speed-up, fine-tune it with distillation, "
         "measure PSNR-Y/SSIM/params/MACs/latency before and after, and write a report")
 
 
 def add_arguments(p) -> None:
+    add_malloc_argument(p)
     p.add_argument("-o", "--output", default="convfactor-demo", help="report directory (default: ./convfactor-demo/)")
     p.add_argument("--model", default="edsr_baseline_x2", help="an SR or denoising model with shipped weights")
     p.add_argument("--speedup", type=float, default=3.0, help="measured end-to-end speed-up to plan for (default 3)")
@@ -36,6 +39,7 @@ def quick_overrides(args) -> None:
 
 
 def run(args) -> int:
+    apply_malloc(args)
     import json
     from pathlib import Path
 

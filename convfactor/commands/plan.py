@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_model_arguments, load_model
+from .common import add_malloc_argument, add_model_arguments, apply_malloc, load_model
 
 HELP = ("choose per-layer methods and ranks for a target (MACs/params budget, energy, VBMF, or a measured "
         "speed-up) and write an editable plan file for 'compress --plan'")
 
 
 def add_arguments(p) -> None:
+    add_malloc_argument(p)
     add_model_arguments(p)
     p.add_argument("--target", help="macs=40%%, params=3x, speedup=3x, error=0.2, energy=0.9 or rank=8")
     p.add_argument("--criterion", choices=["energy", "vbmf", "budget", "latency", "uniform", "rank"],
@@ -33,6 +34,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    apply_malloc(args)
     from ..rank import plan
     out = Path(args.output)
     if not out.parent.is_dir():
