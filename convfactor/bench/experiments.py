@@ -12,8 +12,9 @@ with ``convfactor bench --experiment NAME``:
   weight reductions (the blog: x1.48 and x16) and forward speed-up (the blog: +20%), on scikit-learn's
   handwritten digits (ships offline).
 
-The super-resolution experiments (Sedky & Hosmer's RRDBNet Table 1 / Fig. 3, Li et al.'s Table 2)
-need trained SR models; they are listed in :data:`PENDING` until they are added here.
+* ``sedky_rrdbnet`` and ``li_operating_points`` -- the super-resolution seeds (Sedky & Hosmer's
+  RRDBNet Table 1 / Fig. 3, Li et al.'s Table 2), on SR networks trained here: see
+  :mod:`convfactor.bench.sr_seeds`.
 """
 from __future__ import annotations
 
@@ -24,12 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TITLE = "The seeds' headline experiments, in miniature"
+from .sr_seeds import li_operating_points, sedky_rrdbnet
 
-PENDING = {
-    "sedky_rrdbnet": "Sedky & Hosmer: RRDBNet original vs SVD vs CP, PSNR/SSIM (Table 1) and speed (Fig. 3)",
-    "li_operating_points": "Li et al.: Table 2 operating points on SRResNet and EDSR-8-128, params and PSNR",
-}
+TITLE = "The seeds' headline experiments, in miniature"
 
 
 def _method(name: str):
@@ -202,7 +200,8 @@ def blog_spatial_svd(quick: bool = False) -> str:
     return "\n".join(lines)
 
 
-EXPERIMENTS = {"lebedev_cp": lebedev_cp, "blog_spatial_svd": blog_spatial_svd}
+EXPERIMENTS = {"lebedev_cp": lebedev_cp, "blog_spatial_svd": blog_spatial_svd,
+               "sedky_rrdbnet": sedky_rrdbnet, "li_operating_points": li_operating_points}
 NAMES = list(EXPERIMENTS)
 
 
@@ -220,7 +219,4 @@ def run(quick: bool = False) -> str:
         t0 = time.perf_counter()
         parts.append(run_one(name, quick=quick))
         parts.append(f"_({name}: {time.perf_counter() - t0:.1f} s)_\n")
-    parts += ["Not yet reproduced here (they need trained super-resolution models):", ""]
-    parts += [f"- `{n}`: {d}" for n, d in PENDING.items()]
-    parts.append("")
     return "\n".join(parts)

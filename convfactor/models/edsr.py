@@ -85,3 +85,44 @@ def edsr_8_128_x2() -> EDSR:
 def edsr_x2() -> EDSR:
     """The full EDSR x2: 32 blocks x 256 feats with residual scaling 0.1 (Lim et al. sec. 3.3; 40.7 M params)."""
     return EDSR(32, 256, 2, 0.1)
+
+
+@torch.no_grad()
+def bilinear_init(model: "EDSR") -> None:
+    """Make an x2 EDSR compute bilinear x2 upsampling before training, in place.
+
+    The head copies RGB into features 0-2; the second conv of every residual block and the body's
+    last conv are scaled by 0.1 so the trunk starts near identity (the "zero-init residual" idea of
+    Goyal et al. 2017); the upsampler's first 12 outputs hold bilinear x2 sub-pixel kernels of
+    features 0-2, and the tail copies them back.  Training then only learns the correction.  The
+    architecture is unchanged.
+    """
+    if model.scale != 2:
+        raise ValueError(f"bilinear_init is for x2 EDSRs, got scale {model.scale}")
+    seed_conv = model.head
+    feats = seed_conv.out_channels
+    model.head.weight[:3].zero_()
+    model.head.bias[:3].zero_()
+    for c in range(3):
+        model.head.weight[c, c, 1, 1] = 1.0
+    for block in list(model.body)[:-1]:
+        block.body[2].weight.mul_(0.1)
+        block.body[2].bias.zero_()
+    model.body[-1].weight.mul_(0.1)
+    model.body[-1].bias.zero_()
+    up = model.tail[0][0]               # Conv2d(feats, 4 * feats) followed by PixelShuffle(2)
+    # bilinear x2 (half-pixel centres): sub-pixel 0 takes 0.25 * x[i-1] + 0.75 * x[i], sub-pixel 1 0.75 / 0.25
+    taps = {0: torch.tensor([0.25, 0.75, 0.0]), 1: torch.tensor([0.0, 0.75, 0.25])}
+    for c in range(3):
+        for i in range(2):
+            for j in range(2):
+                out = c * 4 + i * 2 + j            # PixelShuffle: channel c*r^2 + i*r + j -> (c, i, j)
+                up.weight[out].zero_()
+                up.weight[out, c] = torch.outer(taps[i], taps[j])
+                up.bias[out] = 0.0
+    tail = model.tail[1]
+    tail.weight.zero_()
+    tail.bias.zero_()
+    for c in range(3):
+        tail.weight[c, c, 1, 1] = 1.0
+    assert feats >= 3
