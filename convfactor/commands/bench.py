@@ -1,6 +1,12 @@
-"""convfactor bench [-o BENCHMARKS.md] [--quick] [--sections a b ...] [--experiment NAME]."""
+"""convfactor bench [-o BENCHMARKS.md] [--quick] [--sections a b ...] [--update] [--experiment NAME].
+
+Every section ends with a stamp line, ``_(section `NAME`: 12.3 s; 2026-12-01 09:00 UTC; CPU)_``, so
+``--update`` can re-run some sections and splice them into an existing file, keeping the others
+as they were, each with its own date and CPU.
+"""
 from __future__ import annotations
 
+import re
 import sys
 import time
 import traceback
@@ -15,18 +21,44 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--output", default=None, help="Markdown file to write (default: print to stdout)")
     p.add_argument("--quick", action="store_true", help="the seconds-long smoke configuration of every section")
     p.add_argument("--sections", nargs="*", default=None, help="section names to run (default: all that exist)")
+    p.add_argument("--update", action="store_true",
+                   help="re-run only --sections and replace them in the existing -o file, keeping the other sections")
     p.add_argument("--experiment", default=None,
                    help="run one of the seeds' headline experiments (see 'convfactor bench --list')")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every timing (default: 2)")
     p.add_argument("--list", action="store_true", help="list the sections and experiments, then exit")
 
 
-def header(quick: bool, threads: int, sections: list[str]) -> str:
+#: a section's closing stamp (older files have only the seconds)
+STAMP = re.compile(r"^_\(section `(?P<name>[\w:]+)`: .*\)_[ \t]*$", re.M)
+
+
+def stamp(name: str, seconds: float) -> str:
+    from ..measure.latency import environment
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return f"_(section `{name}`: {seconds:.1f} s; {when}; {environment()['cpu']})_"
+
+
+def split_sections(doc: str) -> dict[str, str]:
+    """``name -> text`` (heading to stamp line, inclusive) of a file written by ``convfactor bench``."""
+    out, start = {}, None
+    first = doc.find("\n## ")
+    start = first + 1 if first >= 0 else len(doc)
+    for m in STAMP.finditer(doc):
+        out[m.group("name")] = doc[start:m.end()].strip() + "\n"
+        start = m.end() + 1
+    return out
+
+
+def header(quick: bool, threads: int, sections: list[str], updated: list[str] | None = None) -> str:
     from ..measure.latency import environment
     env = environment(threads)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    lines = ["# convfactor benchmarks", "",
-             f"Written by `convfactor bench{' --quick' if quick else ''}` on {when}.", "",
+    written = (f"Sections {', '.join(updated)} re-run by `convfactor bench --update` on {when}; the others are "
+               "kept from earlier runs. Each section's last line gives the date and CPU it was measured on; the "
+               "table below is this run's environment.") if updated else \
+        f"Written by `convfactor bench{' --quick' if quick else ''}` on {when}."
+    lines = ["# convfactor benchmarks", "", written, "",
              "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in env.items()]
     lines += [f"| sections | {', '.join(sections)} |", "",
@@ -46,6 +78,16 @@ def run(args) -> int:
     from ..io import atomic_write, check_writable
     if args.output:
         check_writable(args.output)                     # fail before any work
+    kept: dict[str, str] = {}
+    if args.update:
+        from pathlib import Path
+        if not args.output or not Path(args.output).is_file():
+            raise ValueError("--update needs -o FILE naming an existing benchmarks file")
+        if not args.sections:
+            raise ValueError("--update needs --sections (the ones to re-run)")
+        kept = split_sections(Path(args.output).read_text())
+        if not kept:
+            raise ValueError(f"{args.output}: no section stamps found; was it written by 'convfactor bench'?")
     if args.list:
         print("sections:", " ".join(bench.available()))
         from ..bench import experiments
@@ -61,7 +103,7 @@ def run(args) -> int:
             names, parts = [f"experiments:{args.experiment}"], []
             t0 = time.perf_counter()
             parts.append(experiments.run_one(args.experiment, quick=args.quick))
-            parts.append(f"_({time.perf_counter() - t0:.1f} s)_\n")
+            parts.append(f"{stamp(names[0], time.perf_counter() - t0)}\n")
             failed = []
         else:
             available = bench.available()
@@ -83,17 +125,31 @@ def run(args) -> int:
                     print(text, file=sys.stderr)
                 took = time.perf_counter() - t0
                 print(f"[bench] {name}: {took:.1f} s", file=sys.stderr, flush=True)
-                parts.append(text.rstrip() + f"\n\n_(section `{name}`: {took:.1f} s)_\n")
+                parts.append(text.rstrip() + f"\n\n{stamp(name, took)}\n")
                 if args.output and len(parts) < len(names):   # an interrupted run keeps the finished sections
                     pending = ", ".join(names[len(parts):])
-                    atomic_write(args.output, header(args.quick, args.threads, names) + "\n" + "\n".join(parts)
-                                 + f"\n> **Incomplete run**: still to come: {pending}.\n")
+                    if args.update:
+                        atomic_write(args.output, _merged(args, kept, dict(zip(names, parts))))
+                    else:
+                        atomic_write(args.output, header(args.quick, args.threads, names) + "\n" + "\n".join(parts)
+                                     + f"\n> **Incomplete run**: still to come: {pending}.\n")
     finally:
         torch.set_num_threads(previous)
-    doc = header(args.quick, args.threads, names) + "\n" + "\n".join(parts)
+    if args.update and not args.experiment:
+        doc = _merged(args, kept, dict(zip(names, parts)))
+    else:
+        doc = header(args.quick, args.threads, names) + "\n" + "\n".join(parts)
     if args.output:
         atomic_write(args.output, doc)
         print(f"wrote {args.output}" + (f" ({len(failed)} section(s) failed: {', '.join(failed)})" if failed else ""))
     else:
         print(doc)
     return 1 if failed else 0
+
+
+def _merged(args, kept: dict[str, str], new: dict[str, str]) -> str:
+    """The kept sections with ``new`` ones in their place, in BENCHMARKS.md order."""
+    from .. import bench
+    order = [n for n in bench.SECTIONS if n in kept or n in new] + [n for n in kept if n not in bench.SECTIONS]
+    body = [new.get(n, kept.get(n, "")) for n in order]
+    return header(args.quick, args.threads, order, updated=list(new)) + "\n" + "\n".join(b.rstrip() + "\n" for b in body)

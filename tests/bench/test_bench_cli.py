@@ -59,3 +59,34 @@ def test_digits_data_is_seeded_and_split():
     (xb, yb), _ = digits_data()
     assert xa.shape[1:] == (3, 8, 8) and len(ya) + len(yt) == 1797 and len(ya) == int(0.8 * 1797)
     assert bool((ya == yb).all()) and float(xa.min()) >= -1 and float(xa.max()) <= 1
+
+
+def test_update_replaces_only_the_named_sections(tmp_path, monkeypatch):
+    import types
+    runs = {"alpha": 0, "beta": 0}
+
+    def section(name):
+        def run(quick=False):
+            runs[name] += 1
+            return f"## {name.title()}\n\n{name} run {runs[name]}\n"
+        return types.SimpleNamespace(TITLE=name.title(), run=run)
+    fakes = {n: section(n) for n in runs}
+    monkeypatch.setattr(bench, "SECTIONS", ["alpha", "beta"])
+    monkeypatch.setattr(bench, "available", lambda: ["alpha", "beta"])
+    monkeypatch.setattr(bench, "load_section", lambda name: fakes[name])
+    out = tmp_path / "B.md"
+    assert main(["bench", "--quick", "-o", str(out)]) == 0
+    first = out.read_text()
+    assert "alpha run 1" in first and "beta run 1" in first
+    assert main(["bench", "--update", "--sections", "beta", "-o", str(out)]) == 0
+    second = out.read_text()
+    from convfactor.commands.bench import split_sections
+    old, new = split_sections(first), split_sections(second)
+    assert new["alpha"] == old["alpha"]                                  # kept byte for byte
+    assert "beta run 2" in new["beta"] and "beta run 1" not in second
+    assert second.index("## Alpha") < second.index("## Beta") and "re-run by `convfactor bench --update`" in second
+    assert runs == {"alpha": 1, "beta": 2}
+    # a bad --update fails before running anything
+    assert main(["bench", "--update", "-o", str(out)]) == 2                     # no --sections
+    assert main(["bench", "--update", "--sections", "beta", "-o", str(tmp_path / "none.md")]) == 2
+    assert runs == {"alpha": 1, "beta": 2} and out.read_text() == second
