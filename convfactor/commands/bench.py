@@ -85,7 +85,8 @@ def run(args) -> int:
             raise ValueError("--update needs -o FILE naming an existing benchmarks file")
         if not args.sections:
             raise ValueError("--update needs --sections (the ones to re-run)")
-        kept = split_sections(Path(args.output).read_text())
+        old = Path(args.output).read_text()
+        kept = {n: _dated(t, old) for n, t in split_sections(old).items()}
         if not kept:
             raise ValueError(f"{args.output}: no section stamps found; was it written by 'convfactor bench'?")
     if args.list:
@@ -145,6 +146,18 @@ def run(args) -> int:
     else:
         print(doc)
     return 1 if failed else 0
+
+
+def _dated(section: str, doc: str) -> str:
+    """Give an old-style stamp (seconds only) the date and CPU of the file's header."""
+    m = STAMP.search(section)
+    if not m or m.group(0).count(";") >= 2:
+        return section
+    when = re.search(r" on (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", doc)
+    cpu = re.search(r"^\| cpu \| (.*) \|$", doc, re.M)
+    extra = f"; {when.group(1) if when else 'date unknown'}; {cpu.group(1) if cpu else 'CPU unknown'}"
+    line = m.group(0).rstrip()
+    return section[:m.start()] + line[:-2] + extra + ")_" + section[m.end():]
 
 
 def _merged(args, kept: dict[str, str], new: dict[str, str]) -> str:

@@ -23,7 +23,7 @@ from torch import nn
 
 from .latency import FORMS, Latency, compiled, environment, measure_latency, to_memory_format
 
-__all__ = ["compare_speed", "SpeedComparison", "prepare_forms"]
+__all__ = ["compare_speed", "SpeedComparison", "prepare_forms", "compare_in_fresh_process"]
 
 
 @dataclass
@@ -157,3 +157,44 @@ def compare_speed(original: nn.Module, compressed: nn.Module, example_input, *, 
     return SpeedComparison(original=orig, compressed=comp, original_best=best_o, compressed_best=best_c,
                            speedup=ran_o[best_o]["median_ms"] / ran_c[best_c]["median_ms"], same_form=same,
                            macs_original=_macs(original, inputs), macs_compressed=_macs(compressed, inputs), env=env)
+
+
+_FRESH = r"""
+import json, sys
+import torch
+import convfactor
+from convfactor import models
+from convfactor.measure.allocator import set_malloc
+from convfactor.measure.compare import compare_speed
+name, directory, shape, threads, repeats, malloc = json.loads(sys.argv[1])
+set_malloc(malloc)
+original = models.get(name, pretrained=True)
+compressed = convfactor.load(directory, models.get(name))
+x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+res = compare_speed(original, compressed, x, threads=threads, repeats=repeats, rounds=3)
+print("RESULT " + json.dumps(res.to_dict()))
+"""
+
+
+def compare_in_fresh_process(model_name: str, compressed: nn.Module, input_shape, *, threads: int = 2,
+                             repeats: int = 9, malloc: str = "default", timeout: float = 900.0) -> dict:
+    """:func:`compare_speed` of the zoo model ``model_name`` (shipped weights) against ``compressed``,
+    run in a new Python process (so process-wide settings such as the allocator start clean).
+
+    ``compressed`` is saved with :func:`convfactor.save` to a temporary directory and loaded there.
+    Returns ``SpeedComparison.to_dict()``.
+    """
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    from ..io import save
+    with tempfile.TemporaryDirectory() as tmp:
+        save(compressed, f"{tmp}/model")
+        arg = json.dumps([model_name, f"{tmp}/model", list(input_shape), threads, repeats, malloc])
+        res = subprocess.run([sys.executable, "-c", _FRESH, arg], capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"timing in a fresh process failed:\n{res.stderr[-2000:]}")
+    line = next(v for v in reversed(res.stdout.splitlines()) if v.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])

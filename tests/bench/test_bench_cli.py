@@ -90,3 +90,12 @@ def test_update_replaces_only_the_named_sections(tmp_path, monkeypatch):
     assert main(["bench", "--update", "-o", str(out)]) == 2                     # no --sections
     assert main(["bench", "--update", "--sections", "beta", "-o", str(tmp_path / "none.md")]) == 2
     assert runs == {"alpha": 1, "beta": 2} and out.read_text() == second
+
+
+def test_update_dates_old_style_stamps_from_the_header():
+    from convfactor.commands.bench import _dated, split_sections
+    doc = ("# convfactor benchmarks\n\nWritten by `convfactor bench` on 2026-11-22 04:03 UTC.\n\n| | |\n|---|---|\n"
+           "| cpu | Some CPU |\n\n## A\n\nbody\n\n_(section `a`: 1.5 s)_\n")
+    section = split_sections(doc)["a"]
+    assert _dated(section, doc).endswith("_(section `a`: 1.5 s; 2026-11-22 04:03 UTC; Some CPU)_\n")
+    assert _dated(_dated(section, doc), doc) == _dated(section, doc)
