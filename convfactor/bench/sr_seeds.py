@@ -163,7 +163,6 @@ def sedky_rrdbnet(quick: bool = False) -> str:
     for label, row in rows.items():
         q = row["after_ft"]
         if label == "original":
-            orig_ms = None
             lines.append(f"| original | {row['params']} | {row['macs'] / 1e9:.3f} G | {q['psnr_y']:.3f} / "
                          f"{q['ssim_y']:.4f} | - | (see each row) | 1.00x |")
             continue

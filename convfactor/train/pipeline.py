@@ -42,6 +42,7 @@ class PipelineConfig:
     plan_e2e_rounds: int = 3
     plan_e2e_repeats: int = 3
     plan_max_iter: int = 4
+    plan_margin: float = 0.05             # the planner aims at speedup * (1 + margin), accepting [speedup, +2 margin]
     speed_repeats: int = 9
     seed: int = 0
     progress: bool = True
@@ -72,12 +73,14 @@ def plan_for_speedup(model: nn.Module, example: torch.Tensor, cfg: PipelineConfi
     if exclude:
         log(f"  keeping the image-facing layers dense: {', '.join(exclude)}")
     if plan is not None and cfg.planner == "latency":
-        p = plan(model, example, target=f"speedup={cfg.speedup}x", criterion="latency", threads=cfg.threads,
-                 exclude=exclude or None,
+        # "at least cfg.speedup": aim a little above it, with a band whose lower edge is the speed-up itself
+        aim = cfg.speedup * (1 + cfg.plan_margin)
+        p = plan(model, example, target=f"speedup={aim:.4g}x", criterion="latency", threads=cfg.threads,
+                 exclude=exclude or None, band=cfg.plan_margin / (1 + cfg.plan_margin),
                  repeats=cfg.plan_repeats, e2e_rounds=cfg.plan_e2e_rounds, e2e_repeats=cfg.plan_e2e_repeats,
                  max_iter=cfg.plan_max_iter,
                  model_name=cfg.model, progress=cfg.progress)
-        return p, "latency planner (measured speed-up target)"
+        return p, f"latency planner (measured speed-up of at least {cfg.speedup:g}x, aimed at {aim:.3g}x)"
     if plan is not None and cfg.planner == "budget":
         p = plan(model, example, target=f"macs={100.0 / cfg.speedup:.4g}%", criterion="budget", model_name=cfg.model,
                  exclude=exclude or None)
