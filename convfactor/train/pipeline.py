@@ -42,7 +42,7 @@ class PipelineConfig:
     plan_e2e_rounds: int = 3
     plan_e2e_repeats: int = 3
     plan_max_iter: int = 4
-    plan_margin: float = 0.05             # the planner aims at speedup * (1 + margin), accepting [speedup, +2 margin]
+    plan_margin: float = 0.08             # the planner aims at speedup * (1 + margin), accepting [speedup, +2 margin]
     speed_repeats: int = 9
     seed: int = 0
     progress: bool = True

@@ -202,3 +202,14 @@ def test_next_aim_interpolates_between_bracketing_tries():
     # a try far faster than asked never sends the next one to the dense model
     fast = [{"aimed_speedup": 2.0, "predicted_speedup": 1.6, "measured_speedup": 4.0}]
     assert _next_aim(fast, 2.0, 2.0, 4.0) > 1.0
+
+
+def test_a_plan_with_a_measured_environment_saves_as_yaml(tmp_path):
+    """environment() holds torch's version object; the plan file must still serialize (regression)."""
+    from convfactor.measure.latency import environment
+    from convfactor.rank.planfile import Plan
+    p = Plan(criterion="latency", target={"speedup": 3.0})
+    p.environment = environment(1, batch=1)
+    p.save(tmp_path / "p.yaml")
+    assert "torch:" in (tmp_path / "p.yaml").read_text()
+    assert Plan.load(tmp_path / "p.yaml").environment["torch"] == p.environment["torch"]
