@@ -147,8 +147,9 @@ def run(quick: bool = False) -> str:
              "interleaved runs in one process. *planner* is the planner's own verification; *re-check* is a fresh "
              "interleaved measurement after planning. *uniform* is channel SVD with one per-layer MACs ratio, "
              "matched to the plan's total MACs, in its faster format. Output error: relative L2 error of the "
-             "model output on the example input, before fine-tuning (random-initialised weights: the zoo "
-             "ships none, so errors are pessimistic).", "",
+             "model output on the example input, before fine-tuning (random-initialised weights for every model, "
+             "the shipped EDSR's too: its trained kernels are compressed in the models section; random kernels "
+             "have flat spectra, so these errors are pessimistic).", "",
              "| model | input | requested | planner | re-check | within 10% | format | MACs kept | out. err | "
              "uniform (same MACs) | uniform err | methods used | planning s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
