@@ -16,14 +16,17 @@ PROBE = r"""
 import json, resource, sys
 import torch
 from convfactor.measure.allocator import set_malloc, malloc_setting
-def faults_per_forward(n=6):
-    # a fake forward: activations of 16, 16 and 64 MiB allocated, written and freed in turn
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def faults_per_forward(n=7):
+    # a fake forward: activations of 16, 16 and 64 MiB allocated, written and freed in turn;
+    # the median over n forwards, so one late heap growth (a busy machine) does not count
+    counts = []
     for _ in range(n):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         a = torch.empty(4 * 2**20).fill_(1.0)
         b = torch.empty(4 * 2**20).fill_(1.0); del a
         c = torch.empty(16 * 2**20).fill_(1.0); del b, c
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / n
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return sorted(counts)[n // 2]
 modes = sys.argv[1:]
 out = {}
 for mode in modes:

@@ -159,7 +159,9 @@ def test_report_opens_in_headless_chromium(report_dir, tmp_path):
     probe.write_text((report_dir / "report.html").read_text().replace(
         "</body>", "<script>window.addEventListener('load', () => document.body.setAttribute('data-decoded', "
                    "[...document.images].filter(i => i.complete && i.naturalWidth > 0).length));</script></body>"))
-    flags = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
+    flags = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}"]
     dom = subprocess.run(flags + ["--dump-dom", probe.as_uri()], check=True, timeout=120, capture_output=True,
                          text=True).stdout
     assert 'data-decoded="5"' in dom
