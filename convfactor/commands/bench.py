@@ -33,15 +33,18 @@ def add_arguments(p) -> None:
 STAMP = re.compile(r"^_\(section `(?P<name>[\w:]+)`: .*\)_[ \t]*$", re.M)
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
 def stamp(name: str, seconds: float) -> str:
     from ..measure.latency import environment
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    return f"_(section `{name}`: {seconds:.1f} s; {when}; {environment()['cpu']})_"
+    return f"_(section `{name}`: {seconds:.1f} s; {_now()}; {environment()['cpu']})_"
 
 
 def split_sections(doc: str) -> dict[str, str]:
     """``name -> text`` (heading to stamp line, inclusive) of a file written by ``convfactor bench``."""
-    out, start = {}, None
+    out = {}
     first = doc.find("\n## ")
     start = first + 1 if first >= 0 else len(doc)
     for m in STAMP.finditer(doc):
@@ -53,7 +56,7 @@ def split_sections(doc: str) -> dict[str, str]:
 def header(quick: bool, threads: int, sections: list[str], updated: list[str] | None = None) -> str:
     from ..measure.latency import environment
     env = environment(threads)
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    when = _now()
     written = (f"Sections {', '.join(updated)} re-run by `convfactor bench --update` on {when}; the others are "
                "kept from earlier runs. Each section's last line gives the date and CPU it was measured on; the "
                "table below is this run's environment.") if updated else \
