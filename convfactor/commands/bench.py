@@ -88,6 +88,8 @@ def run(args) -> int:
             raise ValueError("--update needs -o FILE naming an existing benchmarks file")
         if not args.sections:
             raise ValueError("--update needs --sections (the ones to re-run)")
+        if args.experiment:
+            raise ValueError("--update re-runs sections; --experiment writes a file of its own (drop one of them)")
         old = Path(args.output).read_text()
         kept = {n: _dated(t, old) for n, t in split_sections(old).items()}
         if not kept:
@@ -139,7 +141,7 @@ def run(args) -> int:
                                      + f"\n> **Incomplete run**: still to come: {pending}.\n")
     finally:
         torch.set_num_threads(previous)
-    if args.update and not args.experiment:
+    if args.update:
         doc = _merged(args, kept, dict(zip(names, parts)))
     else:
         doc = header(args.quick, args.threads, names) + "\n" + "\n".join(parts)

@@ -89,6 +89,7 @@ def test_update_replaces_only_the_named_sections(tmp_path, monkeypatch):
     # a bad --update fails before running anything
     assert main(["bench", "--update", "-o", str(out)]) == 2                     # no --sections
     assert main(["bench", "--update", "--sections", "beta", "-o", str(tmp_path / "none.md")]) == 2
+    assert main(["bench", "--update", "--sections", "beta", "--experiment", "lebedev_cp", "-o", str(out)]) == 2
     assert runs == {"alpha": 1, "beta": 2} and out.read_text() == second
 
 
