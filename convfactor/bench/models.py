@@ -71,9 +71,8 @@ def run(quick: bool = False) -> str:
         loss = orig["psnr"] - post["psnr"]
         s = res["speed"]
         ft_min = res["timings_s"]["finetune"] / 60
-        ch = (1, 3) if name != "dncnn" else (1, 1)
         lines.append(
-            f"| {name} | {ch[1]}x{side}x{side} | {res['plan_kind'].split(' (')[0]} | **{s.speedup:.2f}x** "
+            f"| {name} | {'x'.join(map(str, res['example'].shape[1:]))} | {res['plan_kind'].split(' (')[0]} | **{s.speedup:.2f}x** "
             f"({s.original_best} -> {s.compressed_best}) | {res['macs']['compressed'] / res['macs']['original']:.3f} | "
             f"{res['params']['compressed'] / res['params']['original']:.3f} | {orig['psnr']:.3f} / {orig['ssim']:.4f} | "
             f"{pre['psnr']:.3f} | {post['psnr']:.3f} / {post['ssim']:.4f} | **{loss:.3f}** | "
@@ -115,6 +114,7 @@ def classification_rows(quick: bool = False) -> list[str]:
     """ResNet-20 trained on the digits, planned for a measured speed-up, fine-tuned with distillation."""
     from .. import models
     from ..measure.compare import compare_speed
+    from ..measure.count import count_params
     from ..rank.planner import plan
     from ..train.finetune import finetune
     from .experiments import accuracy, digits_data, train_epochs
@@ -150,7 +150,7 @@ def classification_rows(quick: bool = False) -> list[str]:
     acc_post = accuracy(compressed, test)
     speeds = {b: compare_speed(model, compressed, train[0][:b].contiguous(), threads=2,
                                repeats=3 if quick else 15, rounds=3) for b in sorted({1, cfg["time_batch"]})}
-    params = (sum(q.numel() for q in model.parameters()), sum(q.numel() for q in compressed.parameters()))
+    params = (count_params(model), count_params(compressed))
     msg = p.summary.get("message")
     plan_desc = ("MACs budget 50% (quick)" if quick else
                  f"latency planner, speedup={cfg['speedup']:g}x at batch {cfg['time_batch']}")

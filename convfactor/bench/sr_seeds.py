@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..measure.count import count_params
+from ..train.pipeline import image_layers
+
 __all__ = ["BicubicSkip", "train_sr", "sedky_rrdbnet", "li_operating_points"]
 
 
@@ -82,15 +85,6 @@ def _quality(model: nn.Module, scale: int, quick: bool) -> dict:
     return res["mean"]
 
 
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _image_layers(model: nn.Module) -> list[str]:
-    from ..train.pipeline import image_layers
-    return image_layers(model)
-
-
 # ------------------------------------------------------------------------------------ Sedky & Hosmer
 SEDKY_FULL = {"blocks": 2, "feats": 32, "grow": 16, "steps": 300, "batch": 16, "patch": 24, "lr": 5e-4,
               "ft_steps": 60, "speed_side": 64, "macs_ratio": 0.5, "train_side": None}
@@ -117,7 +111,7 @@ def sedky_rrdbnet(quick: bool = False) -> str:
                        lr=cfg["lr"], desc="train rrdbnet", max_side=cfg["train_side"])
     model.eval()
     x = torch.rand(1, 3, cfg["speed_side"], cfg["speed_side"], generator=torch.Generator().manual_seed(1))
-    keep = _image_layers(model)
+    keep = image_layers(model)
     facts = [f for f in inspect_model(model, x) if f["name"] not in keep and f.get("kappa") is not None]
     kappas = [f["kappa"] for f in facts]
     ordered = sorted(kappas)                     # the threshold lies between two layers' kappas, so rounding
@@ -140,7 +134,7 @@ def sedky_rrdbnet(quick: bool = False) -> str:
                      lr=1e-4, seed=2, teacher=model, desc=f"fine-tune {label}", max_side=cfg["train_side"])
             row["model"].eval()
         row["after_ft"] = _quality(row["model"], 4, quick) if label != "original" else base
-        row["params"] = _params(row["model"])
+        row["params"] = count_params(row["model"])
         row["macs"] = count(row["model"], x)["macs"]
         if label != "original":
             row["speed"] = compare_speed(model, row["model"], x, threads=2, repeats=3 if quick else 15, rounds=3)
@@ -246,7 +240,7 @@ def li_operating_points(quick: bool = False) -> str:
                            max_side=64 if quick else None)
         model.eval()
         base = _quality(model, scale, quick)
-        p0 = _params(model)
+        p0 = count_params(model)
         lines.append(f"| {name} | original | {block_weights(model, patterns) / 1000:.0f}k | {p0} (100%) | - | "
                      f"{base['psnr_y']:.3f} / {base['ssim_y']:.4f} | - | 1.00x |")
         x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(1))
@@ -259,7 +253,7 @@ def li_operating_points(quick: bool = False) -> str:
             small.eval()
             after = _quality(small, scale, quick)
             s = compare_speed(model, small, x, threads=2, repeats=3 if quick else 12, rounds=3)
-            ps = _params(small)
+            ps = count_params(small)
             lines.append(f"| {name} | {label} | {block_weights(small, patterns) / 1000:.0f}k "
                          f"({LI_TABLE2_K[label]}k) | {ps} ({100 * ps / p0:.1f}%) | "
                          f"{before['psnr_y']:.3f} / {before['ssim_y']:.4f} | "
@@ -275,5 +269,3 @@ def li_operating_points(quick: bool = False) -> str:
               "briefly trained networks on other images. † noisy timing (IQR > 25% of the median).", ""]
     return "\n".join(lines)
 
-
-EXPERIMENTS = {"sedky_rrdbnet": sedky_rrdbnet, "li_operating_points": li_operating_points}

@@ -27,7 +27,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-__all__ = ["set_malloc", "malloc_setting", "MODES"]
+__all__ = ["set_malloc", "malloc_setting", "malloc_description", "MODES"]
 
 MODES = ("default", "retain")
 
@@ -87,4 +87,5 @@ def malloc_setting() -> str:
 
 
 def malloc_description() -> str:
+    """The setting and why it is what it is, e.g. ``'default (mallopt not available (not glibc): ...)'``."""
     return f"{_state['mode']} ({_state['why']})"

@@ -38,6 +38,16 @@ def test_bilinear_init_makes_edsr_x2_interpolate():
         assert "x2" in str(exc)
     else:
         raise AssertionError("bilinear_init accepted an x4 model")
+    from convfactor.models.edsr import EDSR
+    narrow = EDSR(1, 2, 2, 1.0)
+    before = [p.clone() for p in narrow.parameters()]
+    try:
+        bilinear_init(narrow)
+    except ValueError as exc:
+        assert "3 features" in str(exc)
+    else:
+        raise AssertionError("bilinear_init accepted a 2-feature model")
+    assert all(torch.equal(a, b) for a, b in zip(before, narrow.parameters()))   # refused before any change
 
 
 def test_table2_block_weights_of_the_srresnet_operating_points():

@@ -62,3 +62,7 @@ def test_bad_mode_is_refused():
 
 def test_environment_records_the_setting():
     assert environment(1)["malloc"] == allocator.malloc_setting()
+
+
+def test_description_names_the_recorded_setting():
+    assert allocator.malloc_description().startswith(allocator.malloc_setting() + " (")
