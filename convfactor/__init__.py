@@ -9,12 +9,12 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "factorize": "convfactor.core.api",
-    "compress": "convfactor.core.api",
-    "CompressionReport": "convfactor.core.api",
-    "ConvSpec": "convfactor.core.convspec",
-    "UnsupportedLayer": "convfactor.core.convspec",
-    "inspect_model": "convfactor.core.inspect",
+    "factorize": "convfactor.compression.api",
+    "compress": "convfactor.compression.api",
+    "CompressionReport": "convfactor.compression.api",
+    "ConvSpec": "convfactor.spec.convspec",
+    "UnsupportedLayer": "convfactor.spec.convspec",
+    "inspect_model": "convfactor.compression.inspect",
     "count": "convfactor.measure.count",
     "measure_latency": "convfactor.measure.latency",
     "save": "convfactor.io",
@@ -29,7 +29,7 @@ _EXPORTS = {
     "finetune": "convfactor.train.finetune",
     "basis_regularizer": "convfactor.methods.basis",
 }
-_SUBMODULES = {"models", "methods", "measure", "rank", "train", "data", "report", "io", "core", "bench"}
+_SUBMODULES = {"models", "methods", "measure", "rank", "train", "data", "report", "io", "spec", "compression", "recipes"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .core.convspec import ConvSpec
-from .core.surgery import set_submodule
+from .spec.convspec import ConvSpec
+from .compression.surgery import set_submodule
 from .methods import registry
 from .methods.base import Factorized
 

@@ -80,6 +80,6 @@ def input_nd(layer, dim):
 
 def make_nd(cfg: dict, dim: int, seed: int = 0) -> nn.Module:
     """A float64 ``nn.Conv{dim}d`` from a :func:`convnd_configs` config."""
-    from convfactor.core.convspec import conv_class
+    from convfactor.spec.convspec import conv_class
     torch.manual_seed(seed)
     return conv_class(dim)(**cfg, dtype=torch.float64)

@@ -5,7 +5,7 @@ import torch
 
 from convfactor.cli import main
 from convfactor.commands.export import check_onnx, export_model
-from convfactor.core.api import compress
+from convfactor.compression.api import compress
 from convfactor.measure.count import count_params
 from convfactor.models import get
 

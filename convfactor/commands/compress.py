@@ -45,7 +45,7 @@ def rules_from_args(args) -> list[dict]:
 
 def run(args) -> int:
     from .. import io
-    from ..core.api import compress
+    from ..compression.api import compress
     io.check_writable(args.output)            # fail before any work
     model, example = load_model(args)
     if args.plan:

@@ -44,7 +44,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..io import check_writable
-    from ..train.pipeline import PipelineConfig, compress_finetune_measure, summary_rows
+    from ..recipes.pipeline import PipelineConfig, compress_finetune_measure, summary_rows
 
     if args.speedup < 1:
         raise ValueError(f"--speedup must be >= 1, got {args.speedup}")

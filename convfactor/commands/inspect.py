@@ -14,7 +14,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..core.inspect import format_facts, inspect_model
+    from ..compression.inspect import format_facts, inspect_model
     model, example = load_model(args)
     facts = inspect_model(model, example)
     if args.json:

@@ -7,7 +7,7 @@ A method is a :class:`Method` subclass holding four pieces (see shared/DESIGN.md
 * :meth:`Method.factorize`: pure tensor math, ``weight: (N, C/groups, *kernel)`` in float64 in,
   a dict of named factor tensors out; no ``nn.Module`` involved;
 * :meth:`Method.build`: the drop-in replacement, a :class:`Factorized` (an ``nn.Sequential`` of
-  ordinary convs) carrying every conv option via :func:`convfactor.core.convspec.make_conv`;
+  ordinary convs) carrying every conv option via :func:`convfactor.spec.convspec.make_conv`;
 * :meth:`Method.cost`: closed-form ``(params, macs)`` for a given spatial input size.
 
 plus :meth:`Method.reconstruct` (factors back to a dense kernel, for errors and tests) and
@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..core.convspec import ConvSpec, UnsupportedLayer
+from ..spec.convspec import ConvSpec, UnsupportedLayer
 
 __all__ = ["Method", "Factorized", "Cost", "Ranks", "energy_rank"]
 
@@ -215,7 +215,7 @@ def default_input_size(spec: ConvSpec) -> tuple[int, ...]:
 
 def copy_into(module: nn.Module, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
     """Copy tensors into a conv/linear (or a ``Sequential(Pad, conv)``) under no_grad."""
-    from ..core.convspec import conv_of
+    from ..spec.convspec import conv_of
     layer = conv_of(module)
     with torch.no_grad():
         if weight is not None:

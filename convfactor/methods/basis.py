@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..core.convspec import _PAD_MODES, ConvSpec, make_conv
+from ..spec.convspec import _PAD_MODES, ConvSpec, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
 from .linalg import truncated_svd
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from ..core.convspec import ConvSpec, UnsupportedLayer, make_conv
+from ..spec.convspec import ConvSpec, UnsupportedLayer, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
 from .linalg import singular_values, truncated_svd
 

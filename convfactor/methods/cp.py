@@ -70,7 +70,7 @@ from typing import Sequence
 
 import torch
 
-from ..core.convspec import ConvSpec, make_conv
+from ..spec.convspec import ConvSpec, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
 
 __all__ = ["CP", "cp_als", "exact_cp", "cp_reconstruct", "CPResult"]
@@ -515,7 +515,7 @@ class CP(Method):
 
     def factors_of(self, module: Factorized) -> dict[str, torch.Tensor]:
         """The factors a built (possibly fine-tuned) module computes with, for :meth:`reconstruct`."""
-        from ..core.convspec import conv_of
+        from ..spec.convspec import conv_of
         spec = module.spec
         convs = [conv_of(p) for p in module]
         weights = [c.weight.detach().double() for c in convs]

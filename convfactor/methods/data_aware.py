@@ -1,7 +1,7 @@
 """Data-aware (response) fitting: choose factors that preserve a layer's *outputs* on real inputs.
 
 "Matrix regression instead of matrix approximation": with ``X`` the layer's inputs (see
-:func:`convfactor.core.calibration.collect_inputs`) and ``Y = W * X`` its responses, minimize
+:func:`convfactor.compression.calibration.collect_inputs`) and ``Y = W * X`` its responses, minimize
 ``||Y - W_hat * X||`` instead of ``||W - W_hat||``.
 
 * ``channel_svd`` / ``linear_svd`` have a closed form (Zhang, Zou, He, Sun, "Accelerating Very Deep
@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..core.convspec import ConvSpec, UnsupportedLayer, is_conv
+from ..spec.convspec import ConvSpec, UnsupportedLayer, is_conv
 from .base import Factorized, Method, Ranks
 
 __all__ = ["factorize_data_aware", "prepare_inputs", "patches", "rows", "fit_response_svd", "refit_last",

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..core.convspec import ConvSpec, UnsupportedLayer, make_conv
+from ..spec.convspec import ConvSpec, UnsupportedLayer, make_conv
 from .base import Cost, Factorized, Method, Ranks, check_target, copy_into, default_input_size
 
 __all__ = ["LowRankSparse", "LowRankSparseConv", "admm_lowrank_sparse", "refit_structure", "group_shrink", "svt",
@@ -294,7 +294,7 @@ class LowRankSparse(Method):
         return w.reshape(n, c, *spec.kernel_size)
 
     def factors_of(self, module: Factorized) -> dict:
-        from ..core.convspec import conv_of
+        from ..spec.convspec import conv_of
         block = module[0]
         first, second = (conv_of(p) for p in block.lowrank)
         sparse = conv_of(block.sparse).weight.detach().double() if block.sparse is not None else \

@@ -14,7 +14,7 @@ the factorization is exact at ``K = min(C/g * kh, kw * N/g)``.
 The vertical conv carries the original's stride / padding / dilation along axis 0 (H), the
 horizontal one those of axis 1 (W) and the bias; both are grouped convs with the original ``groups``.
 Padding modes are separable per axis, so every ``padding_mode`` stays exact (see
-:mod:`convfactor.core.convspec`).
+:mod:`convfactor.spec.convspec`).
 
 The truncated SVD goes through the smaller Gram matrix (:func:`.linalg.truncated_factors`).
 """
@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from ..core.convspec import ConvSpec, make_conv
+from ..spec.convspec import ConvSpec, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
 from .linalg import gram_singular_values, truncated_factors
 

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..core.convspec import ConvSpec, UnsupportedLayer
+from ..spec.convspec import ConvSpec, UnsupportedLayer
 from .base import Cost, Factorized, Method, Ranks, check_target, energy_rank
 
 __all__ = ["TT", "TTLinear", "balanced_modes", "default_d", "tt_svd", "tt_full", "tt_full_ranks", "tt_macs",

@@ -37,7 +37,7 @@ from typing import Sequence
 
 import torch
 
-from ..core.convspec import ConvSpec, make_conv
+from ..spec.convspec import ConvSpec, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
 from .linalg import gram_singular_values, leading_left
 

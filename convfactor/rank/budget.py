@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from ..core.convspec import ConvSpec
+from ..spec.convspec import ConvSpec
 from .criteria import below_dense, family, round_ranks
 from .energy import error_estimate, log_retained
 

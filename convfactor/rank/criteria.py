@@ -16,8 +16,8 @@ from typing import Sequence
 
 import torch
 
-from ..core.convspec import ConvSpec
-from ..core.inspect import condition_number
+from ..spec.convspec import ConvSpec
+from ..compression.inspect import condition_number
 
 __all__ = ["layer_kappa", "mark_by_condition", "below_dense", "speed_bound", "round_ranks",
            "family", "clip_to_speed_bound"]

@@ -87,8 +87,8 @@ class Plan:
         contiguous format; run it in :attr:`memory_format` (e.g. with
         :func:`convfactor.measure.latency.to_memory_format`) to get the planned speed.
         """
-        from ..core.api import compress
-        from ..core.surgery import candidate_layers
+        from ..compression.api import compress
+        from ..compression.surgery import candidate_layers
         layers = candidate_layers(model)
         missing = [p.name for p in self.compressed if p.name not in layers]
         if missing:

@@ -29,9 +29,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..core.api import capture_layer_io, relative_error
-from ..core.convspec import ConvSpec, UnsupportedLayer
-from ..core.surgery import candidate_layers
+from ..compression.api import capture_layer_io, relative_error
+from ..spec.convspec import ConvSpec, UnsupportedLayer
+from ..compression.surgery import candidate_layers
 from ..methods import registry
 from .budget import allocate, candidates_for, parse_ratio
 from .criteria import below_dense, clip_to_speed_bound, round_ranks
@@ -144,7 +144,7 @@ def _collect(model: nn.Module, example_input, methods: list[str], op_names, excl
         weight = layer.weight.detach().double()
         if not torch.isfinite(weight).all():
             raise ValueError(f"{name}.weight contains NaN or Inf values")
-        from ..core.inspect import condition_number
+        from ..compression.inspect import condition_number
         from ..methods.channel_svd import grouped_matrix
         s = torch.linalg.svdvals(grouped_matrix(weight, spec.groups))
         item = _Layer(name, layer, spec, tuple(x.shape), size, batch, weight, condition_number(s), ok)

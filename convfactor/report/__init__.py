@@ -274,7 +274,7 @@ def collect(original, compressed, example_input, *, compression_report=None, mea
     original layers that were factorized (``spectra=True``; needs ``original``'s real weights), and with ``measure=True`` latency and the speed-up."""
     import torch
 
-    from ..core.inspect import layer_facts
+    from ..compression.inspect import layer_facts
     from ..measure.latency import environment
     from ..methods.base import Factorized
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
@@ -315,7 +315,7 @@ def collect(original, compressed, example_input, *, compression_report=None, mea
         data["spectra"] = layer_spectra
         data["kappa_threshold"] = kappa_threshold
     if measure:
-        from ..core.api import capture_layer_io
+        from ..compression.api import capture_layer_io
         from ..measure.compare import compare_speed
         with torch.no_grad():
             res = compare_speed(original, compressed, inputs, threads=threads, repeats=repeats)

@@ -1,7 +1,6 @@
 """Fine-tuning and training: :func:`finetune` (Adam/SGD, schedules, distillation, basis regularizer,
 checkpoints + resume, DDP), :func:`lowrank_structure` (Tai et al. from-scratch training), the
-distillation helpers, pickle-free checkpoints, the DDP helpers, and the plan -> compress ->
-fine-tune -> measure pipeline behind ``convfactor demo``.  Names load lazily (no import cost).
+distillation helpers, pickle-free checkpoints and the DDP helpers.  Names load lazily (no import cost).
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ _EXPORTS = {
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "latest_step": "checkpoint",
     "lowrank_structure": "scratch", "insert_batchnorm": "scratch",
     "heldout_quality": "heldout", "training_set": "datasets",
-    "PipelineConfig": "pipeline", "compress_finetune_measure": "pipeline",
 }
 __all__ = sorted(_EXPORTS) + ["ddp"]
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.api import compress
-from ..core.convspec import conv_of
-from ..core.surgery import set_submodule
+from ..compression.api import compress
+from ..spec.convspec import conv_of
+from ..compression.surgery import set_submodule
 from ..methods.base import Factorized
 
 __all__ = ["lowrank_structure", "insert_batchnorm"]

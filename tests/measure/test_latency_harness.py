@@ -108,7 +108,7 @@ def test_counts_against_hand_computed_macs():
 
 
 def test_method_cost_formulas_against_hand_computed_macs():
-    from convfactor.core.convspec import ConvSpec
+    from convfactor.spec.convspec import ConvSpec
     from convfactor.methods import registry
     spec = ConvSpec.from_module(nn.Conv2d(16, 24, 3, padding=1))
     hw = 10 * 12

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import convfactor
-from convfactor.core.convspec import ConvSpec
+from convfactor.spec.convspec import ConvSpec
 from convfactor.measure.count import count_params
 from convfactor.methods import registry
 from convfactor.methods.basis import (IMPLS, Basis, BasisConv2d, basis_regularizer, compression_ratio, divisors,

@@ -4,7 +4,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 import convfactor
-from convfactor.core.convspec import ConvSpec
+from convfactor.spec.convspec import ConvSpec
 from convfactor.methods import registry
 
 

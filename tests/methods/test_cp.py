@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import convfactor
-from convfactor.core.convspec import ConvSpec
+from convfactor.spec.convspec import ConvSpec
 from convfactor.methods import registry
 from convfactor.methods.cp import cp_als, cp_reconstruct, exact_cp, full_cp_rank
 from strategies import input_for, rel_err

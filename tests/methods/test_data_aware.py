@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import convfactor
-from convfactor.core.convspec import ConvSpec, UnsupportedLayer
+from convfactor.spec.convspec import ConvSpec, UnsupportedLayer
 from convfactor.methods import data_aware as da
 from convfactor.methods import registry
 from convfactor.methods.channel_svd import ChannelSVD

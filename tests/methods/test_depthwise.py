@@ -5,7 +5,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 import convfactor
-from convfactor.core.convspec import ConvSpec, UnsupportedLayer, conv_class, conv_of
+from convfactor.spec.convspec import ConvSpec, UnsupportedLayer, conv_class, conv_of
 from convfactor.methods import registry
 from strategies import convnd_configs, input_nd, rel_err
 

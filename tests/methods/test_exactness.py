@@ -5,7 +5,7 @@ from hypothesis import given
 from torch import nn
 
 import convfactor
-from convfactor.core.convspec import ConvSpec, UnsupportedLayer
+from convfactor.spec.convspec import ConvSpec, UnsupportedLayer
 from convfactor.methods import registry
 from strategies import conv2d_configs, input_for, make_layer, rel_err
 

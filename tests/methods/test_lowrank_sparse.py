@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import convfactor
-from convfactor.core.convspec import ConvSpec, UnsupportedLayer
+from convfactor.spec.convspec import ConvSpec, UnsupportedLayer
 from convfactor.methods import lowrank_sparse as ls
 from convfactor.methods import registry
 from strategies import rel_err

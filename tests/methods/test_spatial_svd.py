@@ -5,7 +5,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 import convfactor
-from convfactor.core.convspec import ConvSpec, conv_of
+from convfactor.spec.convspec import ConvSpec, conv_of
 from convfactor.methods import registry
 from strategies import input_for, rel_err
 

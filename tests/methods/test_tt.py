@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import convfactor
-from convfactor.core.convspec import ConvSpec, UnsupportedLayer
+from convfactor.spec.convspec import ConvSpec, UnsupportedLayer
 from convfactor.methods import registry
 from convfactor.methods import tt as ttmod
 from strategies import rel_err

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from convfactor.core.convspec import is_conv
+from convfactor.spec.convspec import is_conv
 from convfactor.methods.base import Factorized
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from convfactor.core.convspec import ConvSpec
+from convfactor.spec.convspec import ConvSpec
 from convfactor.methods import registry
 from convfactor.methods.base import Cost, Method
 from convfactor.rank.criteria import (below_dense, clip_to_speed_bound, layer_kappa, mark_by_condition,

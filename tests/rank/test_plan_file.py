@@ -6,7 +6,7 @@ from torch import nn
 
 from convfactor import models
 from convfactor.cli import main
-from convfactor.core.api import compress
+from convfactor.compression.api import compress
 from convfactor.rank import LayerPlan, Plan, plan
 
 
@@ -99,7 +99,7 @@ def test_cli_other_criteria(tmp_path, capsys, args):
     p = Plan.load(plan_file)
     assert p.layers
     if "--round-to" in args:
-        from convfactor.core.convspec import ConvSpec
+        from convfactor.spec.convspec import ConvSpec
         from convfactor.methods import registry
         from convfactor.rank.criteria import below_dense
         model = models.get("resnet20")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from convfactor.core.convspec import ConvSpec
+from convfactor.spec.convspec import ConvSpec
 from convfactor.methods import registry
 from convfactor.rank.vbmf import evbmf, evbmf_spectrum, kernel_vbmf_ranks, weaken
 

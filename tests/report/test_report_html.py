@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from convfactor.core.api import compress
+from convfactor.compression.api import compress
 from convfactor.report import collect, fmt, write_report
 
 
@@ -121,7 +121,7 @@ def test_report_command_on_compress_output(tmp_path, capsys):
     from convfactor.cli import main
     from safetensors.torch import save_file
 
-    from convfactor.core.inspect import layer_facts
+    from convfactor.compression.inspect import layer_facts
     from convfactor.models import get
     torch.manual_seed(3)
     original = get("resnet20")

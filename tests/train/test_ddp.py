@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from convfactor.core.api import compress
+from convfactor.compression.api import compress
 from convfactor.train import ddp
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from convfactor.core.api import compress
+from convfactor.compression.api import compress
 from convfactor.train import checkpoint as ckpt
 from convfactor.train.finetune import batch_for_step, finetune, lr_factor
 

@@ -1,0 +1,65 @@
+"""Per-layer facts of a model: shapes, params, MACs, condition number, energy ranks.
+
+The condition number is that of the (N x C/g*kh*kw) kernel matrix (the largest over groups),
+``kappa = s_max / s_min``; the energy ranks are those of the same matrix's spectrum.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .api import capture_layer_io
+from ..spec.convspec import ConvSpec
+from .surgery import candidate_layers
+
+__all__ = ["inspect_model", "layer_facts", "condition_number", "format_facts"]
+
+
+def condition_number(singular_values: torch.Tensor) -> float:
+    """``s_max / s_min`` (inf when the matrix is singular); leading axes take the max."""
+    s = singular_values.double().reshape(-1, singular_values.shape[-1])
+    smin = s[:, -1]
+    kappa = torch.where(smin > 0, s[:, 0] / smin.clamp_min(1e-300), torch.full_like(smin, float("inf")))
+    return float(kappa.max())
+
+
+def layer_facts(name: str, layer: nn.Module, input_size=()) -> dict[str, Any]:
+    from ..methods.base import energy_rank
+    from ..methods.channel_svd import grouped_matrix
+    from ..methods.linalg import singular_values
+
+    spec = ConvSpec.from_module(layer)
+    s = singular_values(grouped_matrix(layer.weight.detach().double(), spec.groups))
+    return {"name": name, "type": type(layer).__name__, "shape": list(layer.weight.shape),
+            "groups": spec.groups, "stride": list(spec.stride), "params": spec.dense_params(),
+            "macs": spec.dense_macs(input_size), "kappa": condition_number(s), "full_rank": int(s.shape[-1]),
+            "rank90": energy_rank(s, 0.90), "rank99": energy_rank(s, 0.99),
+            "singular_values": s.max(0).values.tolist() if s.shape[0] > 1 else s[0].tolist()}
+
+
+def inspect_model(model: nn.Module, example_input=None) -> list[dict[str, Any]]:
+    """Facts for every Conv/Linear layer; MACs at ``example_input``'s sizes (per sample if None)."""
+    layers = candidate_layers(model)
+    io = capture_layer_io(model, layers, example_input) if example_input is not None else {}
+    facts = []
+    for name, layer in layers.items():
+        size = tuple(io[name][0].shape[2:]) if name in io and not isinstance(layer, nn.Linear) else ()
+        facts.append(layer_facts(name, layer, size))
+    return facts
+
+
+def format_facts(facts: list[dict[str, Any]]) -> str:
+    from .api import _si
+    head = f"{'layer':<32} {'weight shape':<18} {'params':>9} {'MACs':>9} {'kappa':>10} {'r90':>5} {'r99':>5} {'full':>5}"
+    lines = [head, "-" * len(head)]
+    for f in facts:
+        shape = "x".join(map(str, f["shape"]))
+        kappa = f"{f['kappa']:.3g}"
+        lines.append(f"{f['name'][:32]:<32} {shape:<18} {_si(f['params']):>9} {_si(f['macs']):>9} {kappa:>10} "
+                     f"{f['rank90']:>5} {f['rank99']:>5} {f['full_rank']:>5}")
+    lines.append("-" * len(head))
+    lines.append(f"{'total':<51} {_si(sum(f['params'] for f in facts)):>9} {_si(sum(f['macs'] for f in facts)):>9}"
+                 "   (MACs = multiply-accumulates, not time)")
+    return "\n".join(lines)

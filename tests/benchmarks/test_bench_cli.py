@@ -1,0 +1,102 @@
+"""Smoke test of `convfactor bench --quick` (every existing section) and of the bench sections of issue 6."""
+import benchmarks as bench
+from convfactor.cli import main
+
+
+def test_bench_quick_writes_every_section(tmp_path, capsys):
+    out = tmp_path / "BENCHMARKS.md"
+    rc = main(["bench", "--quick", "--threads", "1", "-o", str(out)])
+    text = out.read_text()
+    assert rc == 0, text
+    assert text.startswith("# convfactor benchmarks") and "Quick mode" in text and "threads | 1" in text
+    names = bench.available()
+    assert text.count("\n## ") >= len(names)
+    for name in names:
+        assert f"section `{name}`" in text
+    assert "This section failed" not in text
+    if "peers" in bench.available():
+        assert "TensorLy parafac (pytorch)" in text and "FactorizedConv.from_conv" in text
+    assert not list(tmp_path.glob(".BENCHMARKS.md*"))                  # written atomically, no temporary left
+
+
+def test_bench_selected_sections_and_errors(tmp_path, capsys):
+    out = tmp_path / "b.md"
+    assert main(["bench", "--quick", "--threads", "1", "--sections", "im2col", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "## im2col + GEMM vs native convolution" in text and text.count("\n## ") == 1
+    assert "| 16->16 3x3 @16x16 |" in text and "reproduced" in text or "refuted" in text
+    assert main(["bench", "--sections", "nope", "-o", str(tmp_path / "c.md")]) == 2
+    assert not (tmp_path / "c.md").exists()
+    assert main(["bench", "--experiment", "nope"]) == 2
+    assert main(["bench", "--list"]) == 0
+    assert "im2col" in capsys.readouterr().out
+
+
+def test_failing_section_is_recorded_and_fails_the_run(tmp_path, monkeypatch):
+    import types
+    broken = types.SimpleNamespace(TITLE="Broken", run=lambda quick=False: 1 / 0)
+    monkeypatch.setattr(bench, "available", lambda: ["broken"])
+    monkeypatch.setattr(bench, "load_section", lambda name: broken)
+    out = tmp_path / "b.md"
+    assert main(["bench", "--quick", "-o", str(out)]) == 1
+    assert "## Broken" in out.read_text() and "ZeroDivisionError" in out.read_text()
+
+
+def test_one_experiment(tmp_path):
+    from benchmarks import experiments
+    out = tmp_path / "e.md"
+    assert main(["bench", "--quick", "--threads", "1", "--experiment", "lebedev_cp", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "experiments:lebedev_cp" in text and "### Lebedev et al." in text
+    assert set(experiments.NAMES) >= {"lebedev_cp", "blog_spatial_svd"}
+
+
+def test_digits_data_is_seeded_and_split():
+    import pytest
+    pytest.importorskip("sklearn")
+    from benchmarks.experiments import digits_data
+    (xa, ya), (xt, yt) = digits_data()
+    (xb, yb), _ = digits_data()
+    assert xa.shape[1:] == (3, 8, 8) and len(ya) + len(yt) == 1797 and len(ya) == int(0.8 * 1797)
+    assert bool((ya == yb).all()) and float(xa.min()) >= -1 and float(xa.max()) <= 1
+
+
+def test_update_replaces_only_the_named_sections(tmp_path, monkeypatch):
+    import types
+    runs = {"alpha": 0, "beta": 0}
+
+    def section(name):
+        def run(quick=False):
+            runs[name] += 1
+            return f"## {name.title()}\n\n{name} run {runs[name]}\n"
+        return types.SimpleNamespace(TITLE=name.title(), run=run)
+    fakes = {n: section(n) for n in runs}
+    monkeypatch.setattr(bench, "SECTIONS", ["alpha", "beta"])
+    monkeypatch.setattr(bench, "available", lambda: ["alpha", "beta"])
+    monkeypatch.setattr(bench, "load_section", lambda name: fakes[name])
+    out = tmp_path / "B.md"
+    assert main(["bench", "--quick", "-o", str(out)]) == 0
+    first = out.read_text()
+    assert "alpha run 1" in first and "beta run 1" in first
+    assert main(["bench", "--update", "--sections", "beta", "-o", str(out)]) == 0
+    second = out.read_text()
+    from benchmarks.runner import split_sections
+    old, new = split_sections(first), split_sections(second)
+    assert new["alpha"] == old["alpha"]                                  # kept byte for byte
+    assert "beta run 2" in new["beta"] and "beta run 1" not in second
+    assert second.index("## Alpha") < second.index("## Beta") and "re-run by `convfactor bench --update`" in second
+    assert runs == {"alpha": 1, "beta": 2}
+    # a bad --update fails before running anything
+    assert main(["bench", "--update", "-o", str(out)]) == 2                     # no --sections
+    assert main(["bench", "--update", "--sections", "beta", "-o", str(tmp_path / "none.md")]) == 2
+    assert main(["bench", "--update", "--sections", "beta", "--experiment", "lebedev_cp", "-o", str(out)]) == 2
+    assert runs == {"alpha": 1, "beta": 2} and out.read_text() == second
+
+
+def test_update_dates_old_style_stamps_from_the_header():
+    from benchmarks.runner import _dated, split_sections
+    doc = ("# convfactor benchmarks\n\nWritten by `convfactor bench` on 2026-11-22 04:03 UTC.\n\n| | |\n|---|---|\n"
+           "| cpu | Some CPU |\n\n## A\n\nbody\n\n_(section `a`: 1.5 s)_\n")
+    section = split_sections(doc)["a"]
+    assert _dated(section, doc).endswith("_(section `a`: 1.5 s; 2026-11-22 04:03 UTC; Some CPU)_\n")
+    assert _dated(_dated(section, doc), doc) == _dated(section, doc)

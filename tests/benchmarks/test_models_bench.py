@@ -1,0 +1,19 @@
+"""The `models` bench section in its quick configuration: one EDSR row with every column filled."""
+import re
+
+from convfactor import models
+from benchmarks import models as section
+
+
+def test_quick_models_section_has_a_measured_row():
+    text = section.run(quick=True)
+    assert text.startswith(f"## {section.TITLE}")
+    assert "edsr_baseline_x2" in models.pretrained_names()
+    row = next(line for line in text.splitlines() if line.startswith("| edsr_baseline_x2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 12
+    speed = float(re.search(r"\*\*([0-9.]+)x\*\*", row).group(1))
+    assert speed > 0
+    assert 0 < float(cells[4]) < 1 and 0 < float(cells[5]) < 1           # MACs and params ratios
+    assert "bicubic" in cells[10] and "2 steps" in cells[11]
+    assert "mean nothing" in text
