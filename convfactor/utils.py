@@ -1,0 +1,44 @@
+"""Small context managers shared by every layer (a leaf: imports nothing from convfactor).
+
+They replace the save/restore of torch's thread count and of a model's train/eval mode that
+would otherwise be written out at every timing, capture and evaluation site.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["torch_threads", "eval_mode"]
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Run the block with ``torch.set_num_threads(threads)`` (``None``: keep the current count),
+    restoring the previous count afterwards; yields the count in force."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(int(threads))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put ``models`` in eval mode for the block and restore each one's own train/eval flags
+    (every submodule's, not just the top's) afterwards."""
+    saved = [[(m, m.training) for m in model.modules()] for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for flags in saved:
+            for module, training in flags:
+                module.training = training

@@ -1,0 +1,30 @@
+import pytest
+import torch
+from torch import nn
+
+from convfactor.utils import eval_mode, torch_threads
+
+
+def test_torch_threads_restores_the_count_even_after_an_error():
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    with pytest.raises(RuntimeError):
+        with torch_threads(target) as n:
+            assert n == target == torch.get_num_threads()
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+    with torch_threads(None) as n:
+        assert n == before
+    with pytest.raises(ValueError):
+        with torch_threads(0):
+            pass
+    assert torch.get_num_threads() == before
+
+
+def test_eval_mode_restores_mixed_flags():
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1), nn.Dropout())
+    model.train()
+    model[1].eval()                                   # a user's frozen BN stays frozen
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == [True, True, False, True]
