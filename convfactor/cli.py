@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from .utils import UnknownName
+
 COMMANDS = ["inspect", "compress", "plan", "finetune", "evaluate", "demo", "report", "bench", "export"]
 
 
@@ -36,9 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, OSError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"convfactor {args.command}: error: {msg}", file=sys.stderr)
+    except (ValueError, UnknownName, OSError) as exc:      # a user's mistake; other errors are bugs
+        print(f"convfactor {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

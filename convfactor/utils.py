@@ -11,7 +11,15 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["torch_threads", "eval_mode"]
+__all__ = ["torch_threads", "eval_mode", "UnknownName"]
+
+
+class UnknownName(KeyError):
+    """A name the user gave (a model, a method, an image) that is not known.  The CLI reports it
+    as a one-line error; any other ``KeyError`` is a bug and keeps its traceback."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 @contextlib.contextmanager

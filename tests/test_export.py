@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from convfactor.cli import main
-from convfactor.commands.export import check_onnx, export_model
+from convfactor.export import check_onnx, export_model
 from convfactor.compression.api import compress
 from convfactor.measure.count import count_params
 from convfactor.models import get

@@ -12,10 +12,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "convfactor"
 
 #: bottom to top; an import may point to its own layer or below, never above
 LAYERS: list[set[str]] = [
-    {"utils", "models", "data"},        # leaves: no convfactor imports but each other's data helpers
+    {"utils", "models", "data"},        # leaves
     {"spec"},                           # 1. what a conv is: ConvSpec, make_conv, im2col
     {"methods"},                        # 2. one module per method
-    {"compression", "io"},              # 3. rules, surgery, factorize/compress, inspect, calibration; save/load
+    {"compression", "io", "export"},    # 3. rules, surgery, factorize/compress, inspect, calibration; save/load/export
     {"measure"},                        # 4. count, timing, quality (the planner measures, so it sits below rank)
     {"rank"},                           # 5. criteria, budget, latency table, planner, plan files
     {"train"},                          # 6. fine-tuning, distillation, checkpoints, DDP

@@ -13,17 +13,50 @@ rounds so that drift of a shared machine hits both alike, and reports
 """
 from __future__ import annotations
 
-import copy
 import statistics
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
-from .latency import FORMS, Latency, compiled, environment, measure_latency, to_memory_format
+from ..utils import torch_threads
+from .backends import FORMS, CompileBackend, EagerBackend, Runnable, TimingBackend, get_backend
+from .count import count
+from .latency import environment, latency_of
 
-__all__ = ["compare_speed", "SpeedComparison", "prepare_forms", "compare_in_fresh_process"]
+__all__ = ["compare_speed", "SpeedComparison", "TimingConfig", "prepare_forms", "compare_in_fresh_process"]
+
+
+@dataclass
+class TimingConfig:
+    """How :func:`compare_speed` times.  ``rounds`` interleaved rounds always run; with
+    ``max_rounds`` above it, more rounds follow until the 95% interval of the speed-up is within
+    ``±rel_halfwidth`` of the estimate, ``max_rounds`` is reached or ``max_seconds`` have passed."""
+
+    threads: int | None = None
+    backend: str | TimingBackend = "torch"
+    memory_formats: tuple[str, ...] = FORMS
+    compile: bool = False                   # also time torch.compile forms (with the torch back-end)
+    repeats: int = 15                       # timed calls per form over the first ``rounds`` rounds
+    rounds: int = 3
+    warmup: int = 3
+    min_run_time: float = 0.0
+    timer: Callable | None = None           # ``(module, inputs) -> seconds`` replaces the clock (tests)
+    max_rounds: int | None = None           # None: exactly ``rounds`` rounds
+    rel_halfwidth: float = 0.05
+    max_seconds: float = 300.0
+    drift_limit: float = 0.25               # the original's per-round medians may differ by this much
+
+    def __post_init__(self):
+        if self.rounds < 1 or self.repeats < 1 or (self.max_rounds is not None and self.max_rounds < self.rounds):
+            raise ValueError(f"need rounds >= 1, repeats >= 1 and max_rounds >= rounds, got {self}")
+
+    @property
+    def per_round(self) -> int:
+        return max(1, self.repeats // self.rounds)
 
 
 @dataclass
@@ -37,6 +70,10 @@ class SpeedComparison:
     macs_original: int | None = None
     macs_compressed: int | None = None
     env: dict = field(default_factory=dict)
+    interval: tuple[float, float] | None = None   # 95% bootstrap interval of ``speedup``
+    rounds: int = 0
+    noise: list[str] = field(default_factory=list)  # why the figure is not trustworthy; empty when it is
+    setup_s: dict[str, float] = field(default_factory=dict)  # compile / export time per form, not timed
 
     @property
     def macs_reduction(self) -> float | None:
@@ -51,112 +88,190 @@ class SpeedComparison:
 
     @property
     def noisy(self) -> bool:
-        """True when either fastest form's IQR exceeds 25% of its median (a busy machine: re-run)."""
-        return any(f[b]["iqr_ms"] > 0.25 * f[b]["median_ms"]
-                   for f, b in ((self.original, self.original_best), (self.compressed, self.compressed_best)))
+        """True when the machine was too busy for the figure to be trusted (``noise`` says why)."""
+        return bool(self.noise)
+
+    @property
+    def confident_speedup(self) -> float:
+        """The interval's lower edge: the speed-up that holds with confidence."""
+        return self.interval[0] if self.interval else self.speedup
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["macs_reduction"] = self.macs_reduction
-        d["efficiency"] = self.efficiency
-        d["noisy"] = self.noisy
+        d.update(macs_reduction=self.macs_reduction, efficiency=self.efficiency, noisy=self.noisy)
         return d
 
     def summary(self) -> str:
         eff = f", efficiency {self.efficiency:.2f}" if self.efficiency is not None else ""
         macs = f" (MACs / {self.macs_reduction:.2f})" if self.macs_reduction else ""
-        return (f"speed-up {self.speedup:.2f}x{macs}{eff}: original fastest as {self.original_best} "
+        ci = f" [95% interval {self.interval[0]:.2f}-{self.interval[1]:.2f}x]" if self.interval else ""
+        return (f"speed-up {self.speedup:.2f}x{ci}{macs}{eff}: original fastest as {self.original_best} "
                 f"({self.original[self.original_best]['median_ms']:.3f} ms), compressed fastest as "
                 f"{self.compressed_best} ({self.compressed[self.compressed_best]['median_ms']:.3f} ms)"
-                + (" [noisy: IQR > 25% of the median; the machine was busy]" if self.noisy else ""))
+                + (f" [noisy: {'; '.join(self.noise)}]" if self.noisy else ""))
 
 
-def prepare_forms(module: nn.Module, inputs: tuple, memory_formats=FORMS, compile: bool = False,
-                  fake: bool = False) -> dict[str, tuple[Callable, tuple] | str]:
-    """``form -> (callable, inputs)`` for each form that can run, else ``form -> reason``."""
-    forms: dict[str, tuple[Callable, tuple] | str] = {}
-    for fmt in memory_formats:
-        if fmt == "channels_last" and not all(t.dim() == 4 for t in inputs if isinstance(t, torch.Tensor)):
-            forms[fmt] = "channels_last needs 4-D inputs"
-            continue
-        m, x = to_memory_format(copy.deepcopy(module).eval(), inputs, fmt)
-        forms[fmt] = (m, x)
-        if compile:
-            fn, why = (m, None) if fake else compiled(m, x)
-            forms[f"compiled/{fmt}"] = (fn, x) if fn is not None else f"torch.compile failed: {why}"
-    return forms
+def _backends(cfg: TimingConfig) -> list[TimingBackend]:
+    first = get_backend(cfg.backend, threads=cfg.threads, memory_formats=tuple(cfg.memory_formats))
+    extra = [CompileBackend(tuple(cfg.memory_formats))] if cfg.compile and isinstance(first, EagerBackend) else []
+    return [get_backend(b, timer=cfg.timer) for b in [first, *extra]]
+
+
+def prepare_forms(models: dict[str, nn.Module], inputs: tuple, backends: list[TimingBackend]
+                  ) -> tuple[dict[str, dict[str, Runnable | str]], dict[str, TimingBackend]]:
+    """``{which: {form: Runnable or reason}}`` for every model and back-end, and each form's back-end."""
+    forms: dict[str, dict[str, Runnable | str]] = {which: {} for which in models}
+    backend_of: dict[str, TimingBackend] = {}
+    for backend in backends:
+        for which, model in models.items():
+            prepared = backend.prepare(model, inputs)
+            forms[which].update(prepared)
+            backend_of.update({form: backend for form in prepared})
+    return forms, backend_of
 
 
 def _macs(model: nn.Module, inputs: tuple) -> int | None:
     try:
-        from .count import count
         return count(model, inputs)["macs"]
     except Exception:  # noqa: BLE001 - counting is informative only
         return None
 
 
-def compare_speed(original: nn.Module, compressed: nn.Module, example_input, *, threads: int | None = None,
-                  memory_formats=FORMS, compile: bool = False, repeats: int = 15, rounds: int = 3,
-                  warmup: int = 3, min_run_time: float = 0.0, timer: Callable | None = None,
-                  **env_extra) -> SpeedComparison:
+def _one_round(forms: dict, backend_of: dict, cfg: TimingConfig, r: int) -> dict[tuple[str, str], list[float]]:
+    """One interleaved round: per form, original then compressed (the order flips every round)."""
+    order = ("original", "compressed") if r % 2 == 0 else ("compressed", "original")
+    out = {}
+    for form in forms["original"]:
+        for which in order:
+            entry = forms[which].get(form)
+            if isinstance(entry, Runnable):
+                out[(which, form)] = backend_of[form].time(entry, repeats=cfg.per_round, threads=cfg.threads,
+                                                          warmup=cfg.warmup if r == 0 else 1,
+                                                          min_run_time=cfg.min_run_time)
+    return out
+
+
+def _ratio_interval(orig_rounds: list[list[float]], comp_rounds: list[list[float]],
+                    n_boot: int = 400) -> tuple[float, float]:
+    """95% percentile bootstrap interval of median(original) / median(compressed).
+
+    Rounds are resampled as blocks (paired in time, so drift between rounds widens the interval);
+    with fewer than three rounds the single samples are resampled instead."""
+    rng = np.random.default_rng(0)
+    if len(orig_rounds) >= 3:
+        o = [np.asarray(r) for r in orig_rounds]
+        c = [np.asarray(r) for r in comp_rounds]
+        picks = rng.integers(0, len(o), size=(n_boot, len(o)))
+        ratios = [np.median(np.concatenate([o[i] for i in p])) / np.median(np.concatenate([c[i] for i in p]))
+                  for p in picks]
+    else:
+        o, c = np.concatenate(orig_rounds), np.concatenate(comp_rounds)
+        ratios = np.median(rng.choice(o, (n_boot, o.size)), 1) / np.median(rng.choice(c, (n_boot, c.size)), 1)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def compare_speed(original: nn.Module, compressed: nn.Module, example_input, config: TimingConfig | None = None,
+                  **settings) -> SpeedComparison:
     """Time both models in every form, in the same process, and compare against the fastest original.
 
-    ``repeats`` timed calls per form are split over ``rounds`` interleaved rounds (original form 1,
-    compressed form 1, original form 2, ...).  ``timer`` (``(module, inputs) -> seconds``) replaces
-    the clock, for tests.  ``threads`` is set explicitly for the timing (default: the current count).
+    ``config`` (or its fields as keywords: ``threads``, ``backend``, ``repeats``, ``rounds``,
+    ``max_rounds``, ``timer``, ...) says how; other keywords are recorded in ``env``.  Each round
+    times every form of both models, interleaved, so drift of a shared machine hits both alike.
     """
+    names = {f.name for f in fields(TimingConfig)}
+    cfg = config or TimingConfig(**{k: v for k, v in settings.items() if k in names})
+    env_extra = {k: v for k, v in settings.items() if k not in names}
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    threads = threads or torch.get_num_threads()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        forms = {"original": prepare_forms(original, inputs, memory_formats, compile, fake=timer is not None),
-                 "compressed": prepare_forms(compressed, inputs, memory_formats, compile, fake=timer is not None)}
-    finally:
-        torch.set_num_threads(previous)
-    per_round = max(1, repeats // max(1, rounds))
-    times: dict[tuple[str, str], list[float]] = {}
-    envs: dict[tuple[str, str], dict] = {}
-    for r in range(max(1, rounds)):
-        for form in forms["original"]:
-            for which in ("original", "compressed"):
-                entry = forms[which].get(form)
-                if not isinstance(entry, tuple):
-                    continue
-                fn, x = entry
-                lat = measure_latency(fn, x, threads=threads, repeats=per_round, warmup=warmup if r == 0 else 1,
-                                      min_run_time=min_run_time, timer=timer, **env_extra)
-                times.setdefault((which, form), []).extend(lat.times_ms)
-                envs[(which, form)] = lat.env
+    threads = cfg.threads or torch.get_num_threads()
+    backends = _backends(cfg)
+    with torch_threads(threads):
+        forms, backend_of = prepare_forms({"original": original, "compressed": compressed}, inputs, backends)
+    rounds = _timed_rounds(forms, backend_of, cfg)
+    result = _summarize(forms, rounds)
+    result.env = environment(threads, batch=int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None,
+                             input_shape=list(inputs[0].shape), dtype=str(inputs[0].dtype),
+                             device=str(inputs[0].device), backend=backends[0].name, **env_extra)
+    result.macs_original, result.macs_compressed = _macs(original, inputs), _macs(compressed, inputs)
+    result.setup_s = {f"{which}/{k}": v.setup_s for which in forms for k, v in forms[which].items()
+                      if isinstance(v, Runnable) and v.setup_s}
+    result.noise = _noise(result, rounds, cfg)
+    return result
 
-    def summarize(which: str) -> dict[str, dict | str]:
+
+def _timed_rounds(forms: dict, backend_of: dict, cfg: TimingConfig) -> list[dict[tuple[str, str], list[float]]]:
+    """Interleaved rounds: ``cfg.rounds`` always, then more while the interval is too wide."""
+    rounds, start = [], time.perf_counter()
+    limit = cfg.max_rounds or cfg.rounds
+    while len(rounds) < limit:
+        rounds.append(_one_round(forms, backend_of, cfg, len(rounds)))
+        if len(rounds) < cfg.rounds:
+            continue
+        if time.perf_counter() - start > cfg.max_seconds or _tight_enough(forms, rounds, cfg):
+            break
+    return rounds
+
+
+def _best_pair(forms: dict, rounds: list[dict]) -> tuple[str, str]:
+    """The fastest form of each model, by the median over every round."""
+    def best(which: str) -> str:
+        ran = [f for f, v in forms[which].items() if isinstance(v, Runnable)]
+        if not ran:
+            raise ValueError(f"nothing could be measured for the {which} model: {forms[which]}")
+        return min(ran, key=lambda f: statistics.median([t for r in rounds for t in r[(which, f)]]))
+    return best("original"), best("compressed")
+
+
+def _interval(forms: dict, rounds: list[dict]) -> tuple[float, float]:
+    best_o, best_c = _best_pair(forms, rounds)
+    return _ratio_interval([r[("original", best_o)] for r in rounds], [r[("compressed", best_c)] for r in rounds])
+
+
+def _tight_enough(forms: dict, rounds: list[dict], cfg: TimingConfig) -> bool:
+    best_o, best_c = _best_pair(forms, rounds)
+    ratio = (statistics.median([t for r in rounds for t in r[("original", best_o)]])
+             / statistics.median([t for r in rounds for t in r[("compressed", best_c)]]))
+    lo, hi = _interval(forms, rounds)
+    return (hi - lo) / 2 <= cfg.rel_halfwidth * ratio
+
+
+def _summarize(forms: dict, rounds: list[dict]) -> SpeedComparison:
+    """Per-form latencies over every round, the fastest forms and the speed-up with its interval."""
+    def latencies(which: str) -> dict[str, dict | str]:
         out: dict[str, dict | str] = {}
         for form, entry in forms[which].items():
-            if not isinstance(entry, tuple):
+            if not isinstance(entry, Runnable):
                 out[form] = entry
                 continue
-            t = times[(which, form)]
-            q = statistics.quantiles(t, n=4) if len(t) >= 2 else [t[0]] * 3
-            env = dict(envs[(which, form)])
-            env["memory_format"] = form.split("/")[-1]
-            env["compiled"] = form.startswith("compiled/")
-            out[form] = Latency(statistics.median(t), q[2] - q[0], t, env).to_dict()
+            env = {"memory_format": form.split("/")[-1], "compiled": form.startswith("compiled/"), "form": form}
+            out[form] = latency_of([t for r in rounds for t in r[(which, form)]], env).to_dict()
         return out
 
-    orig, comp = summarize("original"), summarize("compressed")
-    ran_o = {k: v for k, v in orig.items() if isinstance(v, dict)}
-    ran_c = {k: v for k, v in comp.items() if isinstance(v, dict)}
-    if not ran_o or not ran_c:
-        raise ValueError(f"nothing could be measured: original={orig}, compressed={comp}")
-    best_o = min(ran_o, key=lambda k: ran_o[k]["median_ms"])
-    best_c = min(ran_c, key=lambda k: ran_c[k]["median_ms"])
-    same = {k: ran_o[k]["median_ms"] / ran_c[k]["median_ms"] for k in ran_o if k in ran_c}
-    env = environment(threads, batch=int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None,
-                      input_shape=list(inputs[0].shape), dtype=str(inputs[0].dtype),
-                      device=str(inputs[0].device), **env_extra)
+    orig, comp = latencies("original"), latencies("compressed")
+    best_o, best_c = _best_pair(forms, rounds)
+    same = {k: orig[k]["median_ms"] / comp[k]["median_ms"] for k in orig
+            if isinstance(orig[k], dict) and isinstance(comp.get(k), dict)}
     return SpeedComparison(original=orig, compressed=comp, original_best=best_o, compressed_best=best_c,
-                           speedup=ran_o[best_o]["median_ms"] / ran_c[best_c]["median_ms"], same_form=same,
-                           macs_original=_macs(original, inputs), macs_compressed=_macs(compressed, inputs), env=env)
+                           speedup=orig[best_o]["median_ms"] / comp[best_c]["median_ms"], same_form=same,
+                           interval=_interval(forms, rounds), rounds=len(rounds))
+
+
+def _noise(res: SpeedComparison, rounds: list[dict], cfg: TimingConfig) -> list[str]:
+    """Why ``res`` cannot be trusted: wide spread within a form, drift of the original between
+    rounds, or an interval wider than ``±cfg.rel_halfwidth``."""
+    reasons = []
+    for name, side, best in (("original", res.original, res.original_best),
+                             ("compressed", res.compressed, res.compressed_best)):
+        if side[best]["iqr_ms"] > 0.25 * side[best]["median_ms"]:
+            reasons.append(f"the {name}'s IQR is {side[best]['iqr_ms'] / side[best]['median_ms']:.0%} of its median")
+    per_round = [statistics.median(r[("original", res.original_best)]) for r in rounds]
+    if len(per_round) > 1 and max(per_round) > (1 + cfg.drift_limit) * min(per_round):
+        reasons.append(f"the original's time drifted {max(per_round) / min(per_round) - 1:.0%} between rounds")
+    lo, hi = res.interval
+    if (hi - lo) / 2 > cfg.rel_halfwidth * res.speedup:
+        reasons.append(f"the 95% interval {lo:.2f}-{hi:.2f}x is wider than +-{cfg.rel_halfwidth:.0%} "
+                       f"after {res.rounds} rounds")
+    return reasons
 
 
 _FRESH = r"""

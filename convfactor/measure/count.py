@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..utils import eval_mode
+
 __all__ = ["count", "count_params"]
 
 
@@ -34,13 +36,8 @@ def count(model: nn.Module, example_input) -> dict[str, Any]:
     Totals are for one forward pass on ``example_input`` (a tensor or a tuple of tensors).
     """
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(*inputs)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), FlopCounterMode(display=False) as counter:
+        model(*inputs)
     raw = counter.get_flop_counts()
     prefix = type(model).__name__
     flops_by_name = {}

@@ -1,4 +1,4 @@
-"""Latency measurement on ``torch.utils.benchmark``.
+"""Latency measurement on ``torch.utils.benchmark``, through the timing back-ends of :mod:`.backends`.
 
 Every figure is a median over repeats after warm-up, with threads set explicitly and
 ``torch.inference_mode``; the result records what it was measured on.  ``timer`` can be
@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import platform
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
-__all__ = ["Latency", "measure_latency", "measure_forms", "environment", "to_memory_format", "compiled", "fastest", "FORMS"]
+from ..utils import torch_threads
+from .allocator import malloc_setting
+from .backends import FORMS, CompileBackend, EagerBackend, get_backend, no_grad_call, sample_ms, to_memory_format
 
-#: the memory formats tried when looking for a model's fastest form
-FORMS = ("contiguous", "channels_last")
+__all__ = ["Latency", "measure_latency", "measure_forms", "environment", "to_memory_format", "compiled", "fastest",
+           "FORMS", "latency_of", "burn_in"]
 
 
 @dataclass
@@ -45,22 +48,12 @@ def environment(threads: int | None = None, **extra) -> dict:
                     break
     except OSError:
         pass
-    from .allocator import malloc_setting
     env = {"device": "cpu", "cpu": cpu, "threads": threads or torch.get_num_threads(),
            "torch": str(torch.__version__), "malloc": malloc_setting()}
     if torch.cuda.is_available():
         env["cuda_device"] = torch.cuda.get_device_name()
     env.update(extra)
     return env
-
-
-def to_memory_format(module: nn.Module, inputs: tuple, memory_format: str) -> tuple[nn.Module, tuple]:
-    fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
-           "channels_last_3d": torch.channels_last_3d}[memory_format]
-    module = module.to(memory_format=fmt) if memory_format != "contiguous" else module
-    converted = tuple(t.contiguous(memory_format=fmt) if t.dim() in (4, 5) and fmt is not torch.contiguous_format
-                      else t for t in inputs)
-    return module, converted
 
 
 def measure_latency(module: nn.Module | Callable, inputs, *, threads: int | None = None, repeats: int = 15,
@@ -71,34 +64,22 @@ def measure_latency(module: nn.Module | Callable, inputs, *, threads: int | None
     if isinstance(module, nn.Module):
         module.eval()
         module, inputs = to_memory_format(module, inputs, memory_format)
-    device = next((str(t.device) for t in inputs if isinstance(t, torch.Tensor)), "cpu")
-    env_extra.setdefault("device", device)
-    env = environment(threads, memory_format=memory_format,
-                      input_shape=[list(t.shape) for t in inputs if isinstance(t, torch.Tensor)],
-                      dtype=str(next((t.dtype for t in inputs if isinstance(t, torch.Tensor)), None)), **env_extra)
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    env_extra.setdefault("device", str(tensors[0].device) if tensors else "cpu")
+    env = environment(threads, memory_format=memory_format, input_shape=[list(t.shape) for t in tensors],
+                      dtype=str(tensors[0].dtype if tensors else None), **env_extra)
     if timer is not None:
         times = [float(timer(module, inputs)) * 1e3 for _ in range(repeats)]
     else:
-        import torch.utils.benchmark as benchmark
-        previous = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode():
-                for _ in range(warmup):
-                    module(*inputs)
-                t = benchmark.Timer(stmt="module(*inputs)", globals={"module": module, "inputs": inputs},
-                                    num_threads=threads or torch.get_num_threads())
-                times = []
-                for _ in range(repeats):
-                    m = t.blocked_autorange(min_run_time=min_run_time) if min_run_time else t.timeit(1)
-                    times.append(m.median * 1e3)
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-        finally:
-            torch.set_num_threads(previous)
+        times = sample_ms(no_grad_call(module, inputs), inputs, repeats=repeats, warmup=warmup, threads=threads,
+                          min_run_time=min_run_time)
+    return latency_of(times, env)
+
+
+def latency_of(times: list[float], env: dict) -> Latency:
+    """Median and interquartile range of ``times`` (ms)."""
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return Latency(median_ms=statistics.median(times), iqr_ms=q[2] - q[0], times_ms=times, env=env)
+    return Latency(median_ms=statistics.median(times), iqr_ms=q[2] - q[0], times_ms=list(times), env=env)
 
 
 def compiled(module: nn.Module, inputs: tuple, **compile_options) -> tuple[nn.Module | None, str | None]:
@@ -109,8 +90,7 @@ def compiled(module: nn.Module, inputs: tuple, **compile_options) -> tuple[nn.Mo
     """
     try:
         fn = torch.compile(module, **compile_options)
-        with torch.inference_mode():
-            fn(*inputs)
+        no_grad_call(fn, inputs)()
         return fn, None
     except Exception as exc:  # noqa: BLE001 - any backend failure means "not available here"
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -124,36 +104,21 @@ def measure_forms(module: nn.Module, inputs, *, memory_formats=FORMS, compile: b
 
     Each form uses its own copy of the module, so ``module`` itself is left as it was.
     """
-    import copy
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    backends = [EagerBackend(tuple(memory_formats))] + ([CompileBackend(tuple(memory_formats))] if compile else [])
     out: dict[str, Latency | str] = {}
-    for fmt in memory_formats:
-        if fmt == "channels_last" and not all(t.dim() == 4 for t in inputs if isinstance(t, torch.Tensor)):
-            out[fmt] = "channels_last needs 4-D inputs"
-            continue
-        m, x = to_memory_format(copy.deepcopy(module).eval(), inputs, fmt)
-        out[fmt] = measure_latency(m, x, threads=threads, repeats=repeats, warmup=warmup, min_run_time=min_run_time,
-                                   memory_format=fmt, timer=timer, compiled=False, **env_extra)
-        if compile:
-            if timer is not None:
-                fn, why = m, None          # a fake timer needs no real compilation
-            else:
-                previous = torch.get_num_threads()
-                if threads:
-                    torch.set_num_threads(threads)
-                try:
-                    fn, why = compiled(m, x)
-                finally:
-                    torch.set_num_threads(previous)
-            key = f"compiled/{fmt}"
-            if fn is None:
-                out[key] = f"torch.compile failed: {why}"
+    for backend in backends:
+        backend = get_backend(backend, timer=timer)
+        with torch_threads(threads):
+            forms = backend.prepare(module, inputs)
+        for key, form in forms.items():
+            if isinstance(form, str):
+                out[key] = form
                 continue
-            # fn is already in ``fmt``; measure_latency must not convert it again
-            lat = measure_latency(fn, x, threads=threads, repeats=repeats, warmup=warmup,
-                                  min_run_time=min_run_time, timer=timer, compiled=True, **env_extra)
-            lat.env["memory_format"] = fmt
-            out[key] = lat
+            times = backend.time(form, repeats=repeats, warmup=warmup, threads=threads, min_run_time=min_run_time)
+            env = environment(threads, memory_format=key.split("/")[-1], compiled=key.startswith("compiled/"),
+                              backend=backend.name, **env_extra)
+            out[key] = latency_of(times, env)
     return out
 
 
@@ -172,14 +137,8 @@ def burn_in(seconds: float = 3.0, threads: int | None = None) -> None:
     On the shared 2-vCPU machines here the first ~0.5 s of work after idling runs up to 10x slower
     (measured: a 512-channel 3x3 conv at 32 ms, then 3.1 ms); a burn-in removes that from the figures.
     """
-    import time
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         a = torch.randn(512, 512)
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             a = torch.tanh(a @ a)
-    finally:
-        torch.set_num_threads(previous)

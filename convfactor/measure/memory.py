@@ -23,6 +23,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..utils import torch_threads
+
 __all__ = ["peak_memory", "replay_peak"]
 
 
@@ -69,31 +71,25 @@ def peak_memory(module: nn.Module | Callable, inputs, *, threads: int | None = 1
     if isinstance(module, nn.Module):
         module.eval()
     device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            module(*inputs)                     # warm-up: lazy initializations are not activations
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                base = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
+    with torch_threads(threads), torch.inference_mode():
+        module(*inputs)                     # warm-up: lazy initializations are not activations
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            out = module(*inputs)
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) - base
+            how = "torch.cuda.max_memory_allocated"
+        else:
+            pre = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+            if isinstance(module, nn.Module):
+                pre |= {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+            with _LiveTracker(pre) as tracker:
                 out = module(*inputs)
-                torch.cuda.synchronize(device)
-                peak = torch.cuda.max_memory_allocated(device) - base
-                how = "torch.cuda.max_memory_allocated"
-            else:
-                pre = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
-                if isinstance(module, nn.Module):
-                    pre |= {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
-                with _LiveTracker(pre) as tracker:
-                    out = module(*inputs)
-                    tracker.peak = max(tracker.peak, tracker.current)
-                peak = tracker.peak
-                how = "live operator outputs (operator granularity)"
-    finally:
-        torch.set_num_threads(previous)
+                tracker.peak = max(tracker.peak, tracker.current)
+            peak = tracker.peak
+            how = "live operator outputs (operator granularity)"
     outs = out if isinstance(out, (tuple, list)) else (out,)
     out_bytes = sum(t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor))
     return {"peak_bytes": int(max(peak, 0)), "output_bytes": int(out_bytes), "device": str(device), "how": how}

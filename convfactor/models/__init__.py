@@ -11,6 +11,8 @@ from typing import Callable
 
 from torch import nn
 
+from ..utils import UnknownName
+
 __all__ = ["get", "names", "info", "pretrained_names", "register", "default_input", "WEIGHTS_DIR"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -56,7 +58,7 @@ def register(name: str, factory: Callable[..., nn.Module], input_shape=(3, 32, 3
 
 def info(name: str) -> dict:
     if name not in _ZOO:
-        raise KeyError(f"unknown model {name!r}; built-in models: {', '.join(names())}")
+        raise UnknownName(f"unknown model {name!r}; built-in models: {', '.join(names())}")
     _, shape, task = _ZOO[name]
     out = {"name": name, "input_shape": shape, "task": task}
     if name in _SCALE:
@@ -75,7 +77,7 @@ def get(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
         model = _CUSTOM[name](**kwargs)
     else:
         if name not in _ZOO:
-            raise KeyError(f"unknown model {name!r}; built-in models: {', '.join(names())}")
+            raise UnknownName(f"unknown model {name!r}; built-in models: {', '.join(names())}")
         module_name, factory = _ZOO[name][0].split(":")
         model = getattr(importlib.import_module(f"{__name__}.{module_name}"), factory)(**kwargs)
     if pretrained:

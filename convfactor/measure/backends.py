@@ -1,0 +1,247 @@
+"""Timing back-ends: one small interface for every place that times a model.
+
+A :class:`TimingBackend` turns a model and its example inputs into :class:`Runnable` forms
+(``prepare``) and times a form's calls (``time``).  The layer timer, the end-to-end verifier
+(:func:`convfactor.measure.compare.compare_speed`), the benchmarks and the demo all time through
+it, and every figure records which back-end made it.
+
+* ``torch``: eager PyTorch, one form per memory format (contiguous, channels_last);
+* ``compile``: ``torch.compile`` (inductor) per memory format; the compile time is reported
+  apart (``Runnable.setup_s``), never inside the timings;
+* ``onnxruntime``: the model exported by :func:`convfactor.export.export_model`, run by ONNX
+  Runtime's CPU execution provider with all graph optimizations and the thread count set.
+
+CPU calls are timed with ``torch.utils.benchmark.Timer``; CUDA calls with CUDA events after a
+synchronize, never with the host clock alone.  Hand-written because no library offers one
+interface over eager, inductor and ONNX Runtime timing.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..utils import torch_threads
+
+__all__ = ["Runnable", "TimingBackend", "EagerBackend", "CompileBackend", "OnnxRuntimeBackend", "TimerBackend",
+           "BACKENDS", "get_backend", "to_memory_format", "sample_ms", "no_grad_call", "FORMS"]
+
+#: the memory formats tried when looking for a model's fastest form
+FORMS = ("contiguous", "channels_last")
+
+
+@dataclass
+class Runnable:
+    """One prepared form of a model: ``call()`` runs one forward on the fixed ``inputs``."""
+
+    form: str                                  # e.g. "channels_last", "compiled/contiguous", "onnxruntime"
+    call: Callable[[], Any]
+    module: Any                                # what runs: an nn.Module, a compiled fn or an ORT session
+    inputs: tuple
+    setup_s: float = 0.0                       # compile / export + session time, apart from the timings
+    info: dict = field(default_factory=dict)
+
+
+def to_memory_format(module: nn.Module, inputs: tuple, memory_format: str) -> tuple[nn.Module, tuple]:
+    """``module`` and 4-D/5-D ``inputs`` converted to ``memory_format`` (module converted in place)."""
+    fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
+           "channels_last_3d": torch.channels_last_3d}[memory_format]
+    module = module.to(memory_format=fmt) if memory_format != "contiguous" else module
+    converted = tuple(t.contiguous(memory_format=fmt) if t.dim() in (4, 5) and fmt is not torch.contiguous_format
+                      else t for t in inputs)
+    return module, converted
+
+
+def _eager_forms(model: nn.Module, inputs: tuple, memory_formats) -> dict[str, Runnable | str]:
+    """Each memory format on its own deep copy (so ``model`` is left as it was)."""
+    out: dict[str, Runnable | str] = {}
+    for fmt in memory_formats:
+        if fmt == "channels_last" and not all(t.dim() == 4 for t in inputs if isinstance(t, torch.Tensor)):
+            out[fmt] = "channels_last needs 4-D inputs"
+            continue
+        m, x = to_memory_format(copy.deepcopy(model).eval(), inputs, fmt)
+        out[fmt] = Runnable(fmt, no_grad_call(m, x), m, x)
+    return out
+
+
+def no_grad_call(fn: Callable, inputs: tuple) -> Callable[[], Any]:
+    def call():
+        with torch.inference_mode():
+            return fn(*inputs)
+    return call
+
+
+def _cuda_times(call: Callable, repeats: int) -> list[float]:
+    """Milliseconds per call from CUDA events, each bracketed by a synchronize."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(float(start.elapsed_time(end)))
+    return times
+
+
+def _cpu_times(call: Callable, repeats: int, threads: int, min_run_time: float = 0.0) -> list[float]:
+    """Milliseconds per call from ``torch.utils.benchmark.Timer``: one call per sample, or the
+    median of a ``blocked_autorange(min_run_time)`` block per sample."""
+    import torch.utils.benchmark as benchmark
+    timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=threads)
+    sample = (lambda: timer.blocked_autorange(min_run_time=min_run_time)) if min_run_time else (lambda: timer.timeit(1))
+    return [sample().median * 1e3 for _ in range(repeats)]
+
+
+def sample_ms(call: Callable, inputs: tuple, *, repeats: int, warmup: int, threads: int | None = None,
+              min_run_time: float = 0.0) -> list[float]:
+    """Milliseconds per ``call()`` over ``repeats`` samples after ``warmup`` calls, threads set; CUDA
+    inputs are timed with CUDA events."""
+    with torch_threads(threads) as n:
+        for _ in range(warmup):
+            call()
+        if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs):
+            return _cuda_times(call, repeats)
+        return _cpu_times(call, repeats, n, min_run_time)
+
+
+class TimingBackend(ABC):
+    """Prepare a model's forms, then time them.  Subclasses set ``name`` and implement ``prepare``."""
+
+    name: ClassVar[str] = ""
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, inputs: tuple) -> dict[str, Runnable | str]:
+        """``form -> Runnable``, or ``form -> reason`` (str) for a form that cannot run here."""
+
+    def time(self, runnable: Runnable, *, repeats: int, warmup: int, threads: int | None = None,
+             min_run_time: float = 0.0) -> list[float]:
+        """Milliseconds per call of ``runnable`` over ``repeats`` samples after ``warmup`` calls."""
+        return sample_ms(runnable.call, runnable.inputs, repeats=repeats, warmup=warmup, threads=threads,
+                         min_run_time=min_run_time)
+
+
+@dataclass
+class EagerBackend(TimingBackend):
+    """Eager PyTorch in each memory format."""
+
+    memory_formats: tuple[str, ...] = FORMS
+    name: ClassVar[str] = "torch"
+
+    def prepare(self, model, inputs):
+        return _eager_forms(model, inputs, self.memory_formats)
+
+
+@dataclass
+class CompileBackend(TimingBackend):
+    """``torch.compile`` of each memory format's copy; a form whose compilation fails maps to the reason."""
+
+    memory_formats: tuple[str, ...] = FORMS
+    options: dict = field(default_factory=dict)
+    name: ClassVar[str] = "compile"
+
+    def prepare(self, model, inputs):
+        out: dict[str, Runnable | str] = {}
+        for fmt, eager in _eager_forms(model, inputs, self.memory_formats).items():
+            key = f"compiled/{fmt}"
+            if isinstance(eager, str):
+                out[key] = eager
+                continue
+            t0 = time.perf_counter()
+            try:
+                fn = torch.compile(eager.module, **self.options)
+                no_grad_call(fn, eager.inputs)()           # the first call compiles
+            except Exception as exc:  # noqa: BLE001 - any inductor failure means "not available here"
+                out[key] = f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                continue
+            out[key] = Runnable(key, no_grad_call(fn, eager.inputs), fn, eager.inputs,
+                                setup_s=time.perf_counter() - t0)
+        return out
+
+
+@dataclass
+class OnnxRuntimeBackend(TimingBackend):
+    """ONNX Runtime, CPU execution provider, all graph optimizations, ``threads`` intra-op threads."""
+
+    threads: int | None = None
+    opset: int = 17
+    name: ClassVar[str] = "onnxruntime"
+
+    def __post_init__(self):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise ValueError("the onnxruntime back-end needs the onnxruntime package "
+                             "(pip install 'convfactor[ort]')") from exc
+
+    def prepare(self, model, inputs):
+        import onnxruntime as ort
+
+        from ..export import export_model
+        if len(inputs) != 1:
+            return {"onnxruntime": "the onnxruntime back-end takes models with one input tensor"}
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_model(copy.deepcopy(model).eval(), inputs[0], os.path.join(tmp, "model.onnx"),
+                                opset=self.opset)
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.intra_op_num_threads = int(self.threads or torch.get_num_threads())
+            opts.inter_op_num_threads = 1
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feeds = {session.get_inputs()[0].name: inputs[0].detach().cpu().numpy()}
+        return {"onnxruntime": Runnable("onnxruntime", lambda: session.run(None, feeds), session, inputs,
+                                        setup_s=time.perf_counter() - t0,
+                                        info={"intra_op_threads": opts.intra_op_num_threads, "opset": self.opset})}
+
+
+@dataclass
+class TimerBackend(TimingBackend):
+    """Another back-end's forms timed by an injected ``timer(module, inputs) -> seconds`` (for tests:
+    a deterministic or deliberately noisy clock).  Compilation and export are skipped."""
+
+    timer: Callable[[Any, tuple], float]
+    inner: TimingBackend = field(default_factory=EagerBackend)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.inner.name
+
+    def prepare(self, model, inputs):
+        if isinstance(self.inner, CompileBackend):          # a fake clock needs no real compilation
+            forms = _eager_forms(model, inputs, self.inner.memory_formats)
+            return {f"compiled/{k}": (replace(v, form=f"compiled/{k}") if isinstance(v, Runnable) else v)
+                    for k, v in forms.items()}
+        if isinstance(self.inner, OnnxRuntimeBackend):
+            forms = _eager_forms(model, inputs, ("contiguous",))
+            return {"onnxruntime": replace(forms["contiguous"], form="onnxruntime")}
+        return self.inner.prepare(model, inputs)
+
+    def time(self, runnable, *, repeats, warmup, threads=None, min_run_time=0.0):
+        return [float(self.timer(runnable.module, runnable.inputs)) * 1e3 for _ in range(repeats)]
+
+
+BACKENDS: dict[str, type[TimingBackend]] = {"torch": EagerBackend, "compile": CompileBackend,
+                                            "onnxruntime": OnnxRuntimeBackend}
+
+
+def get_backend(backend: str | TimingBackend = "torch", *, timer: Callable | None = None,
+                **options) -> TimingBackend:
+    """The back-end called ``backend`` configured by ``options`` (an instance is returned as is);
+    with ``timer``, its forms are timed by that clock instead (tests)."""
+    if isinstance(backend, TimingBackend):
+        chosen = backend
+    elif backend in BACKENDS:
+        fields = getattr(BACKENDS[backend], "__dataclass_fields__", {})
+        chosen = BACKENDS[backend](**{k: v for k, v in options.items() if k in fields})
+    else:
+        raise ValueError(f"unknown timing back-end {backend!r}; known: {', '.join(BACKENDS)}")
+    return TimerBackend(timer, chosen) if timer is not None else chosen
