@@ -130,12 +130,7 @@ def load(path: str | os.PathLike, base_model: nn.Module) -> nn.Module:
         spec = ConvSpec.from_dict(entry["spec"])
         if not isinstance(original, Factorized) and ConvSpec.from_module(original) != spec:
             raise ValueError(f"layer {name!r} of the base model does not match the recipe's spec")
-        method = registry.get(entry["method"])
-        weight = getattr(original, "weight", None)
-        module = method.build(spec, tuple(entry["ranks"]), None, dtype=None if weight is None else weight.dtype,
-                              device=None if weight is None else weight.device, **entry.get("options", {}))
-        module.options.update(entry.get("options", {}))
-        set_submodule(model, name, module)
+        set_submodule(model, name, _empty_layer(entry, spec, original))
     _tie(model, recipe.get("shared", []))
     state = load_file(str(path / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -144,6 +139,18 @@ def load(path: str | os.PathLike, base_model: nn.Module) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"state does not match the rebuilt model: missing={missing[:5]} unexpected={unexpected[:5]}")
     return model
+
+
+def _empty_layer(entry: dict, spec: ConvSpec, original: nn.Module) -> Factorized:
+    """The uninitialized replacement a recipe entry describes, in ``original``'s dtype and device.
+
+    ``entry["options"]`` is the configured method's recipe (its fields), so the method is rebuilt
+    with them; recipes written before methods were dataclasses hold a subset, which is enough.
+    """
+    method = registry.get(entry["method"], **entry.get("options", {}))
+    weight = None if isinstance(original, Factorized) else original.weight     # else a conv or Linear
+    return method.build(spec, tuple(entry["ranks"]), None, dtype=None if weight is None else weight.dtype,
+                        device=None if weight is None else weight.device)
 
 
 def _tie(model: nn.Module, shared: list[list[str]]) -> None:

@@ -9,12 +9,15 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..methods import registry
-from ..methods.base import Factorized, Method
+from ..methods.base import Cost, Factorized, Method, Ranks
+from ..methods.data_aware import DataAwareSettings, factorize_data_aware
 from ..spec.convspec import ConvSpec, UnsupportedLayer
-from .surgery import parse_rules, select, set_submodule
+from ..utils import eval_mode
+from .calibration import collect_inputs
+from .surgery import Rule, configure, parse_rules, select, set_submodule
 
-__all__ = ["factorize", "compress", "LayerReport", "CompressionReport", "check_finite", "relative_error"]
+__all__ = ["factorize", "compress", "LayerReport", "CompressionReport", "check_finite", "relative_error",
+           "capture_layer_io"]
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
@@ -30,40 +33,48 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return diff / denom if denom > 0 else diff
 
 
-def rank_options(method: Method, options: dict) -> dict:
-    """The options a method's rank arithmetic depends on (its ``rank_options``, e.g. TT's mode shapes)."""
-    return {k: options[k] for k in getattr(method, "rank_options", ()) if k in options}
-
-
 def factorize(layer: nn.Module, method: str | Method, *, rank=None, macs_ratio: float | None = None,
-              energy: float | None = None, input_size: Sequence[int] | None = None, **options) -> Factorized:
+              energy: float | None = None, input_size: Sequence[int] | None = None, calibration=None,
+              **options) -> Factorized:
     """A drop-in low-rank replacement for ``layer`` (an ``nn.Conv1d/2d/3d`` or ``nn.Linear``).
 
     Exactly one target: ``rank`` (int, or a tuple for methods with several ranks), ``macs_ratio``
     in (0, 1] (layer MACs after / before, at spatial ``input_size``; a nominal size otherwise) or
-    ``energy`` in (0, 1] (fraction of squared singular values kept).  ``options`` go to the
-    method (e.g. ``splits=`` for ``basis``, ``calibration=`` for data-aware fitting).
+    ``energy`` in (0, 1] (fraction of squared singular values kept).  ``options`` configure the
+    method (e.g. ``splits=`` for ``basis``: ``registry.get(method, **options)``); with
+    ``calibration=`` (the layer's inputs) the layer is fitted to its responses, and ``options`` may
+    also hold :class:`~convfactor.methods.data_aware.DataAwareSettings` keys.
 
     The original layer is not modified; the replacement has its dtype and device.
     """
-    m = registry.get(method)
+    m, settings = configure(method, options, data_aware=calibration is not None)
+    if m.joint:
+        raise ValueError(f"{m.name}: share= groups several layers; give it in a compress rule, not to factorize()")
     spec = ConvSpec.from_module(layer)
     m.check(spec)
-    weight = layer.weight.detach()
-    check_finite(weight, "weight")
+    _check_layer(layer, "weight")
+    ranks = m.resolve_ranks(spec, layer.weight.detach(), rank=rank, macs_ratio=macs_ratio, energy=energy,
+                            input_size=input_size)
+    return _replacement(layer, m, spec, ranks, calibration, settings)
+
+
+def _check_layer(layer: nn.Module, what: str) -> None:
+    """NaN / Inf in the layer's weight or bias is refused (``what`` names the weight in messages)."""
+    check_finite(layer.weight, what)
     if layer.bias is not None:
-        check_finite(layer.bias, "bias")
-    ranks = m.resolve_ranks(spec, weight, rank=rank, macs_ratio=macs_ratio, energy=energy, input_size=input_size,
-                            **rank_options(m, options))
-    if options.get("calibration") is not None:   # data-aware (response) fitting, issue 7
-        from ..methods.data_aware import factorize_data_aware
-        return factorize_data_aware(layer, m, spec, ranks, **options)
-    factors = m.factorize(weight.to(torch.float64), spec, ranks, **options)
+        check_finite(layer.bias, what.replace("weight", "bias"))
+
+
+def _replacement(layer: nn.Module, method: Method, spec: ConvSpec, ranks: Ranks, calibration=None,
+                 settings: DataAwareSettings | None = None) -> Factorized:
+    """Factorize ``layer`` at resolved ``ranks``: weight-only, or fitted on ``calibration`` inputs."""
+    if calibration is not None:
+        return factorize_data_aware(layer, method, spec, ranks, calibration, settings or DataAwareSettings())
+    weight = layer.weight.detach()
+    factors = method.factorize(weight.to(torch.float64), spec, ranks)
     if layer.bias is not None:
         factors["bias"] = layer.bias.detach()
-    module = m.build(spec, ranks, factors, dtype=weight.dtype, device=weight.device, **options)
-    module.options.update(m.options_for_recipe(options))
-    return module
+    return method.build(spec, ranks, factors, dtype=weight.dtype, device=weight.device)
 
 
 @dataclass
@@ -138,7 +149,7 @@ def _as_tuple_input(example_input) -> tuple:
 
 @torch.no_grad()
 def capture_layer_io(model: nn.Module, names: Iterable[str], example_input) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Run ``model`` once and return ``name -> (input, output)`` of each named layer."""
+    """Run ``model`` once (in eval mode) and return ``name -> (input, output)`` of each named layer."""
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for name in names:
@@ -147,15 +158,29 @@ def capture_layer_io(model: nn.Module, names: Iterable[str], example_input) -> d
         def hook(mod, args, out, name=name):
             captured.setdefault(name, (args[0].detach(), out.detach()))
         handles.append(layer.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        model(*_as_tuple_input(example_input))
+        with eval_mode(model):
+            model(*_as_tuple_input(example_input))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return captured
+
+
+@dataclass
+class _LayerPlan:
+    """One selected layer with its rule, its spatial input size and its resolved ranks."""
+
+    name: str
+    rule: Rule
+    layer: nn.Module
+    spec: ConvSpec
+    size: tuple[int, ...]
+    ranks: Ranks
+
+    @property
+    def method(self) -> Method:
+        return self.rule.method
 
 
 def compress(model: nn.Module, rules: list[dict] | dict, example_input=None, *, calibration=None,
@@ -175,91 +200,92 @@ def compress(model: nn.Module, rules: list[dict] | dict, example_input=None, *, 
     work = copy.deepcopy(model)
     chosen = select(work, parsed)
     io = capture_layer_io(work, chosen, example_input) if example_input is not None else {}
-    report = CompressionReport(input_shape=tuple(_as_tuple_input(example_input)[0].shape) if example_input is not None else None)
+    report = CompressionReport(input_shape=tuple(_as_tuple_input(example_input)[0].shape)
+                               if example_input is not None else None)
+    # Every layer's ranks first: a bad target fails before any factorization.
+    plans = _plan_layers(work, chosen, io, report)
+    calibration_inputs = _calibration_inputs(work, plans, calibration)
+    shared = _factorize_shared(plans)
+    counted: set[int] = set()
+    for plan in _progress(plans, progress):
+        if plan.name in shared:
+            new = shared[plan.name]
+        else:
+            new = _replacement(plan.layer, plan.method, plan.spec, plan.ranks, calibration_inputs.get(plan.name),
+                               plan.rule.data_aware)
+        set_submodule(work, plan.name, new)
+        report.layers.append(_layer_report(plan, new, io.get(plan.name), counted if plan.name in shared else None))
+    order = {name: i for i, (name, _) in enumerate(work.named_modules())}
+    report.layers.sort(key=lambda L: order.get(L.name, math.inf))
+    return work, report
 
-    # Resolve every layer's method and ranks first: a bad target fails before any factorization.
+
+def _plan_layers(work: nn.Module, chosen: dict[str, Rule], io: dict, report: CompressionReport) -> list[_LayerPlan]:
+    """Resolve each chosen layer's ranks; a layer its method cannot handle goes to ``report`` as skipped."""
     plans = []
     for name, rule in chosen.items():
         layer = work.get_submodule(name)
         spec = ConvSpec.from_module(layer)
         size = tuple(io[name][0].shape[2:]) if name in io and not spec.is_linear else ()
-        method = registry.get(rule.method)
         try:
-            method.check(spec)
+            rule.method.check(spec)
         except UnsupportedLayer as exc:
-            report.layers.append(LayerReport(name, rule.method, None, spec.dense_params(), spec.dense_params(),
-                                             spec.dense_macs(size), spec.dense_macs(size), skipped=str(exc)))
+            dense = (spec.dense_params(), spec.dense_params(), spec.dense_macs(size), spec.dense_macs(size))
+            report.layers.append(LayerReport(name, rule.method.name, None, *dense, skipped=str(exc)))
             continue
-        check_finite(layer.weight, f"{name}.weight")
+        _check_layer(layer, f"{name}.weight")
         try:
-            ranks = method.resolve_ranks(spec, layer.weight.detach(), input_size=size or None, **rule.target,
-                                         **rank_options(method, rule.options))
+            ranks = rule.method.resolve_ranks(spec, layer.weight.detach(), input_size=size or None,
+                                              **rule.target.as_kwargs())
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
-        plans.append((name, rule, layer, spec, size, method, ranks))
-
-    data_aware_layers = [p[0] for p in plans if p[1].options.get("data_aware")]
-    calib_io = {}
-    if data_aware_layers:
-        if calibration is None:
-            raise ValueError("rules with data_aware: true need calibration= batches")
-        from .calibration import collect_inputs  # provided by the data-aware feature
-        calib_io = collect_inputs(work, data_aware_layers, calibration)
-
-    shared = _factorize_shared(plans)
-    seen_shared: set[int] = set()
-    iterator = plans
-    if progress:
-        from tqdm.auto import tqdm
-        iterator = tqdm(plans, desc="factorizing", unit="layer")
-    for name, rule, layer, spec, size, method, ranks in iterator:
-        options = dict(rule.options)
-        if options.pop("data_aware", False):
-            options["calibration"] = calib_io[name]
-        new = shared[name] if name in shared else factorize(layer, method, rank=ranks, input_size=size or None,
-                                                            **options)
-        set_submodule(work, name, new)
-        before, after = spec.dense_params(), method.cost(spec, ranks, size, **rank_options(method, rule.options))
-        if name in shared:   # a tensor shared with an earlier layer (e.g. a filter basis) is counted there, once
-            after = type(after)(sum(p.numel() for p in new.parameters() if id(p) not in seen_shared), after.macs)
-            seen_shared.update(id(p) for p in new.parameters())
-        weight_err = relative_error(method.reconstruct(_module_factors(new, method, spec), spec), layer.weight)
-        out_err = None
-        if name in io:
-            x, y = io[name]
-            with torch.no_grad():
-                out_err = relative_error(new(x), y)
-        report.layers.append(LayerReport(name, method.name, tuple(ranks), before, after.params,
-                                         spec.dense_macs(size), after.macs, weight_err, out_err))
-    order = {name: i for i, name in enumerate(n for n, _ in work.named_modules())}
-    report.layers.sort(key=lambda L: order.get(L.name, math.inf))
-    return work, report
+        plans.append(_LayerPlan(name, rule, layer, spec, size, ranks))
+    return plans
 
 
-def _factorize_shared(plans: list) -> dict[str, nn.Module]:
-    """Rules with a ``share`` option: their method builds all of the rule's layers jointly through
-    ``method.factorize_shared(layers: {name: layer}, ranks: {name: ranks}, **options) -> {name: module}``
-    (e.g. ``basis`` with one filter basis per block / group / network)."""
-    by_rule: dict[int, list] = {}
-    for name, rule, layer, spec, size, method, ranks in plans:
-        if rule.options.get("share") is not None:
-            by_rule.setdefault(rule.index, []).append((name, rule, layer, method, ranks))
+def _calibration_inputs(work: nn.Module, plans: list[_LayerPlan], calibration) -> dict[str, torch.Tensor]:
+    """The inputs of every layer whose rule has ``data_aware: true``, on ``calibration`` batches."""
+    names = [p.name for p in plans if p.rule.data_aware is not None]
+    if not names:
+        return {}
+    if calibration is None:
+        raise ValueError("rules with data_aware: true need calibration= batches")
+    return collect_inputs(work, names, calibration)
+
+
+def _progress(plans: list[_LayerPlan], show: bool):
+    if not show:
+        return plans
+    from tqdm.auto import tqdm          # optional dependency
+    return tqdm(plans, desc="factorizing", unit="layer")
+
+
+def _layer_report(plan: _LayerPlan, new: Factorized, io_pair, counted: set[int] | None) -> LayerReport:
+    """Params, MACs and errors of one replaced layer.  ``counted``: ids of tensors already counted for
+    an earlier layer sharing them (e.g. a filter basis), so each is counted once; None when unshared."""
+    method, spec, size = plan.method, plan.spec, plan.size
+    after = method.cost(spec, plan.ranks, size)
+    if counted is not None:
+        after = Cost(sum(p.numel() for p in new.parameters() if id(p) not in counted), after.macs)
+        counted.update(id(p) for p in new.parameters())
+    weight_err = relative_error(method.reconstruct(method.factors_of(new), spec), plan.layer.weight)
+    out_err = None
+    if io_pair is not None:
+        with torch.no_grad():
+            out_err = relative_error(new(io_pair[0]), io_pair[1])
+    return LayerReport(plan.name, method.name, tuple(plan.ranks), spec.dense_params(), after.params,
+                       spec.dense_macs(size), after.macs, weight_err, out_err)
+
+
+def _factorize_shared(plans: list[_LayerPlan]) -> dict[str, nn.Module]:
+    """Layers of rules whose method fits them jointly (:attr:`Method.joint`, e.g. ``basis`` with
+    ``share``): one :meth:`Method.factorize_shared` call per rule -> ``{name: module}``."""
+    by_rule: dict[int, list[_LayerPlan]] = {}
+    for plan in plans:
+        if plan.method.joint:
+            by_rule.setdefault(plan.rule.index, []).append(plan)
     out: dict[str, nn.Module] = {}
     for group in by_rule.values():
-        rule, method = group[0][1], group[0][3]
-        if not hasattr(method, "factorize_shared"):
-            raise ValueError(f"rule {rule.index}: method {method.name!r} does not support 'share'")
-        options = {k: v for k, v in rule.options.items() if k != "data_aware"}
-        out.update(method.factorize_shared({g[0]: g[2] for g in group}, {g[0]: g[4] for g in group}, **options))
+        method = group[0].method
+        out.update(method.factorize_shared({p.name: p.layer for p in group}, {p.name: p.ranks for p in group}))
     return out
-
-
-def _module_factors(module: Factorized, method: Method, spec: ConvSpec) -> dict[str, torch.Tensor]:
-    """Factor tensors read back from a built module (what it really computes)."""
-    extract = getattr(method, "factors_of", None)
-    if extract is not None:
-        return extract(module)
-    from ..spec.convspec import conv_of
-    convs = [conv_of(p) for p in module]
-    names = getattr(method, "factor_names", None) or [f"f{i}" for i in range(len(convs))]
-    return {n: c.weight.detach().double() for n, c in zip(names, convs)}

@@ -17,6 +17,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..utils import eval_mode
+
 __all__ = ["collect_inputs", "as_batches"]
 
 #: keep at least this many samples per layer when cropping to the budget
@@ -110,14 +112,12 @@ def collect_inputs(model: nn.Module, layer_names: Iterable[str], calibration_bat
             rows = x.reshape(-1, x.shape[-1]) if is_linear else x
             stores[name].add(rows)
         handles.append(layer.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        for batch in as_batches(calibration_batches):
-            model(*(batch if isinstance(batch, tuple) else (batch,)))
+        with eval_mode(model):
+            for batch in as_batches(calibration_batches):
+                model(*(batch if isinstance(batch, tuple) else (batch,)))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return {name: stores[name].result() for name in names}
 

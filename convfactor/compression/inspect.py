@@ -10,8 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import capture_layer_io
+from ..methods.base import energy_rank
+from ..methods.channel_svd import grouped_matrix
+from ..methods.linalg import singular_values
 from ..spec.convspec import ConvSpec
+from .api import _si, capture_layer_io
 from .surgery import candidate_layers
 
 __all__ = ["inspect_model", "layer_facts", "condition_number", "format_facts"]
@@ -26,10 +29,7 @@ def condition_number(singular_values: torch.Tensor) -> float:
 
 
 def layer_facts(name: str, layer: nn.Module, input_size=()) -> dict[str, Any]:
-    from ..methods.base import energy_rank
-    from ..methods.channel_svd import grouped_matrix
-    from ..methods.linalg import singular_values
-
+    """Shape, params, MACs at ``input_size``, condition number and energy ranks of one layer."""
     spec = ConvSpec.from_module(layer)
     s = singular_values(grouped_matrix(layer.weight.detach().double(), spec.groups))
     return {"name": name, "type": type(layer).__name__, "shape": list(layer.weight.shape),
@@ -51,7 +51,6 @@ def inspect_model(model: nn.Module, example_input=None) -> list[dict[str, Any]]:
 
 
 def format_facts(facts: list[dict[str, Any]]) -> str:
-    from .api import _si
     head = f"{'layer':<32} {'weight shape':<18} {'params':>9} {'MACs':>9} {'kappa':>10} {'r90':>5} {'r99':>5} {'full':>5}"
     lines = [head, "-" * len(head)]
     for f in facts:

@@ -1,32 +1,50 @@
-"""The one interface every factorization method implements.
+"""The contract every factorization method implements: the :class:`Method` ABC.
 
-A method is a :class:`Method` subclass holding four pieces (see shared/DESIGN.md):
+Where the methods sit in the package: see the README, section "Architecture".
 
-* rank arithmetic: :meth:`Method.full_rank`, :meth:`Method.max_rank`, :meth:`Method.resolve_ranks`
-  (a ``rank`` / ``macs_ratio`` / ``energy`` target to a tuple of ints);
-* :meth:`Method.factorize`: pure tensor math, ``weight: (N, C/groups, *kernel)`` in float64 in,
-  a dict of named factor tensors out; no ``nn.Module`` involved;
-* :meth:`Method.build`: the drop-in replacement, a :class:`Factorized` (an ``nn.Sequential`` of
-  ordinary convs) carrying every conv option via :func:`convfactor.spec.convspec.make_conv`;
-* :meth:`Method.cost`: closed-form ``(params, macs)`` for a given spatial input size.
+A *configured method* is a frozen dataclass: its fields are the method's options (``cp``:
+``form``, ``n_iter``, ...; ``tt``: the mode shapes; ``basis``: ``splits``, ``impl``, ``share``),
+so ``registry.get("cp", form="folded")`` is a value that every hook below reads from ``self``.
+The hooks the rest of the package calls, and nothing else:
 
-plus :meth:`Method.reconstruct` (factors back to a dense kernel, for errors and tests) and
-:meth:`Method.spectra` (the singular values that an ``energy`` target is measured on).
+* class attributes: ``name``, ``n_ranks``, ``rank_names``, ``supports_linear``, ``supported_dims``,
+  ``supports_energy``, ``uses_calibration`` and ``factor_names`` (required);
+* rank arithmetic: :meth:`~Method.full_rank` (abstract), :meth:`~Method.max_rank`,
+  :meth:`~Method.expand_rank`, :meth:`~Method.validate_ranks`, :meth:`~Method.scaled_ranks`,
+  :meth:`~Method.ranks_for_macs` and :meth:`~Method.resolve_ranks` (a ``rank`` / ``macs_ratio`` /
+  ``energy`` target to a tuple of ints), with :meth:`~Method.spectra` for ``energy`` targets;
+* :meth:`~Method.factorize` (abstract): pure tensor math, ``weight: (N, C/groups, *kernel)`` in
+  float64 in, a dict of named factor tensors out (names from ``factor_names``);
+* :meth:`~Method.build` (abstract): the drop-in replacement, a :class:`Factorized` (an
+  ``nn.Sequential`` of ordinary convs) carrying every conv option via
+  :func:`convfactor.spec.convspec.make_conv`;
+* :meth:`~Method.cost` (abstract): closed-form ``(params, macs)`` for a spatial input size;
+* :meth:`~Method.reconstruct` (abstract): factors back to a dense kernel, and
+  :meth:`~Method.factors_of`: the factors a built module holds;
+* :meth:`~Method.factorize_shared` with :attr:`~Method.joint`: several layers fitted together;
+* :meth:`~Method.for_layer` and :meth:`~Method.recipe`: what :func:`convfactor.save` records.
 """
 from __future__ import annotations
 
+import abc
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from ..spec.convspec import ConvSpec, UnsupportedLayer
+from ..spec.convspec import ConvSpec, UnsupportedLayer, conv_of
 
-__all__ = ["Method", "Factorized", "Cost", "Ranks", "energy_rank"]
+__all__ = ["Method", "Factorized", "Cost", "Ranks", "LayerTarget", "energy_rank", "check_target",
+           "AUXILIARY_FACTORS"]
 
 Ranks = tuple[int, ...]
+
+#: tensors that travel with the factors to :meth:`Method.build` without being factors: the layer's
+#: bias (added by the API), a bias correction from a response fit, the original kernel (basis, eq. 12)
+AUXILIARY_FACTORS = ("bias", "bias_shift", "reference")
 
 
 @dataclass(frozen=True)
@@ -41,7 +59,8 @@ class Factorized(nn.Sequential):
     """A factorized layer: an ``nn.Sequential`` of ordinary layers plus the recipe that made it.
 
     ``method``, ``ranks``, ``spec`` and ``options`` are what :func:`convfactor.save` writes to the
-    JSON recipe, and what :func:`convfactor.load` rebuilds the empty module from.
+    JSON recipe, and what :func:`convfactor.load` rebuilds the empty module from; ``options`` is
+    the configured method's :meth:`Method.recipe` for this layer.
     """
 
     def __init__(self, *pieces: nn.Module, method: str, spec: ConvSpec, ranks: Ranks,
@@ -74,20 +93,125 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     return int(ks.clamp(max=s2.shape[-1]).max())
 
 
-class Method:
-    """Base class; subclasses set ``name`` and implement the abstract pieces."""
+def check_target(rank, macs_ratio, energy) -> None:
+    """Exactly one of the three targets; ``macs_ratio`` and ``energy`` in (0, 1]."""
+    if sum(x is not None for x in (rank, macs_ratio, energy)) != 1:
+        raise ValueError("give exactly one of rank=, macs_ratio=, energy=")
+    for name, value in (("macs_ratio", macs_ratio), ("energy", energy)):
+        if value is not None and not (not isinstance(value, (bool, str)) and _in_unit_interval(value)):
+            raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 
-    name: str = ""
+
+def _in_unit_interval(value) -> bool:
+    try:
+        return 0 < float(value) <= 1
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """One rank target, validated once: exactly one of ``rank`` (a positive int, or a tuple of them
+    for methods with several ranks), ``macs_ratio`` (layer MACs after / before) and ``energy``
+    (fraction of squared singular values kept), the last two in (0, 1]."""
+
+    rank: int | tuple[int, ...] | None = None
+    macs_ratio: float | None = None
+    energy: float | None = None
+
+    def __post_init__(self):
+        check_target(self.rank, self.macs_ratio, self.energy)
+        if isinstance(self.rank, list):
+            object.__setattr__(self, "rank", tuple(self.rank))
+        if self.rank is not None:
+            values = self.rank if isinstance(self.rank, tuple) else (self.rank,)
+            if not values or not all(_is_int(v) and v >= 1 for v in values):
+                raise ValueError(f"rank must be a positive int or a tuple of them, got {self.rank!r}")
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """``{"rank": ...}``, ``{"macs_ratio": ...}`` or ``{"energy": ...}``: for :meth:`Method.resolve_ranks`."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def default_input_size(spec: ConvSpec) -> tuple[int, ...]:
+    """A nominal spatial size for ratio arithmetic when no example input is given."""
+    return tuple(max(32, 8 * s) for s in spec.stride)
+
+
+def _json(value):
+    """Tuples (of tuples) as lists: the form a field takes in a JSON recipe."""
+    if isinstance(value, (tuple, list)):
+        return [_json(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Method(abc.ABC):
+    """A factorization method; a subclass is a frozen dataclass whose fields are its options.
+
+    Subclasses set ``name`` and ``factor_names`` and implement the abstract hooks; the others have
+    the documented defaults below.
+    """
+
+    #: the registry name, also written to recipes
+    name: ClassVar[str] = ""
     #: number of ranks (1 for SVD-like methods, 2 for Tucker-2, ...)
-    n_ranks: int = 1
+    n_ranks: ClassVar[int] = 1
     #: names of the ranks, for messages and reports
-    rank_names: tuple[str, ...] = ("rank",)
+    rank_names: ClassVar[tuple[str, ...]] = ("rank",)
     #: accepts nn.Linear (spec.dim == 0)
-    supports_linear: bool = False
+    supports_linear: ClassVar[bool] = False
     #: spatial dimensionalities supported (1 = Conv1d, 2 = Conv2d, 3 = Conv3d)
-    supported_dims: tuple[int, ...] = (2,)
-    #: whether an ``energy`` target is defined
-    supports_energy: bool = True
+    supported_dims: ClassVar[tuple[int, ...]] = (2,)
+    #: whether an ``energy`` target is defined (then :meth:`spectra` is implemented)
+    supports_energy: ClassVar[bool] = True
+    #: :meth:`factorize` fits the layer's responses itself when given ``calibration=`` (data-aware
+    #: fitting then hands the inputs over instead of refitting the built module)
+    uses_calibration: ClassVar[bool] = False
+
+    @property
+    @abc.abstractmethod
+    def factor_names(self) -> tuple[str, ...]:
+        """Names of the factors :meth:`factorize` returns, in the order of the built module's pieces.
+
+        A subclass declares it as a class attribute.  ``"axis*"`` names a family, one factor per
+        spatial axis or core (``axis0``, ``axis1``, ...); see :meth:`declares`.
+        """
+
+    # ------------------------------------------------------------------ configuration
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The options this method takes: its dataclass fields."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def for_layer(self, spec: ConvSpec) -> "Method":
+        """This configuration with its per-layer choices made for ``spec`` (default: itself), e.g.
+        ``basis``'s number of splits or ``tt``'s mode shapes.  A built layer records its recipe."""
+        return self
+
+    def recipe(self) -> dict[str, Any]:
+        """The fields as JSON values (fields at None left out, tuples as lists): what
+        :func:`convfactor.save` writes under ``"options"``.  ``registry.get(name, **recipe)``
+        gives this configuration back."""
+        return {k: _json(v) for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def declares(self, factor: str) -> bool:
+        """Whether ``factor`` is one of :attr:`factor_names` (``axis1`` belongs to a family ``axis*``)."""
+        for declared in self.factor_names:
+            stem = declared[:-1]
+            if factor == declared or (declared.endswith("*") and factor.startswith(stem)
+                                      and factor[len(stem):].isdigit()):
+                return True
+        return False
+
+    def factorized(self, spec: ConvSpec, ranks: Ranks, *pieces: nn.Module) -> Factorized:
+        """The :class:`Factorized` holding ``pieces``, recording this method's recipe for the layer."""
+        return Factorized(*pieces, method=self.name, spec=spec, ranks=ranks,
+                          options=self.for_layer(spec).recipe())
 
     # ------------------------------------------------------------------ applicability
     def check(self, spec: ConvSpec) -> None:
@@ -101,9 +225,9 @@ class Method:
             raise UnsupportedLayer(f"{self.name}: full rank is {self.full_rank(spec)}, nothing to factorize")
 
     # ------------------------------------------------------------------ rank arithmetic
+    @abc.abstractmethod
     def full_rank(self, spec: ConvSpec) -> Ranks:
         """Ranks at which the factorization is exact."""
-        raise NotImplementedError
 
     def max_rank(self, spec: ConvSpec) -> Ranks:
         """Largest ranks accepted (default: the full rank)."""
@@ -111,15 +235,15 @@ class Method:
 
     def expand_rank(self, spec: ConvSpec, rank: int | Sequence[int]) -> Ranks:
         """Normalize a user's ``rank`` to a tuple of ``n_ranks`` ints."""
-        if isinstance(rank, (int,)) and not isinstance(rank, bool):
+        if _is_int(rank):
             return (int(rank),) * self.n_ranks
-        if isinstance(rank, (tuple, list)) and len(rank) == self.n_ranks and all(
-                isinstance(r, int) and not isinstance(r, bool) for r in rank):
+        if isinstance(rank, (tuple, list)) and len(rank) == self.n_ranks and all(_is_int(r) for r in rank):
             return tuple(int(r) for r in rank)
         raise ValueError(f"{self.name}: rank must be an int or a tuple of {self.n_ranks} ints "
                          f"({', '.join(self.rank_names)}), got {rank!r}")
 
     def validate_ranks(self, spec: ConvSpec, ranks: Ranks) -> Ranks:
+        """``ranks`` if each lies in ``[1, max_rank]``, else a ValueError naming the layer."""
         top = self.max_rank(spec)
         for name, r, m in zip(self.rank_names, ranks, top):
             if r < 1 or r > m:
@@ -141,8 +265,6 @@ class Method:
             return self.validate_ranks(spec, self.expand_rank(spec, rank))
         if macs_ratio is not None:
             return self.ranks_for_macs(spec, float(macs_ratio), input_size)
-        if not self.supports_energy:
-            raise ValueError(f"{self.name}: an energy target is not defined; give rank= or macs_ratio=")
         if weight is None:
             raise ValueError("an energy target needs the weight")
         spectra = self.spectra(weight.detach().double(), spec)
@@ -153,11 +275,10 @@ class Method:
         """Largest member of the :meth:`scaled_ranks` family whose MACs are <= ratio x dense."""
         size = default_input_size(spec) if input_size is None else tuple(input_size)
         budget = ratio * spec.dense_macs(size)
-        # Candidate ranks: every distinct member of the family, searched in order.
         top = max(self.full_rank(spec))
         best = None
         lo, hi = 1, top
-        while lo <= hi:  # macs are monotone in t
+        while lo <= hi:  # MACs are monotone in t: bisect over every distinct member of the family
             mid = (lo + hi) // 2
             ranks = self.scaled_ranks(spec, mid / top)
             if self.cost(spec, ranks, size).macs <= budget + 1e-9:
@@ -171,51 +292,60 @@ class Method:
                              f"of the dense MACs")
         return best
 
-    # ------------------------------------------------------------------ the four pieces
     def spectra(self, weight: torch.Tensor, spec: ConvSpec) -> list[torch.Tensor]:
-        """Per rank: singular values, shape (groups, n) sorted descending, that ``energy`` uses."""
-        raise NotImplementedError
+        """Per rank: singular values, shape (groups, n) sorted descending, that ``energy`` uses.
 
-    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, **options) -> dict[str, torch.Tensor]:
-        """Pure math. ``weight: (N, C/groups, *kernel)`` (float64); returns named factors."""
-        raise NotImplementedError
+        Default: no spectrum (``supports_energy = False``), so an ``energy`` target is refused.
+        """
+        raise ValueError(f"{self.name}: an energy target is not defined; give rank= or macs_ratio=")
 
+    # ------------------------------------------------------------------ the four pieces
+    @abc.abstractmethod
+    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *,
+                  calibration: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Pure math. ``weight: (N, C/groups, *kernel)`` (float64); returns named factors.
+
+        ``calibration`` (the layer's inputs) is only given to methods with ``uses_calibration``.
+        """
+
+    @abc.abstractmethod
     def reconstruct(self, factors: dict[str, torch.Tensor], spec: ConvSpec) -> torch.Tensor:
         """Dense kernel ``(N, C/groups, *kernel)`` represented by ``factors``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def build(self, spec: ConvSpec, ranks: Ranks, factors: dict[str, torch.Tensor] | None = None, *,
-              dtype=None, device=None, **options) -> Factorized:
+              dtype=None, device=None) -> Factorized:
         """The replacement module; with ``factors=None`` it is left uninitialized (for loading)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def cost(self, spec: ConvSpec, ranks: Ranks, input_size: Sequence[int] = ()) -> Cost:
         """Closed-form params and MACs for a spatial ``input_size`` (one sample)."""
-        raise NotImplementedError
 
-    # ------------------------------------------------------------------ helpers for subclasses
-    def options_for_recipe(self, options: dict[str, Any]) -> dict:
-        """The JSON-able subset of ``options`` that :meth:`build` needs to rebuild the module."""
-        return {}
+    def factors_of(self, module: Factorized) -> dict[str, torch.Tensor]:
+        """The factors a built (possibly fine-tuned) ``module`` computes with, for :meth:`reconstruct`.
 
+        Default: the weight of each piece's conv, in order, under :attr:`factor_names`.  Methods whose
+        module is not one conv per factor override it.
+        """
+        convs = [conv_of(piece) for piece in module]
+        if len(convs) != len(self.factor_names) or any(n.endswith("*") for n in self.factor_names):
+            raise ValueError(f"{self.name}: {len(convs)} pieces do not map to the factors {self.factor_names}")
+        return {n: c.weight.detach().double() for n, c in zip(self.factor_names, convs)}
 
-def check_target(rank, macs_ratio, energy) -> None:
-    """Exactly one of the three targets; ``macs_ratio`` and ``energy`` in (0, 1]."""
-    if sum(x is not None for x in (rank, macs_ratio, energy)) != 1:
-        raise ValueError("give exactly one of rank=, macs_ratio=, energy=")
-    for name, value in (("macs_ratio", macs_ratio), ("energy", energy)):
-        if value is not None and not (0 < float(value) <= 1):
-            raise ValueError(f"{name} must be in (0, 1], got {value}")
+    # ------------------------------------------------------------------ several layers at once
+    @property
+    def joint(self) -> bool:
+        """Whether this configuration fits a rule's layers together (through :meth:`factorize_shared`)."""
+        return False
 
-
-def default_input_size(spec: ConvSpec) -> tuple[int, ...]:
-    """A nominal spatial size for ratio arithmetic when no example input is given."""
-    return tuple(max(32, 8 * s) for s in spec.stride)
+    def factorize_shared(self, layers: dict[str, nn.Module], ranks: dict[str, Ranks]) -> dict[str, Factorized]:
+        """Replacements for ``layers`` (name -> layer, each resolved to ``ranks[name]``) fitted
+        jointly, e.g. sharing one tensor.  Default: not supported."""
+        raise ValueError(f"{self.name}: fitting several layers jointly ('share') is not supported")
 
 
 def copy_into(module: nn.Module, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
     """Copy tensors into a conv/linear (or a ``Sequential(Pad, conv)``) under no_grad."""
-    from ..spec.convspec import conv_of
     layer = conv_of(module)
     with torch.no_grad():
         if weight is not None:

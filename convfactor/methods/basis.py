@@ -51,9 +51,11 @@ splits), up to the group's joint rank.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -74,6 +76,8 @@ IMPLS = ("auto",) + CONCRETE_IMPLS
 #: machine (BENCHMARKS.md, "Filter basis" section)
 DEFAULT_IMPL = "auto"
 SHARE_LEVELS = ("block", "group", "network")
+#: alternating least-squares rounds refining a shared prefix basis (``refine=None``)
+REFINE_ROUNDS = 10
 
 
 # ---------------------------------------------------------------------------------------------- arithmetic
@@ -194,16 +198,15 @@ class BasisConv2d(Factorized):
     """
 
     def __init__(self, spec: ConvSpec, m: int, splits: int, *, impl: str = DEFAULT_IMPL,
-                 basis_channels: int | None = None, dtype=None, device=None):
+                 basis_channels: int | None = None, dtype=None, device=None, options: dict | None = None):
         g, p = spec.groups, spec.in_per_group // splits
         basis = SplitBasisConv(spec, m, p, g * splits, basis_channels=basis_channels, impl=impl, dtype=dtype,
                                device=device)
         basis.m_major = impl == "conv3d" and g == 1
         combine = make_conv(spec, g * splits * m, spec.out_channels, groups=g, bias=spec.bias, dtype=dtype,
                             device=device)
-        options = {"splits": int(splits), "impl": impl}
-        if basis_channels is not None and basis_channels != p:
-            options["basis_channels"] = int(basis_channels)
+        if options is None:
+            options = Basis(splits, impl, basis_channels if basis_channels != p else None).recipe()
         super().__init__(OrderedDict(basis=basis, combine=combine), method="basis", spec=spec, ranks=(m,),
                          options=options)
         self.splits = int(splits)
@@ -225,65 +228,92 @@ class BasisConv2d(Factorized):
 
 
 # ---------------------------------------------------------------------------------------------- the method
+@dataclass(frozen=True)
 class Basis(Method):
-    """``basis``: ranks ``(m,)``; options ``splits`` (s, default s*), ``impl``, ``basis_channels``."""
+    """``basis``: ranks ``(m,)``.  Options: ``splits`` (s; None: s* per layer, :func:`optimal_splits`),
+    ``impl`` (see :class:`SplitBasisConv`), ``share`` (None, or a sharing level / explicit groups, see
+    :func:`share_groups`: the rule's layers are fitted together, :meth:`factorize_shared`),
+    ``refine`` (rounds refining a shared prefix basis; None: :data:`REFINE_ROUNDS`) and
+    ``basis_channels`` (set per layer of a shared basis wider than its splits: the prefix it uses)."""
+
+    splits: int | None = None
+    impl: str = DEFAULT_IMPL
+    basis_channels: int | None = None
+    share: str | tuple[tuple[str, ...], ...] | None = None
+    refine: int | None = None
 
     name = "basis"
     rank_names = ("m",)
     supported_dims = (1, 2, 3)
     supports_linear = False
-    rank_options = ("splits", "share", "impl")
     factor_names = ("basis", "coeff")
 
-    def __init__(self, splits: int | None = None):
-        self.splits = splits
+    def __post_init__(self):
+        s = self.splits
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 1):
+            raise ValueError(f"basis: splits={s!r} must be a positive int (a divisor of the input channels)")
+        if self.impl not in IMPLS:
+            raise ValueError(f"basis: impl={self.impl!r} must be one of {', '.join(IMPLS)}")
+        if self.share is not None:
+            _check_share(self.share)
+            if not isinstance(self.share, str):          # lists (JSON, YAML) -> tuples: a hashable value
+                object.__setattr__(self, "share", tuple(tuple(group) for group in self.share))
+        if self.refine is not None and (isinstance(self.refine, bool) or not isinstance(self.refine, int)
+                                        or self.refine < 0):
+            raise ValueError(f"basis: refine={self.refine!r} must be an int >= 0")
 
     # -------------------------------------------------------------- splits
-    def splits_for(self, spec: ConvSpec, splits: int | None = None) -> int:
-        """The number of splits: ``splits``, else this instance's, else s* (:func:`optimal_splits`)."""
-        s = self.splits if splits is None else splits
+    def splits_for(self, spec: ConvSpec) -> int:
+        """The number of splits for ``spec``: ``splits``, else s* (:func:`optimal_splits`)."""
+        s = self.splits
         if s is None:
             return optimal_splits(spec)
-        if isinstance(s, bool) or not isinstance(s, int) or s < 1 or spec.in_per_group % s:
+        if spec.in_per_group % s:
             raise ValueError(f"basis: splits={s!r} must be a positive divisor of the {spec.in_per_group} input "
                              f"channels (per group); divisors: {divisors(spec.in_per_group)}")
         return s
 
-    def _bound(self, splits) -> "Basis":
-        return self if splits is None or splits == self.splits else Basis(splits)
+    def check(self, spec: ConvSpec) -> None:
+        """Whether a filter basis applies to ``spec`` at all, judged at s*: a configured ``splits`` does not
+        make a layer unsupported (:meth:`resolve_ranks` checks the ranks it allows)."""
+        if self.splits is not None:
+            return dataclasses.replace(self, splits=None).check(spec)
+        return super().check(spec)
+
+    def for_layer(self, spec: ConvSpec) -> "Basis":
+        return dataclasses.replace(self, splits=self.splits_for(spec))
 
     # -------------------------------------------------------------- rank arithmetic
     def full_rank(self, spec: ConvSpec) -> Ranks:
         s = self.splits_for(spec)
         return (min(spec.out_channels * s, spec.in_per_group // s * spec.kernel_volume),)
 
-    def resolve_ranks(self, spec: ConvSpec, weight: torch.Tensor | None = None, *, splits: int | None = None,
-                      share=None, impl: str | None = None, **target) -> Ranks:
-        """As :meth:`Method.resolve_ranks` for s = ``splits``.  With ``share``, m may exceed this layer's
-        own full rank (the shared basis also spans the other layers' splits) up to ``C/g k``; the group's
-        joint limit is checked by :func:`joint_basis`."""
-        bound = self._bound(splits)
-        bound.splits_for(spec)        # a bad split or impl fails here, before anything is factorized
-        if impl is not None and (impl not in IMPLS or (impl == "conv3d" and spec.dim != 2)):
-            raise ValueError(f"basis: impl={impl!r} must be one of {', '.join(IMPLS)} ('conv3d' for Conv2d only)")
-        if share is not None:
-            _check_share(share)       # a bad share level fails here too
-            bound = _SharedLimit(bound.splits)
-        return Method.resolve_ranks(bound, spec, weight, **target)
+    def max_rank(self, spec: ConvSpec) -> Ranks:
+        """With ``share``, m may exceed this layer's own full rank (the shared basis also spans the other
+        layers' splits) up to ``C/g prod(k)``; the group's joint limit is checked by :func:`joint_basis`."""
+        if self.share is not None:
+            return (spec.in_per_group * spec.kernel_volume,)
+        return self.full_rank(spec)
+
+    def resolve_ranks(self, spec: ConvSpec, weight: torch.Tensor | None = None, **target) -> Ranks:
+        """As :meth:`Method.resolve_ranks`; a bad split or impl for this layer fails here, before
+        anything is factorized."""
+        self.splits_for(spec)
+        if self.impl == "conv3d" and spec.dim != 2:
+            raise ValueError(f"basis: impl='conv3d' needs a Conv2d layer (this is Conv{spec.dim}d)")
+        return super().resolve_ranks(spec, weight, **target)
 
     def spectra(self, weight: torch.Tensor, spec: ConvSpec) -> list[torch.Tensor]:
         s = self.splits_for(spec)
         return [torch.linalg.svdvals(split_matrix(weight, s)).unsqueeze(0)]
 
     # -------------------------------------------------------------- math
-    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *, splits: int | None = None,
-                  **options) -> dict[str, torch.Tensor]:
+    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *,
+                  calibration=None) -> dict[str, torch.Tensor]:
         """``weight: (N, C/g, *k)`` -> ``basis: (m, p, *k)``, ``coeff: (N, s m)`` (truncated SVD), and
         ``reference`` (the weight itself, which :meth:`build` keeps in memory for eq. 12)."""
-        if options.get("share") is not None:
-            raise ValueError("basis: share= groups several layers; give it in a compress rule, not to factorize()")
         (m,) = ranks
-        s = self.splits_for(spec, splits)
+        s = self.splits_for(spec)
         p = spec.in_per_group // s
         left, right = truncated_svd(split_matrix(weight, s), m)        # (N s, m), (m, p k)
         return {"basis": right.reshape(m, p, *spec.kernel_size),
@@ -300,12 +330,10 @@ class Basis(Method):
     def factors_of(self, module: BasisConv2d) -> dict[str, torch.Tensor]:
         return {"basis": module.basis.basis().detach().double(), "coeff": module.coefficients().detach().double()}
 
-    def build(self, spec: ConvSpec, ranks: Ranks, factors=None, *, dtype=None, device=None, splits=None,
-              impl: str | None = None, basis_channels: int | None = None, **options) -> BasisConv2d:
+    def build(self, spec: ConvSpec, ranks: Ranks, factors=None, *, dtype=None, device=None) -> BasisConv2d:
         (m,) = ranks
-        s = self.splits_for(spec, splits)
-        module = BasisConv2d(spec, m, s, impl=impl or DEFAULT_IMPL, basis_channels=basis_channels, dtype=dtype,
-                             device=device)
+        module = BasisConv2d(spec, m, self.splits_for(spec), impl=self.impl, basis_channels=self.basis_channels,
+                             dtype=dtype, device=device, options=self.for_layer(spec).recipe())
         if factors is not None:
             with torch.no_grad():
                 module.basis.weight[:, : module.basis.p].copy_(factors["basis"].to(module.basis.weight.dtype))
@@ -314,57 +342,56 @@ class Basis(Method):
                 module.reference_weight = factors["reference"].detach().to(module.combine.weight.dtype).clone()
         return module
 
-    def cost(self, spec: ConvSpec, ranks: Ranks, input_size: Sequence[int] = (), splits: int | None = None,
-             share=None, impl=None) -> Cost:
+    def cost(self, spec: ConvSpec, ranks: Ranks, input_size: Sequence[int] = ()) -> Cost:
         """Params ``m p k + N s m (+ N)``; MACs per output pixel ``m C k + N s m`` (eq. 6's counts)."""
         (m,) = ranks
-        s = self.splits_for(spec, splits)
+        s = self.splits_for(spec)
         p, k, n, g = spec.in_per_group // s, spec.kernel_volume, spec.out_channels, spec.groups
         out = math.prod(spec.output_size(input_size))
         return Cost(params=m * p * k + n * s * m + (n if spec.bias else 0),
                     macs=out * (g * s * m * p * k + n * s * m))
 
     # -------------------------------------------------------------- sharing
-    def factorize_shared(self, layers: dict[str, nn.Module], ranks: dict[str, Ranks], *, share="block",
-                         splits: int | None = None, impl: str | None = None, refine: int = 10,
-                         **options) -> dict[str, BasisConv2d]:
+    @property
+    def joint(self) -> bool:
+        return self.share is not None
+
+    def factorize_shared(self, layers: dict[str, nn.Module], ranks: dict[str, Ranks]) -> dict[str, BasisConv2d]:
         """Replacements for ``layers`` (name -> conv) whose bases are shared per :func:`share_groups`.
 
         A group uses ``m`` = the smallest of its layers' ranks (so every layer's budget holds).
         Returns name -> :class:`BasisConv2d`; modules of one group hold the same ``nn.Parameter``.
         """
         out = {}
-        for group in share_groups(list(layers), share):
+        for group in share_groups(list(layers), self.share):
             by_kernel: dict[tuple, list[str]] = {}
             for name in group:
                 spec = ConvSpec.from_module(layers[name])
                 by_kernel.setdefault((spec.dim, spec.kernel_size), []).append(name)
             for names in by_kernel.values():
-                out.update(self._share_one(names, layers, ranks, splits, impl, refine))
+                out.update(self._share_one({n: layers[n] for n in names}, min(ranks[n][0] for n in names)))
         return out
 
-    def _share_one(self, names, layers, ranks, splits, impl, refine):
-        specs = [ConvSpec.from_module(layers[n]) for n in names]
-        for n, spec in zip(names, specs):
+    def _share_one(self, layers: dict[str, nn.Module], m: int) -> dict[str, BasisConv2d]:
+        """One basis of ``m`` filters for ``layers`` (same kernel size), by :func:`joint_basis`."""
+        specs = {n: ConvSpec.from_module(layer) for n, layer in layers.items()}
+        for spec in specs.values():
             self.check(spec)
-        weights = [layers[n].weight.detach().double() for n in names]
-        ss = [self.splits_for(spec, splits) for spec in specs]
-        m = min(ranks[n][0] for n in names)
-        mats = [split_matrix(w, s) for w, s in zip(weights, ss)]
-        basis, coeffs = joint_basis(mats, [spec.in_per_group // s for spec, s in zip(specs, ss)],
-                                    specs[0].kernel_size, m, refine=refine)
+        splits = {n: self.splits_for(spec) for n, spec in specs.items()}
+        widths = {n: specs[n].in_per_group // splits[n] for n in layers}
+        mats = [split_matrix(layer.weight.detach().double(), splits[n]) for n, layer in layers.items()]
+        basis, coeffs = joint_basis(mats, list(widths.values()), next(iter(specs.values())).kernel_size, m,
+                                    refine=REFINE_ROUNDS if self.refine is None else self.refine)
         width = basis.shape[1]
-        ref = layers[names[0]].weight
-        shared = None
-        modules = {}
-        for name, spec, s, coeff in zip(names, specs, ss, coeffs):
-            p = spec.in_per_group // s
-            factors = {"basis": basis[:, :p], "coeff": coeff.reshape(spec.out_channels, s * m),
-                       "reference": layers[name].weight}
-            if layers[name].bias is not None:
-                factors["bias"] = layers[name].bias.detach()
-            module = self.build(spec, (m,), factors, dtype=ref.dtype, device=ref.device, splits=s, impl=impl,
-                                basis_channels=width if len(names) > 1 else None)
+        shared, modules = None, {}
+        for (name, layer), coeff in zip(layers.items(), coeffs):
+            spec, p = specs[name], widths[name]
+            factors = {"basis": basis[:, :p], "coeff": coeff.reshape(spec.out_channels, splits[name] * m),
+                       "reference": layer.weight}
+            if layer.bias is not None:
+                factors["bias"] = layer.bias.detach()
+            own = dataclasses.replace(self, splits=splits[name], basis_channels=width if width != p else None)
+            module = own.build(spec, (m,), factors, dtype=layer.weight.dtype, device=layer.weight.device)
             if shared is None:
                 shared = module.basis.weight
                 with torch.no_grad():
@@ -375,15 +402,8 @@ class Basis(Method):
         return modules
 
 
-class _SharedLimit(Basis):
-    """Rank arithmetic of a layer whose basis is shared: m up to ``C/g prod(k)``."""
-
-    def max_rank(self, spec: ConvSpec) -> Ranks:
-        return (spec.in_per_group * spec.kernel_volume,)
-
-
 def joint_basis(mats: list[torch.Tensor], widths: list[int], kernel: Sequence[int], m: int, *,
-                refine: int = 10) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                refine: int = REFINE_ROUNDS) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One basis for several layers' split matrices.
 
     ``mats[l]: (R_l, p_l k)``; layer l uses the prefix ``B[:, :p_l]`` of ``B: (m, P, *kernel)`` with
@@ -472,7 +492,7 @@ def basis_regularizer(model: nn.Module, original=None, gamma: float = 1.0) -> to
     layer's non-persistent ``reference_weight`` buffer (not saved: after :func:`convfactor.load`,
     pass ``original``).  Differentiable in the bases and coefficients; add it to the task loss.
     """
-    method = Basis()
+    method = Basis()       # reconstruct reads s off the shapes, so the default configuration serves every layer
     total = None
     for name, module in model.named_modules():
         if not isinstance(module, BasisConv2d):

@@ -13,6 +13,7 @@ The SVD is LAPACK's (:func:`.linalg.truncated_svd`), on the tall orientation of 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -28,7 +29,10 @@ def grouped_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return weight.reshape(groups, n // groups, -1)
 
 
+@dataclass(frozen=True)
 class ChannelSVD(Method):
+    """Channel SVD; no options."""
+
     name = "channel_svd"
     supports_linear = True
     supported_dims = (1, 2, 3)
@@ -40,7 +44,9 @@ class ChannelSVD(Method):
     def spectra(self, weight: torch.Tensor, spec: ConvSpec) -> list[torch.Tensor]:
         return [singular_values(grouped_matrix(weight, spec.groups))]
 
-    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, **options) -> dict[str, torch.Tensor]:
+    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *,
+                  calibration=None) -> dict[str, torch.Tensor]:
+        """``weight: (N, C/g, *k)`` -> ``first: (g r, C/g, *k)``, ``second: (N, r)``."""
         (r,) = ranks
         left, right = truncated_svd(grouped_matrix(weight, spec.groups), r)   # (g, N/g, r), (g, r, Ck)
         first = right.reshape(spec.groups * r, spec.in_per_group, *spec.kernel_size)
@@ -53,7 +59,7 @@ class ChannelSVD(Method):
         second = factors["second"].reshape(g, spec.out_per_group, -1)                    # (g, N/g, r)
         return (second @ first).reshape(spec.out_channels, spec.in_per_group, *spec.kernel_size)
 
-    def build(self, spec: ConvSpec, ranks: Ranks, factors=None, *, dtype=None, device=None, **options) -> Factorized:
+    def build(self, spec: ConvSpec, ranks: Ranks, factors=None, *, dtype=None, device=None) -> Factorized:
         (r,) = ranks
         g = spec.groups
         first = make_conv(spec, spec.in_channels, g * r, axes=range(spec.dim), groups=g, dtype=dtype, device=device)
@@ -61,7 +67,7 @@ class ChannelSVD(Method):
         if factors is not None:
             copy_into(first, factors["first"])
             copy_into(second, factors["second"], factors.get("bias"))
-        return Factorized(first, second, method=self.name, spec=spec, ranks=ranks)
+        return self.factorized(spec, ranks, first, second)
 
     def cost(self, spec: ConvSpec, ranks: Ranks, input_size: Sequence[int] = ()) -> Cost:
         (r,) = ranks
@@ -72,6 +78,7 @@ class ChannelSVD(Method):
         return Cost(params=first + second + (spec.out_channels if spec.bias else 0), macs=out * (first + second))
 
 
+@dataclass(frozen=True)
 class LinearSVD(ChannelSVD):
     """``nn.Linear`` (and 1x1 convs): ``W: (out, in)`` becomes ``in -> r`` then ``r -> out``."""
 

@@ -63,14 +63,13 @@ running ALS.  ``energy`` targets are not defined for CP (there is no spectrum to
 """
 from __future__ import annotations
 
-import copy
-import functools
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from ..spec.convspec import ConvSpec, make_conv
+from ..spec.convspec import ConvSpec, conv_of, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
 
 __all__ = ["CP", "cp_als", "exact_cp", "cp_reconstruct", "CPResult"]
@@ -421,75 +420,69 @@ def _truncated_svd_cp(matrices: torch.Tensor, rank: int) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------- the method
+@dataclass(frozen=True)
 class CP(Method):
     """Lebedev et al. 2015: 1x1 C->R, depthwise 1-D conv per spatial axis, 1x1 R->N (+bias).
 
     Options: ``form`` (``"separable"`` or ``"folded"``: one depthwise conv over all spatial axes),
     and for the ALS fit ``n_iter``, ``tol``, ``init`` (``"svd"``, ``"slices"``, ``"random"``),
-    ``damping``, ``seed``, ``precision`` and ``linesearch`` (see :func:`cp_als`).  Only ``form``
-    goes to the recipe.  ``cost(..., form=)`` is exact for both forms; ``form`` is a rank option,
-    so ``macs_ratio`` targets are met on the chosen form's cost.
+    ``damping``, ``seed``, ``precision`` and ``linesearch`` (see :func:`cp_als`).  :meth:`cost`
+    is exact for the configured form, so ``macs_ratio`` targets are met on that form's cost.
     """
+
+    form: str = "separable"
+    n_iter: int = 50
+    tol: float = 1e-6
+    init: str = "svd"
+    damping: float = 1e-7
+    seed: int = 0
+    precision: str = "auto"
+    linesearch: bool = True
 
     name = "cp"
     supported_dims = (1, 2, 3)
-    supports_energy = False
-    factor_names = ("first", "axis0", "axis1", "axis2", "last")
-    _fit_options = ("n_iter", "tol", "init", "damping", "seed", "precision", "linesearch")
-    #: options the rank arithmetic depends on (passed to resolve_ranks and cost by the API)
-    rank_options = ("form",)
+    supports_energy = False         # there is no spectrum to truncate
+
+    def __post_init__(self):
+        for option, value, allowed in (("form", self.form, FORMS), ("init", self.init, INITS),
+                                       ("precision", self.precision, ("auto", "float64"))):
+            if value not in allowed:
+                raise ValueError(f"cp: {option} must be one of {allowed}, got {value!r}")
+
+    @property
+    def factor_names(self) -> tuple[str, ...]:
+        """``first (g R, C/g)``, then one ``axis{a} (g R, k_a)`` per spatial axis (separable form) or
+        one ``spatial (g R, *k)`` depthwise kernel per term (folded form), then ``last (N, R)``."""
+        return ("first", "axis*", "last") if self.form == "separable" else ("first", "spatial", "last")
 
     # ------------------------------------------------------------------ ranks
     def full_rank(self, spec: ConvSpec) -> Ranks:
         return (full_cp_rank((spec.out_per_group, spec.in_per_group, *spec.kernel_size)),)
 
-    def resolve_ranks(self, spec: ConvSpec, weight: torch.Tensor | None = None, *, form: str = "separable",
-                      **targets) -> Ranks:
-        """As :meth:`Method.resolve_ranks`; ``macs_ratio`` targets use the cost of ``form``."""
-        form = self._form({"form": form})
-        if form == "separable":
-            return super().resolve_ranks(spec, weight, **targets)
-        view = copy.copy(self)          # same method, its cost() fixed to the folded form
-        view.cost = functools.partial(self.cost, form=form)
-        return Method.resolve_ranks(view, spec, weight, **targets)
-
-    def spectra(self, weight: torch.Tensor, spec: ConvSpec) -> list[torch.Tensor]:
-        raise ValueError("cp: an energy target is not defined; give rank= or macs_ratio=")
-
     # ------------------------------------------------------------------ math
-    @staticmethod
-    def _form(options: dict) -> str:
-        form = options.get("form", "separable")
-        if form not in FORMS:
-            raise ValueError(f"cp: form must be one of {FORMS}, got {form!r}")
-        return form
-
-    def _check_options(self, options: dict) -> None:
-        unknown = set(options) - set(self._fit_options) - {"form"}
-        if unknown:
-            raise ValueError(f"cp: unknown option(s) {sorted(unknown)}; known: form, {', '.join(self._fit_options)}")
-        self._form(options)
-
-    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, **options) -> dict[str, torch.Tensor]:
-        """``weight: (N, C/g, *k)`` -> ``first (g*R, C/g)``, ``axis{a} (g*R, k_a)``, ``last (N, R)``."""
-        self._check_options(options)
+    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *,
+                  calibration=None) -> dict[str, torch.Tensor]:
+        """``weight: (N, C/g, *k)`` -> ``first (g*R, C/g)``, ``axis{a} (g*R, k_a)`` or ``spatial (g*R, *k)``
+        (see :attr:`factor_names`), ``last (N, R)``."""
         (r,) = ranks
         g = spec.groups
         t = weight.detach().to(torch.float64).reshape(g, spec.out_per_group, spec.in_per_group, *spec.kernel_size)
-        full = self.full_rank(spec)[0]
-        if r >= full:
+        if r >= self.full_rank(spec)[0]:
             fs = exact_cp(t, r)
         elif spec.is_pointwise:
             fs = _truncated_svd_cp(t.reshape(g, spec.out_per_group, spec.in_per_group), r)
             fs += [t.new_ones(g, 1, r) for _ in spec.kernel_size]
         else:
-            fit = {k: options[k] for k in self._fit_options if k in options}
-            fs = cp_als(t, r, **fit).factors
+            fs = cp_als(t, r, n_iter=self.n_iter, tol=self.tol, init=self.init, damping=self.damping,
+                        seed=self.seed, precision=self.precision, linesearch=self.linesearch).factors
         a, b, spatial = fs[0], fs[1], fs[2:]
         out = {"first": b.transpose(1, 2).reshape(g * r, spec.in_per_group),
                "last": a.reshape(spec.out_channels, r)}
-        for ax, h in enumerate(spatial):
-            out[f"axis{ax}"] = h.transpose(1, 2).reshape(g * r, spec.kernel_size[ax])
+        axes = [h.transpose(1, 2).reshape(g * r, spec.kernel_size[ax]) for ax, h in enumerate(spatial)]
+        if self.form == "separable":
+            out.update((f"axis{ax}", h) for ax, h in enumerate(axes))
+        else:
+            out["spatial"] = _fold(axes).reshape(g * r, *spec.kernel_size)
         return out
 
     def _split(self, factors: dict[str, torch.Tensor], spec: ConvSpec, r: int) -> list[torch.Tensor]:
@@ -500,8 +493,8 @@ class CP(Method):
         return [a, b, *spatial]
 
     def reconstruct(self, factors: dict[str, torch.Tensor], spec: ConvSpec) -> torch.Tensor:
-        """Dense kernel from ``first``, ``last`` and either ``axis{a}`` or (folded form, read back
-        from a module) ``spatial: (g*R, *k)``, a free depthwise kernel per term."""
+        """Dense kernel from ``first``, ``last`` and either ``axis{a}`` or ``spatial: (g*R, *k)``,
+        a free depthwise kernel per term (what a folded module holds, also after fine-tuning)."""
         r = factors["last"].shape[1]
         g = spec.groups
         if "spatial" in factors:
@@ -515,14 +508,12 @@ class CP(Method):
 
     def factors_of(self, module: Factorized) -> dict[str, torch.Tensor]:
         """The factors a built (possibly fine-tuned) module computes with, for :meth:`reconstruct`."""
-        from ..spec.convspec import conv_of
         spec = module.spec
-        convs = [conv_of(p) for p in module]
-        weights = [c.weight.detach().double() for c in convs]
+        weights = [conv_of(piece).weight.detach().double() for piece in module]
         out = {"first": weights[0].reshape(weights[0].shape[0], -1),
                "last": weights[-1].reshape(weights[-1].shape[0], -1)}
         middle = weights[1:-1]
-        if module.options.get("form", "separable") == "folded" and spec.dim > 1:
+        if self.form == "folded":
             out["spatial"] = middle[0].reshape(middle[0].shape[0], *spec.kernel_size)
         else:
             for ax, w in enumerate(middle):
@@ -530,43 +521,34 @@ class CP(Method):
         return out
 
     # ------------------------------------------------------------------ module
-    def build(self, spec: ConvSpec, ranks: Ranks, factors=None, *, dtype=None, device=None, **options) -> Factorized:
-        form = self._form(options)
+    def build(self, spec: ConvSpec, ranks: Ranks, factors=None, *, dtype=None, device=None) -> Factorized:
         (r,) = ranks
         g = spec.groups
         gr = g * r
         kw = dict(dtype=dtype, device=device)
         first = make_conv(spec, spec.in_channels, gr, groups=g, **kw)
-        if form == "separable":
+        if self.form == "separable":
             spatial = [make_conv(spec, gr, gr, axes=[ax], groups=gr, **kw) for ax in range(spec.dim)]
         else:
             spatial = [make_conv(spec, gr, gr, axes=range(spec.dim), groups=gr, **kw)]
         last = make_conv(spec, gr, spec.out_channels, groups=g, bias=spec.bias, **kw)
         if factors is not None:
             copy_into(first, factors["first"])
-            axes = [factors[f"axis{ax}"] for ax in range(spec.dim)]
-            if form == "separable":
-                for piece, h in zip(spatial, axes):
-                    copy_into(piece, h)
-            else:
-                kernel = torch.ones(gr, 1, dtype=axes[0].dtype, device=axes[0].device)
-                for h in axes:   # per channel: the outer product h_0 x h_1 x ... (row-major)
-                    kernel = (kernel.unsqueeze(2) * h.unsqueeze(1)).reshape(gr, -1)
-                copy_into(spatial[0], kernel)
+            names = [f"axis{ax}" for ax in range(spec.dim)] if self.form == "separable" else ["spatial"]
+            for piece, name in zip(spatial, names):
+                copy_into(piece, factors[name])
             copy_into(last, factors["last"], factors.get("bias"))
-        return Factorized(first, *spatial, last, method=self.name, spec=spec, ranks=ranks,
-                          options={"form": form})
+        return self.factorized(spec, ranks, first, *spatial, last)
 
-    def cost(self, spec: ConvSpec, ranks: Ranks, input_size: Sequence[int] = (), *, form: str = "separable") -> Cost:
+    def cost(self, spec: ConvSpec, ranks: Ranks, input_size: Sequence[int] = ()) -> Cost:
         """Exact params / MACs of :meth:`build`: the first 1x1 runs at the input resolution, each
         depthwise conv at the resolution after the axes convolved so far."""
         (r,) = ranks
-        form = self._form({"form": form})
         gr = spec.groups * r
         size = tuple(input_size)
         params = gr * spec.in_per_group + spec.out_channels * r + (spec.out_channels if spec.bias else 0)
         macs = math.prod(size) * gr * spec.in_per_group
-        if form == "separable":
+        if self.form == "separable":
             for ax in range(spec.dim):
                 params += gr * spec.kernel_size[ax]
                 macs += math.prod(spec.output_size(size, axes=range(ax + 1))) * gr * spec.kernel_size[ax]
@@ -576,5 +558,10 @@ class CP(Method):
         macs += math.prod(spec.output_size(size)) * spec.out_channels * r
         return Cost(params=params, macs=macs)
 
-    def options_for_recipe(self, options: dict) -> dict:
-        return {"form": self._form(options)}
+
+def _fold(axes: list[torch.Tensor]) -> torch.Tensor:
+    """Per term the outer product ``h_0 x h_1 x ...`` of its axis filters ``(T, k_a)``: ``(T, prod k)``, row-major."""
+    kernel = torch.ones(axes[0].shape[0], 1, dtype=axes[0].dtype, device=axes[0].device)
+    for h in axes:
+        kernel = (kernel.unsqueeze(2) * h.unsqueeze(1)).reshape(kernel.shape[0], -1)
+    return kernel

@@ -20,14 +20,17 @@
   regression step onto ``z``, with ``lam`` growing from 0.01 to 1 over ``iters`` steps; the best
   iterate by the true objective is kept (it is never worse than the linear fit).
 
-Options (given to ``factorize(..., calibration=X, ...)`` or as rule keys next to ``data_aware: true``):
-``relu`` (bool), ``alternate`` (int), ``iters`` (ReLU steps, default 25), ``ridge`` (relative
-Tikhonov term, default 1e-8), ``max_positions`` (rows sampled for the least squares and the ReLU
-fit, default 16384).  TT is not supported (its module is not a chain of convs).
+Settings (:class:`DataAwareSettings`; given to ``factorize(..., calibration=X, ...)`` or as rule
+keys next to ``data_aware: true``): ``relu`` (bool), ``alternate`` (int), ``iters`` (ReLU steps,
+default 25), ``ridge`` (relative Tikhonov term, default 1e-8), ``max_positions`` (rows sampled for
+the least squares and the ReLU fit, default 16384), ``seed`` (of that sampling).  A method with
+``uses_calibration`` (``lowrank_sparse``) is handed the inputs and fits the linear responses itself.
+TT is not supported (its module is not a chain of convs).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -35,9 +38,30 @@ from torch import nn
 
 from ..spec.convspec import ConvSpec, UnsupportedLayer, is_conv
 from .base import Factorized, Method, Ranks
+from .channel_svd import ChannelSVD
 
-__all__ = ["factorize_data_aware", "prepare_inputs", "patches", "rows", "fit_response_svd", "refit_last",
-           "relu_z_step", "lam_schedule"]
+__all__ = ["DataAwareSettings", "factorize_data_aware", "prepare_inputs", "patches", "rows", "fit_response_svd",
+           "refit_last", "relu_z_step", "lam_schedule"]
+
+
+@dataclass(frozen=True)
+class DataAwareSettings:
+    """How a layer is fitted to its responses (see the module docstring)."""
+
+    relu: bool = False
+    alternate: int = 0
+    iters: int = 25
+    ridge: float = 1e-8
+    max_positions: int = 16384
+    seed: int = 0
+
+    def __post_init__(self):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (self.alternate, self.iters)):
+            raise ValueError(f"alternate and iters must be non-negative ints, got {self.alternate!r}, {self.iters!r}")
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge!r}")
+        if not (isinstance(self.max_positions, int) and self.max_positions >= 1):
+            raise ValueError(f"max_positions must be a positive int, got {self.max_positions!r}")
 
 
 # ---------------------------------------------------------------------------- data plumbing
@@ -260,67 +284,91 @@ def _conv_rows(conv: nn.Module, design: torch.Tensor) -> torch.Tensor:
     return out + conv.bias.to(design.dtype) if conv.bias is not None else out
 
 
-def refit_last(module: Factorized, layer: nn.Module, xs: Sequence[torch.Tensor], *, relu: bool = False,
-               alternate: int = 0, iters: int = 25, ridge: float = 1e-8, max_positions: int = 16384,
-               seed: int = 0) -> Factorized:
+def refit_last(module: Factorized, layer: nn.Module, xs: Sequence[torch.Tensor],
+               settings: DataAwareSettings = DataAwareSettings()) -> Factorized:
     """Re-solve the last conv/Linear of ``module`` so it reproduces ``layer`` on ``xs``, in place.
 
-    The modules run in their own dtype; the least squares are solved in float64.
+    The modules run in their own dtype; the least squares are solved in float64.  With
+    ``settings.alternate`` and a two-piece chain ending in a pointwise conv, the first piece is
+    re-solved too (alternately).
     """
     pieces = list(module)
     pre, last = _split_piece(pieces[-1])
     prefix = nn.Sequential(*pieces[:-1], *pre)
-    last_spec = ConvSpec.from_module(last)
-    gen = torch.Generator().manual_seed(seed)
-    per_item = max(1, max_positions // len(xs))
-    designs, targets, firsts = [], [], []
-    two_piece = (alternate > 0 and len(pieces) == 2 and not pre and last_spec.groups == 1
-                 and (last_spec.is_linear or (last_spec.is_pointwise and last_spec.stride == (1,) * last_spec.dim
-                                              and all(p == (0, 0) for p in last_spec.padding))))
-    if two_piece:
-        try:
-            first_pre, first = _split_piece(pieces[0])
-        except UnsupportedLayer:
-            two_piece = False
-        else:
-            first_spec = ConvSpec.from_module(first)
-            two_piece = first_spec.groups == 1 and first.bias is None
+    first_piece = _alternating_first(pieces, pre, ConvSpec.from_module(last)) if settings.alternate > 0 else None
     with torch.no_grad():
-        if type(module).forward is not nn.Sequential.forward:     # a custom forward: check it is the chain
-            probe = xs[0][:2]
-            tol = 1e-9 if probe.dtype == torch.float64 else 1e-4
-            if rel_diff(last(prefix(probe)).double(), module(probe).double()) > tol:
-                raise UnsupportedLayer(f"data-aware fitting: {type(module).__name__}'s forward is not its chain "
-                                       f"of pieces, so its last piece cannot be refitted")
-        for x in xs:
-            d = patches(prefix(x), last_spec).double()
-            t = rows(layer(x)).double()
-            if d.shape[0] != t.shape[0]:
-                raise UnsupportedLayer("data-aware fitting: the chain's last piece does not map positions 1:1")
-            idx = _sample(d.shape[0], per_item, gen)
-            designs.append(d if idx is None else d[idx])
-            targets.append(t if idx is None else t[idx])
-            if two_piece:
-                f = patches(nn.Sequential(*first_pre)(x), first_spec)[:, 0].double()
-                firsts.append(f if idx is None else f[idx])
-    design, target = torch.cat(designs), torch.cat(targets)
-    if relu:
-        _relu_refit(last, design, target, iters, ridge)
+        _check_is_chain(module, prefix, last, xs[0][:2])
+        design, target, first_rows = _sampled_rows(layer, prefix, last, first_piece, xs, settings)
+    if settings.relu:
+        _relu_refit(last, design, target, settings.iters, settings.ridge)
         return module
-    _fit_conv(last, design, target, ridge)
-    if two_piece:
-        xp = torch.cat(firsts)                                          # (P, C k)
-        solve_x = _RidgeLS(xp, ridge)
-        for _ in range(int(alternate)):
-            w2 = last.weight.double().reshape(last_spec.out_channels, -1)       # (N, r)
-            resid = target - (last.bias.double() if last.bias is not None else 0)
-            # min ||resid - xp W1^T W2^T||: W1 = W2^+ (resid^T xp) (xp^T xp)^-1
-            coef = solve_x(resid)                                      # (Ck, N): unconstrained map
-            w1 = torch.linalg.lstsq(w2, coef.T).solution               # (r, Ck)
-            with torch.no_grad():
-                first.weight.copy_(w1.reshape(first.weight.shape))
-            _fit_conv(last, patches(_rows_to_conv_input(xp @ w1.T, last_spec), last_spec), target, ridge)
+    _fit_conv(last, design, target, settings.ridge)
+    if first_piece is not None:
+        _alternate(first_piece[1], last, first_rows, target, settings)
     return module
+
+
+def _alternating_first(pieces: list[nn.Module], pre: list[nn.Module], last_spec: ConvSpec):
+    """``(modules before the first conv, the first conv)`` when the chain is two pieces whose last is a
+    stride-1 unpadded pointwise conv (or Linear) and whose first has no groups and no bias; else None."""
+    pointwise = last_spec.is_linear or (last_spec.is_pointwise and last_spec.stride == (1,) * last_spec.dim
+                                        and all(p == (0, 0) for p in last_spec.padding))
+    if len(pieces) != 2 or pre or last_spec.groups != 1 or not pointwise:
+        return None
+    try:
+        first_pre, first = _split_piece(pieces[0])
+    except UnsupportedLayer:
+        return None
+    return (first_pre, first) if ConvSpec.from_module(first).groups == 1 and first.bias is None else None
+
+
+def _check_is_chain(module: Factorized, prefix: nn.Module, last: nn.Module, probe: torch.Tensor) -> None:
+    """A module with its own forward must still compute ``last(prefix(x))``, or its last piece cannot be refitted."""
+    if type(module).forward is nn.Sequential.forward:
+        return
+    tol = 1e-9 if probe.dtype == torch.float64 else 1e-4
+    if rel_diff(last(prefix(probe)).double(), module(probe).double()) > tol:
+        raise UnsupportedLayer(f"data-aware fitting: {type(module).__name__}'s forward is not its chain "
+                               f"of pieces, so its last piece cannot be refitted")
+
+
+def _sampled_rows(layer, prefix, last, first_piece, xs, settings: DataAwareSettings):
+    """Sampled im2col rows of the last piece's input ``(P, g, q)``, the layer's responses ``(P, N)`` and,
+    with ``first_piece`` (``(modules before it, the first conv)``, when alternating) that conv's input
+    rows ``(P, C k)``; all float64."""
+    last_spec = ConvSpec.from_module(last)
+    gen = torch.Generator().manual_seed(settings.seed)
+    per_item = max(1, settings.max_positions // len(xs))
+    designs, targets, firsts = [], [], []
+    for x in xs:
+        d = patches(prefix(x), last_spec).double()
+        t = rows(layer(x)).double()
+        if d.shape[0] != t.shape[0]:
+            raise UnsupportedLayer("data-aware fitting: the chain's last piece does not map positions 1:1")
+        idx = _sample(d.shape[0], per_item, gen)
+        designs.append(d if idx is None else d[idx])
+        targets.append(t if idx is None else t[idx])
+        if first_piece is not None:
+            first_pre, conv = first_piece
+            f = patches(nn.Sequential(*first_pre)(x), ConvSpec.from_module(conv))[:, 0].double()
+            firsts.append(f if idx is None else f[idx])
+    return torch.cat(designs), torch.cat(targets), (torch.cat(firsts) if firsts else None)
+
+
+def _alternate(first: nn.Module, last: nn.Module, xp: torch.Tensor, target: torch.Tensor,
+               settings: DataAwareSettings) -> None:
+    """Alternately re-solve ``first`` (unconstrained map projected on ``last``) and ``last`` (least squares)."""
+    last_spec = ConvSpec.from_module(last)
+    solve_x = _RidgeLS(xp, settings.ridge)
+    for _ in range(settings.alternate):
+        w2 = last.weight.double().reshape(last_spec.out_channels, -1)       # (N, r)
+        resid = target - (last.bias.double() if last.bias is not None else 0)
+        # min ||resid - xp W1^T W2^T||: W1 = W2^+ (resid^T xp) (xp^T xp)^-1
+        coef = solve_x(resid)                                                # (Ck, N): unconstrained map
+        w1 = torch.linalg.lstsq(w2, coef.T).solution                         # (r, Ck)
+        with torch.no_grad():
+            first.weight.copy_(w1.reshape(first.weight.shape))
+        _fit_conv(last, patches(_rows_to_conv_input(xp @ w1.T, last_spec), last_spec), target, settings.ridge)
 
 
 def _rows_to_conv_input(z: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
@@ -350,47 +398,47 @@ def _relu_refit(last: nn.Module, design: torch.Tensor, target_pre: torch.Tensor,
             last.bias.copy_(best[2])
 
 
-# ---------------------------------------------------------------------------- entry point (core/api.py)
-def factorize_data_aware(layer: nn.Module, method: Method, spec: ConvSpec, ranks: Ranks, *, calibration,
-                         relu: bool = False, alternate: int = 0, iters: int = 25, ridge: float = 1e-8,
-                         max_positions: int = 16384, seed: int = 0, **options) -> Factorized:
+# ---------------------------------------------------------------------------- entry point (compression/api.py)
+def factorize_data_aware(layer: nn.Module, method: Method, spec: ConvSpec, ranks: Ranks, calibration,
+                         settings: DataAwareSettings = DataAwareSettings()) -> Factorized:
     """:func:`convfactor.factorize` with ``calibration=X`` (the layer's inputs, a tensor or a list)."""
-    from .channel_svd import ChannelSVD
-
-    if not isinstance(alternate, int) or alternate < 0 or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"alternate and iters must be non-negative ints, got {alternate!r}, {iters!r}")
-    if not ridge >= 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge!r}")
     weight = layer.weight.detach()
-    dtype, device = weight.dtype, weight.device
-    xs = prepare_inputs(calibration, spec, device=device, dtype=dtype)     # convs run in the layer's dtype
-    bias = layer.bias.detach().double() if layer.bias is not None else None
-    w64 = weight.to(torch.float64)
-    gen = torch.Generator().manual_seed(seed)
+    xs = prepare_inputs(calibration, spec, device=weight.device, dtype=weight.dtype)   # convs run in the layer's dtype
+    if method.uses_calibration:
+        return _fit_by_method(layer, method, spec, ranks, xs, settings)
+    if isinstance(method, ChannelSVD) and type(method).factorize is ChannelSVD.factorize:
+        return _fit_channel_svd(layer, method, spec, ranks, xs, settings)
+    factors = method.factorize(weight.to(torch.float64), spec, ranks)
+    if layer.bias is not None:
+        factors["bias"] = layer.bias.detach().double()
+    module = method.build(spec, ranks, factors, dtype=weight.dtype, device=weight.device)
+    return refit_last(module, layer, xs, settings)
 
-    if getattr(method, "uses_calibration", False):          # the method fits on responses itself
-        factors = method.factorize(w64, spec, ranks, calibration=xs, relu=relu, **options)   # (statistics in float64)
-        if bias is not None:
-            factors.setdefault("bias", bias)
-        module = method.build(spec, ranks, factors, dtype=dtype, device=device, **options)
-    elif isinstance(method, ChannelSVD) and type(method).factorize is ChannelSVD.factorize:
-        per_item = max(1, max_positions // len(xs))
-        with torch.no_grad():
-            ys = []
-            for x in xs:
-                y = rows(layer(x)).double()
-                y = y - bias if bias is not None else y
-                idx = _sample(y.shape[0], per_item, gen) if relu else None
-                ys.append(y if idx is None else y[idx])
-        factors = fit_response_svd(w64, bias, torch.cat(ys), ranks[0], spec.groups, relu=relu, iters=iters,
-                                   ridge=ridge)
-        module = method.build(spec, ranks, factors, dtype=dtype, device=device, **options)
-    else:
-        factors = method.factorize(w64, spec, ranks, **options)
-        if bias is not None:
-            factors["bias"] = bias
-        module = method.build(spec, ranks, factors, dtype=dtype, device=device, **options)
-        refit_last(module, layer, xs, relu=relu, alternate=alternate, iters=iters, ridge=ridge,
-                   max_positions=max_positions, seed=seed)
-    module.options.update(method.options_for_recipe(options))
-    return module
+
+def _fit_by_method(layer, method: Method, spec: ConvSpec, ranks: Ranks, xs, settings) -> Factorized:
+    """A method that fits the (linear) responses itself is handed the inputs (statistics in float64)."""
+    if settings.relu:
+        raise ValueError(f"{method.name}: relu=True is not supported (the method fits linear responses itself)")
+    weight = layer.weight.detach()
+    factors = method.factorize(weight.to(torch.float64), spec, ranks, calibration=xs)
+    if layer.bias is not None:
+        factors.setdefault("bias", layer.bias.detach().double())
+    return method.build(spec, ranks, factors, dtype=weight.dtype, device=weight.device)
+
+
+def _fit_channel_svd(layer, method: ChannelSVD, spec: ConvSpec, ranks: Ranks, xs, settings) -> Factorized:
+    """Zhang et al.'s closed form on the layer's responses (sampled positions for the ReLU fit)."""
+    weight = layer.weight.detach()
+    bias = layer.bias.detach().double() if layer.bias is not None else None
+    gen = torch.Generator().manual_seed(settings.seed)
+    per_item = max(1, settings.max_positions // len(xs))
+    ys = []
+    with torch.no_grad():
+        for x in xs:
+            y = rows(layer(x)).double()
+            y = y - bias if bias is not None else y
+            idx = _sample(y.shape[0], per_item, gen) if settings.relu else None
+            ys.append(y if idx is None else y[idx])
+    factors = fit_response_svd(weight.to(torch.float64), bias, torch.cat(ys), ranks[0], spec.groups,
+                               relu=settings.relu, iters=settings.iters, ridge=settings.ridge)
+    return method.build(spec, ranks, factors, dtype=weight.dtype, device=weight.device)

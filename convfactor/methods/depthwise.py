@@ -15,6 +15,7 @@ over channels of the discarded squared singular values, and the factorization is
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -40,8 +41,9 @@ def from_channel_slices(slices: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     return w.reshape(spec.out_channels, cg, *spec.kernel_size)
 
 
+@dataclass(frozen=True)
 class Depthwise(Method):
-    """The rank is the depth multiplier r (filters per input channel)."""
+    """The rank is the depth multiplier r (filters per input channel); no options."""
 
     name = "depthwise"
     supported_dims = (1, 2, 3)
@@ -54,7 +56,8 @@ class Depthwise(Method):
         """Singular values of each input channel's ``(N/g, kv)`` slice: ``(C, full rank)``."""
         return [gram_singular_values(channel_slices(weight.double(), spec.groups))]
 
-    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, **options) -> dict[str, torch.Tensor]:
+    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *,
+                  calibration=None) -> dict[str, torch.Tensor]:
         """``weight: (N, C/g, *k)`` -> ``depthwise: (C r, 1, *k)``, ``pointwise: (N, C/g r, 1..)``."""
         (r,) = ranks
         g, cg, ng = spec.groups, spec.in_per_group, spec.out_per_group
@@ -70,7 +73,7 @@ class Depthwise(Method):
         a = factors["pointwise"].reshape(g, ng, cg, r).transpose(1, 2).reshape(spec.in_channels, ng, r)
         return from_channel_slices(a @ b, spec)
 
-    def build(self, spec: ConvSpec, ranks: Ranks, factors=None, *, dtype=None, device=None, **options) -> Factorized:
+    def build(self, spec: ConvSpec, ranks: Ranks, factors=None, *, dtype=None, device=None) -> Factorized:
         (r,) = ranks
         c = spec.in_channels
         depthwise = make_conv(spec, c, c * r, axes=range(spec.dim), groups=c, dtype=dtype, device=device)
@@ -79,7 +82,7 @@ class Depthwise(Method):
         if factors is not None:
             copy_into(depthwise, factors["depthwise"])
             copy_into(pointwise, factors["pointwise"], factors.get("bias"))
-        return Factorized(depthwise, pointwise, method=self.name, spec=spec, ranks=ranks)
+        return self.factorized(spec, ranks, depthwise, pointwise)
 
     def cost(self, spec: ConvSpec, ranks: Ranks, input_size: Sequence[int] = ()) -> Cost:
         """``C r kv + N (C/g) r`` MACs per output pixel."""

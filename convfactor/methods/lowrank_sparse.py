@@ -27,13 +27,15 @@ default 0.05 each), ``admm_iters`` (300), ``refit_iters`` (20), ``sparse_fractio
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from ..spec.convspec import ConvSpec, UnsupportedLayer, make_conv
+from ..spec.convspec import ConvSpec, UnsupportedLayer, conv_of, make_conv
 from .base import Cost, Factorized, Method, Ranks, check_target, copy_into, default_input_size
+from .data_aware import patches
 
 __all__ = ["LowRankSparse", "LowRankSparseConv", "admm_lowrank_sparse", "refit_structure", "group_shrink", "svt",
            "input_gram"]
@@ -143,7 +145,6 @@ def refit_structure(weight: torch.Tensor, gram: torch.Tensor, groups: int, a: to
 
 def input_gram(xs: Sequence[torch.Tensor], spec: ConvSpec, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(G, mu)``: second moment (or covariance, ``center``) of the layer's im2col patches, and their mean."""
-    from .data_aware import patches
     d = spec.in_channels * spec.kernel_volume
     total = torch.zeros(d, d, dtype=torch.float64)
     sums = torch.zeros(d, dtype=torch.float64)
@@ -183,15 +184,31 @@ class LowRankSparseConv(nn.Module):
         return y
 
 
+@dataclass(frozen=True)
 class LowRankSparse(Method):
+    """Low rank + channel-sparse; ranks ``(rank, channels)``.  Options: ``sparse_fraction`` (share of a
+    ``macs_ratio`` budget, and of the input channels for an int ``rank``, given to the sparse branch),
+    ``lam_sparse`` / ``lam_lowrank`` (the penalties, relative to ``||W X||_2``), ``admm_iters``,
+    ``refit_iters`` and ``ridge`` (see :func:`admm_lowrank_sparse`, :func:`refit_structure`)."""
+
+    sparse_fraction: float = 0.25
+    lam_sparse: float = 0.05
+    lam_lowrank: float = 0.05
+    admm_iters: int = 300
+    refit_iters: int = 20
+    ridge: float = 1e-8
+
     name = "lowrank_sparse"
     n_ranks = 2
     rank_names = ("rank", "channels")
     supports_linear = True
     supported_dims = (1, 2, 3)
-    #: core/api.py passes calibration inputs to factorize (response fitting is built in)
-    uses_calibration = True
-    rank_options = ("sparse_fraction",)
+    uses_calibration = True          # factorize(calibration=X) fits the responses itself (the ADMM metric)
+    factor_names = ("first", "second", "sparse", "index")
+
+    def __post_init__(self):
+        if isinstance(self.sparse_fraction, bool) or not 0 <= float(self.sparse_fraction) < 1:
+            raise ValueError(f"lowrank_sparse: sparse_fraction must be in [0, 1), got {self.sparse_fraction}")
 
     def check(self, spec: ConvSpec) -> None:
         if spec.groups != 1:
@@ -205,12 +222,13 @@ class LowRankSparse(Method):
     def max_rank(self, spec: ConvSpec) -> Ranks:
         return (self.full_rank(spec)[0], spec.in_channels)
 
-    def _default_channels(self, spec, fraction):
+    def _default_channels(self, spec: ConvSpec) -> int:
+        fraction = self.sparse_fraction
         return min(spec.in_channels, max(1, round(fraction * spec.in_channels))) if fraction > 0 else 0
 
-    def expand_rank(self, spec: ConvSpec, rank, sparse_fraction: float = 0.25) -> Ranks:
+    def expand_rank(self, spec: ConvSpec, rank) -> Ranks:
         if isinstance(rank, int) and not isinstance(rank, bool):
-            return (rank, self._default_channels(spec, sparse_fraction))
+            return (rank, self._default_channels(spec))
         return super().expand_rank(spec, rank)
 
     def validate_ranks(self, spec: ConvSpec, ranks: Ranks) -> Ranks:
@@ -221,24 +239,25 @@ class LowRankSparse(Method):
             raise ValueError(f"lowrank_sparse: channels={s} is out of range [0, {smax}]")
         return (int(r), int(s))
 
-    def scaled_ranks(self, spec: ConvSpec, t: float, sparse_fraction: float = 0.25) -> Ranks:
+    def scaled_ranks(self, spec: ConvSpec, t: float) -> Ranks:
         return (max(1, min(self.full_rank(spec)[0], math.ceil(t * self.full_rank(spec)[0]))),
-                min(spec.in_channels, math.floor(t * sparse_fraction * spec.in_channels)))
+                min(spec.in_channels, math.floor(t * self.sparse_fraction * spec.in_channels)))
 
-    def resolve_ranks(self, spec, weight=None, *, rank=None, macs_ratio=None, energy=None, input_size=None,
-                      sparse_fraction: float = 0.25) -> Ranks:
-        if not 0 <= float(sparse_fraction) < 1:
-            raise ValueError(f"lowrank_sparse: sparse_fraction must be in [0, 1), got {sparse_fraction}")
+    def resolve_ranks(self, spec, weight=None, *, rank=None, macs_ratio=None, energy=None, input_size=None) -> Ranks:
+        """As :meth:`Method.resolve_ranks`; an ``energy`` target sets the rank, ``sparse_fraction``
+        the channels."""
         check_target(rank, macs_ratio, energy)
-        if rank is not None:
-            return self.validate_ranks(spec, self.expand_rank(spec, rank, sparse_fraction))
         if energy is not None:
             r = super().resolve_ranks(spec, weight, energy=energy)[0]
-            return (r, self._default_channels(spec, sparse_fraction))
-        ratio = float(macs_ratio)
+            return (r, self._default_channels(spec))
+        return super().resolve_ranks(spec, weight, rank=rank, macs_ratio=macs_ratio, input_size=input_size)
+
+    def ranks_for_macs(self, spec: ConvSpec, ratio: float, input_size: Sequence[int] | None = None) -> Ranks:
+        """``sparse_fraction`` of the budget to the sparse branch (fewer channels when the rest cannot
+        fit rank 1), then the largest rank that fits."""
         size = default_input_size(spec) if input_size is None else tuple(input_size)
         budget = ratio * spec.dense_macs(size)
-        s = min(spec.in_channels, math.floor(sparse_fraction * ratio * spec.in_channels))
+        s = min(spec.in_channels, math.floor(self.sparse_fraction * ratio * spec.in_channels))
         while s >= 0:
             best, lo, hi = None, 1, self.full_rank(spec)[0]
             while lo <= hi:
@@ -256,14 +275,10 @@ class LowRankSparse(Method):
         return [torch.linalg.svdvals(weight.reshape(1, spec.out_channels, -1))]
 
     # -- the four pieces
-    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *, calibration=None, relu: bool = False,
-                  lam_sparse: float = 0.05, lam_lowrank: float = 0.05, admm_iters: int = 300,
-                  refit_iters: int = 20, ridge: float = 1e-8, sparse_fraction=None, **options) -> dict:
+    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *, calibration=None) -> dict:
         """``weight: (N, C, *k)`` float64 -> ``first (r, C, *k)``, ``second (N, r)``, ``sparse (N, s, *k)``,
         ``index (s,)`` and, with calibration and a bias, ``bias_shift (N,)`` (added to the bias)."""
         r, s = self.validate_ranks(spec, tuple(ranks))
-        if relu:
-            raise ValueError("lowrank_sparse: relu=True is not supported (the ADMM fits linear responses)")
         n, c, kv = spec.out_channels, spec.in_channels, spec.kernel_volume
         w = weight.reshape(n, c * kv).double()
         if calibration is None:
@@ -273,10 +288,11 @@ class LowRankSparse(Method):
             gram = gram.to(w.device)
         scale = float(torch.linalg.matrix_norm(w @ _psd_sqrt(gram), ord=2))
         if s:
-            a, _ = admm_lowrank_sparse(w, gram, c, lam_sparse * scale, lam_lowrank * scale, iters=admm_iters)
+            a, _ = admm_lowrank_sparse(w, gram, c, self.lam_sparse * scale, self.lam_lowrank * scale,
+                                       iters=self.admm_iters)
         else:
             a = torch.zeros_like(w)
-        left, right, sparse, index = refit_structure(w, gram, c, a, r, s, iters=refit_iters, ridge=ridge)
+        left, right, sparse, index = refit_structure(w, gram, c, a, r, s, iters=self.refit_iters, ridge=self.ridge)
         factors = {"first": right.reshape(r, c, *spec.kernel_size), "second": left,
                    "sparse": sparse.reshape(n, s, *spec.kernel_size), "index": index}
         if mu is not None and spec.bias:          # the bias absorbs the mean response error (Zhang et al.)
@@ -294,7 +310,6 @@ class LowRankSparse(Method):
         return w.reshape(n, c, *spec.kernel_size)
 
     def factors_of(self, module: Factorized) -> dict:
-        from ..spec.convspec import conv_of
         block = module[0]
         first, second = (conv_of(p) for p in block.lowrank)
         sparse = conv_of(block.sparse).weight.detach().double() if block.sparse is not None else \
@@ -302,7 +317,7 @@ class LowRankSparse(Method):
         return {"first": first.weight.detach().double(), "second": second.weight.detach().double().reshape(
             second.weight.shape[0], -1), "sparse": sparse, "index": block.index.clone()}
 
-    def build(self, spec: ConvSpec, ranks: Ranks, factors=None, *, dtype=None, device=None, **options) -> Factorized:
+    def build(self, spec: ConvSpec, ranks: Ranks, factors=None, *, dtype=None, device=None) -> Factorized:
         r, s = self.validate_ranks(spec, tuple(ranks))
         block = LowRankSparseConv(spec, r, s, dtype=dtype, device=device)
         if factors is not None:
@@ -315,9 +330,9 @@ class LowRankSparse(Method):
             if s:
                 copy_into(block.sparse, factors["sparse"])
                 block.index.copy_(factors["index"].to(block.index.device))
-        return Factorized(block, method=self.name, spec=spec, ranks=(r, s))
+        return self.factorized(spec, (r, s), block)
 
-    def cost(self, spec: ConvSpec, ranks: Ranks, input_size: Sequence[int] = (), **_) -> Cost:
+    def cost(self, spec: ConvSpec, ranks: Ranks, input_size: Sequence[int] = ()) -> Cost:
         r, s = ranks
         out = math.prod(spec.output_size(input_size))
         ck = spec.in_channels * spec.kernel_volume

@@ -1,13 +1,19 @@
-"""Method name -> :class:`~convfactor.methods.base.Method` instance.
+"""Method name -> configured :class:`~convfactor.methods.base.Method`.
 
-Methods are imported lazily, so ``import convfactor`` stays cheap and has no side effects.
-A new method is one new module plus one line here.
+``get("cp")`` is the default configuration; ``get("cp", form="folded", n_iter=25)`` a configured
+one (a frozen dataclass whose fields are the options).  Methods are imported lazily, so
+``import convfactor`` stays cheap and has no side effects.  A new method is one new module plus
+one line here (or :func:`register` for a user-defined one).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
+from ..utils import UnknownName
 from .base import Method
+
+__all__ = ["get", "register", "available"]
 
 #: name -> "module:ClassName" (relative to convfactor.methods)
 _METHODS: dict[str, str] = {
@@ -21,45 +27,50 @@ _METHODS: dict[str, str] = {
     "tt": "tt:TT",
     "lowrank_sparse": "lowrank_sparse:LowRankSparse",
 }
-_CACHE: dict[str, Method] = {}
+#: name -> the default-configured method (built-in ones on first use; registered ones as given)
+_DEFAULTS: dict[str, Method] = {}
 
 
 def available() -> list[str]:
-    """Names of the methods whose module is present."""
-    names = []
-    for name in _METHODS:
-        try:
-            get(name)
-        except (KeyError, ImportError):
-            continue
-        names.append(name)
-    return names
+    """Names of every known method: the built-in ones, then those registered."""
+    return list(_METHODS) + [name for name in _DEFAULTS if name not in _METHODS]
 
 
-def get(name: str | Method) -> Method:
-    """The method called ``name`` (a :class:`Method` instance is returned as is)."""
-    if isinstance(name, Method):
-        return name
-    if name in _CACHE:
-        return _CACHE[name]
+def _default(name: str) -> Method:
+    if name in _DEFAULTS:
+        return _DEFAULTS[name]
     if name not in _METHODS:
-        raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(_METHODS))}")
+        raise UnknownName(f"unknown method {name!r}; known: {', '.join(sorted(available()))}")
     module_name, class_name = _METHODS[name].split(":")
-    try:
-        module = importlib.import_module(f"{__package__}.{module_name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"{__package__}.{module_name}":
-            raise KeyError(f"method {name!r} is not available in this version") from exc
-        raise
-    method = getattr(module, class_name)()
-    _CACHE[name] = method
+    method = getattr(importlib.import_module(f"{__package__}.{module_name}"), class_name)()
+    _DEFAULTS[name] = method
     return method
 
 
+def _check_options(method: Method, options: dict) -> None:
+    """A ValueError naming any key of ``options`` that is not one of ``method``'s fields."""
+    unknown = sorted(set(options) - set(method.option_names()))
+    if unknown:
+        known = ", ".join(method.option_names()) or "none"
+        raise ValueError(f"{method.name}: unknown option(s) {unknown}; known: {known}")
+
+
+def get(name: str | Method, **options) -> Method:
+    """The method called ``name``, configured with ``options`` (its dataclass fields).
+
+    A :class:`Method` instance is returned as is, or with ``options`` replaced.  An unknown name
+    raises :class:`~convfactor.utils.UnknownName` (a ``KeyError``), an unknown option a ValueError.
+    """
+    method = name if isinstance(name, Method) else _default(name)
+    if not options:
+        return method
+    _check_options(method, options)
+    return dataclasses.replace(method, **options)
+
+
 def register(method: Method) -> Method:
-    """Register a user-defined method instance under ``method.name``."""
+    """Register a user-defined method (an instance: its default configuration) under ``method.name``."""
     if not method.name:
         raise ValueError("a method needs a name")
-    _METHODS.setdefault(method.name, "")
-    _CACHE[method.name] = method
+    _DEFAULTS[method.name] = method
     return method

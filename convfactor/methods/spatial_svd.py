@@ -21,6 +21,7 @@ The truncated SVD goes through the smaller Gram matrix (:func:`.linalg.truncated
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -50,7 +51,10 @@ def spatial_kernel(matrix: torch.Tensor, out_channels: int, kernel_size: Sequenc
     return w.reshape(out_channels, cg, kh, kw)
 
 
+@dataclass(frozen=True)
 class SpatialSVD(Method):
+    """Tai et al.'s vertical + horizontal pair; no options."""
+
     name = "spatial_svd"
     supported_dims = (2,)
     factor_names = ("vertical", "horizontal")
@@ -63,7 +67,8 @@ class SpatialSVD(Method):
         """Singular values of ``M`` per group: ``(g, full rank)`` (squared values accurate to eps)."""
         return [gram_singular_values(spatial_matrix(weight.double(), spec.groups))]
 
-    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, **options) -> dict[str, torch.Tensor]:
+    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *,
+                  calibration=None) -> dict[str, torch.Tensor]:
         """``weight: (N, C/g, kh, kw)`` -> ``vertical: (g*K, C/g, kh, 1)``, ``horizontal: (N, K, 1, kw)``."""
         (k,) = ranks
         g = spec.groups
@@ -84,7 +89,7 @@ class SpatialSVD(Method):
         matrix = vertical.mT @ horizontal.reshape(g, k, kw * ng)
         return spatial_kernel(matrix, spec.out_channels, spec.kernel_size)
 
-    def build(self, spec: ConvSpec, ranks: Ranks, factors=None, *, dtype=None, device=None, **options) -> Factorized:
+    def build(self, spec: ConvSpec, ranks: Ranks, factors=None, *, dtype=None, device=None) -> Factorized:
         (k,) = ranks
         g = spec.groups
         vertical = make_conv(spec, spec.in_channels, g * k, axes=(0,), groups=g, dtype=dtype, device=device)
@@ -93,7 +98,7 @@ class SpatialSVD(Method):
         if factors is not None:
             copy_into(vertical, factors["vertical"])
             copy_into(horizontal, factors["horizontal"], factors.get("bias"))
-        return Factorized(vertical, horizontal, method=self.name, spec=spec, ranks=ranks)
+        return self.factorized(spec, ranks, vertical, horizontal)
 
     def cost(self, spec: ConvSpec, ranks: Ranks, input_size: Sequence[int] = ()) -> Cost:
         """Vertical: ``g K (C/g) kh`` MACs per pixel of the H-convolved map; horizontal: ``N K kw`` per output pixel."""

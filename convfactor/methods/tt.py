@@ -20,14 +20,16 @@ factorization, default :func:`default_d`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..spec.convspec import ConvSpec, UnsupportedLayer
-from .base import Cost, Factorized, Method, Ranks, check_target, energy_rank
+from .base import Cost, Factorized, Method, Ranks
 
 __all__ = ["TT", "TTLinear", "balanced_modes", "default_d", "tt_svd", "tt_full", "tt_full_ranks", "tt_macs",
            "runs_reversed"]
@@ -250,16 +252,42 @@ class TTLinear(nn.Module):
 
 
 # ---------------------------------------------------------------------------- the method
+@dataclass(frozen=True)
 class TT(Method):
-    """``tt``: TT-matrix factorization of ``nn.Linear`` and 1x1 convs.  Ranks: the d-1 TT-ranks."""
+    """``tt``: TT-matrix factorization of ``nn.Linear`` and 1x1 convs.  Ranks: the d-1 TT-ranks.
+
+    Options: ``in_modes`` / ``out_modes`` (equal-length factorizations of the in / out features)
+    or ``d`` (number of cores of an automatic balanced factorization; None: :func:`default_d`).
+    """
+
+    in_modes: tuple[int, ...] | None = None
+    out_modes: tuple[int, ...] | None = None
+    d: int | None = None
 
     name = "tt"
     n_ranks = 0                      # depends on the mode factorization; see expand_rank
     rank_names = ("tt_rank",)
     supports_linear = True
     supported_dims = (1, 2, 3)
-    #: options the rank arithmetic depends on (core/api.py passes them to resolve_ranks and cost)
-    rank_options = ("in_modes", "out_modes", "d")
+    factor_names = ("core*",)        # core0 ... core{d-1}: (r_{k-1}, m_k, n_k, r_k)
+
+    def __post_init__(self):
+        for field, modes in (("in_modes", self.in_modes), ("out_modes", self.out_modes)):
+            if modes is not None:
+                if isinstance(modes, (str, bytes)) or not all(isinstance(m, int) and not isinstance(m, bool)
+                                                              for m in modes):
+                    raise ValueError(f"tt: {field} must be a list of ints, got {modes!r}")
+                object.__setattr__(self, field, tuple(modes))
+        if self.d is not None and (not isinstance(self.d, int) or isinstance(self.d, bool) or self.d < 2):
+            raise ValueError(f"tt: d must be an int >= 2, got {self.d!r}")
+
+    def modes(self, spec: ConvSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(in_modes, out_modes)`` for ``spec``: as configured, or balanced with ``d`` cores."""
+        return resolve_modes(spec, self.in_modes, self.out_modes, self.d)
+
+    def for_layer(self, spec: ConvSpec) -> "TT":
+        in_m, out_m = self.modes(spec)
+        return dataclasses.replace(self, in_modes=in_m, out_modes=out_m, d=None)
 
     def check(self, spec: ConvSpec) -> None:
         if not spec.is_linear:
@@ -273,11 +301,11 @@ class TT(Method):
             raise UnsupportedLayer("tt: a 1x1 weight has nothing to factorize")
 
     # -- rank arithmetic (mode-aware)
-    def full_rank(self, spec: ConvSpec, **modes) -> Ranks:
-        return tt_full_ranks(*resolve_modes(spec, **modes))
+    def full_rank(self, spec: ConvSpec) -> Ranks:
+        return tt_full_ranks(*self.modes(spec))
 
-    def expand_rank(self, spec: ConvSpec, rank, **modes) -> Ranks:
-        top = self.full_rank(spec, **modes)
+    def expand_rank(self, spec: ConvSpec, rank) -> Ranks:
+        top = self.full_rank(spec)
         if isinstance(rank, int) and not isinstance(rank, bool):
             if rank < 1:
                 raise ValueError(f"tt: rank must be >= 1, got {rank}")
@@ -286,63 +314,51 @@ class TT(Method):
                 isinstance(r, int) and not isinstance(r, bool) for r in rank):
             return tuple(int(r) for r in rank)
         raise ValueError(f"tt: rank must be an int or a list of {len(top)} TT-ranks (one per bond of the modes "
-                         f"{resolve_modes(spec, **modes)}), got {rank!r}")
+                         f"{self.modes(spec)}), got {rank!r}")
 
-    def validate_ranks(self, spec: ConvSpec, ranks: Ranks, **modes) -> Ranks:
-        top = self.full_rank(spec, **modes)
+    def validate_ranks(self, spec: ConvSpec, ranks: Ranks) -> Ranks:
+        top = self.full_rank(spec)
         if len(ranks) != len(top):
             raise ValueError(f"tt: {len(top)} TT-ranks expected, got {ranks}")
         for k, (r, m) in enumerate(zip(ranks, top)):
             if r < 1 or r > m:
-                raise ValueError(f"tt: TT-rank {k + 1}={r} is out of range [1, {m}] for modes "
-                                 f"{resolve_modes(spec, **modes)}")
+                raise ValueError(f"tt: TT-rank {k + 1}={r} is out of range [1, {m}] for modes {self.modes(spec)}")
         return tuple(ranks)
 
-    def scaled_ranks(self, spec: ConvSpec, t: float, **modes) -> Ranks:
-        return tuple(max(1, min(m, math.ceil(t * m))) for m in self.full_rank(spec, **modes))
-
-    def resolve_ranks(self, spec, weight=None, *, rank=None, macs_ratio=None, energy=None, input_size=None,
-                      in_modes=None, out_modes=None, d=None) -> Ranks:
-        modes = dict(in_modes=in_modes, out_modes=out_modes, d=d)
-        resolve_modes(spec, **modes)                          # fail early on bad modes
-        check_target(rank, macs_ratio, energy)
-        if rank is not None:
-            return self.validate_ranks(spec, self.expand_rank(spec, rank, **modes), **modes)
-        if macs_ratio is not None:
-            return self._ranks_for_macs(spec, float(macs_ratio), modes)
-        if weight is None:
-            raise ValueError("an energy target needs the weight")
-        spectra = self.spectra(weight.detach().double(), spec, **modes)
-        return tuple(min(energy_rank(s, float(energy)), m) for s, m in zip(spectra, self.full_rank(spec, **modes)))
-
-    def _ranks_for_macs(self, spec, ratio, modes) -> Ranks:
-        """Largest uniform TT-rank cap whose MACs are <= ratio x dense (MACs grow with the cap)."""
-        top = self.full_rank(spec, **modes)
+    def ranks_for_macs(self, spec: ConvSpec, ratio: float, input_size: Sequence[int] | None = None) -> Ranks:
+        """Largest uniform TT-rank cap whose MACs are <= ratio x dense (MACs grow with the cap; the
+        ratio is the same at every position, so ``input_size`` does not matter)."""
+        top = self.full_rank(spec)
+        modes = self.modes(spec)
         per_vector_budget = ratio * spec.in_channels * spec.out_channels
         best, lo, hi = None, 1, max(top)
         while lo <= hi:
             mid = (lo + hi) // 2
             ranks = tuple(min(mid, m) for m in top)
-            if tt_macs(*resolve_modes(spec, **modes), ranks) <= per_vector_budget + 1e-9:
+            if tt_macs(*modes, ranks) <= per_vector_budget + 1e-9:
                 best, lo = ranks, mid + 1
             else:
                 hi = mid - 1
         if best is None:
-            smallest = tt_macs(*resolve_modes(spec, **modes), (1,) * len(top)) / (spec.in_channels * spec.out_channels)
+            smallest = tt_macs(*modes, (1,) * len(top)) / (spec.in_channels * spec.out_channels)
             raise ValueError(f"tt: macs_ratio={ratio} is unreachable; TT-rank 1 already costs {smallest:.3f} of dense")
         return best
 
+    def scaled_ranks(self, spec: ConvSpec, t: float) -> Ranks:
+        return tuple(max(1, min(m, math.ceil(t * m))) for m in self.full_rank(spec))
+
     # -- the four pieces
-    def spectra(self, weight: torch.Tensor, spec: ConvSpec, **modes) -> list[torch.Tensor]:
+    def spectra(self, weight: torch.Tensor, spec: ConvSpec) -> list[torch.Tensor]:
         """Singular values of each unfolding (the untruncated TT-SVD sweep), each shaped (1, n)."""
-        in_m, out_m = resolve_modes(spec, **modes)
+        in_m, out_m = self.modes(spec)
         _, spectra = tt_svd(weight.reshape(spec.out_channels, spec.in_channels).double(), in_m, out_m)
         return [s.unsqueeze(0) for s in spectra]
 
-    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *, in_modes=None, out_modes=None,
-                  d=None, **options) -> dict[str, torch.Tensor]:
-        in_m, out_m = resolve_modes(spec, in_modes, out_modes, d)
-        self.validate_ranks(spec, tuple(ranks), in_modes=in_m, out_modes=out_m)
+    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *,
+                  calibration=None) -> dict[str, torch.Tensor]:
+        """``weight: (M, N, 1..)`` -> ``core{k}: (r_{k-1}, m_k, n_k, r_k)`` by TT-SVD."""
+        in_m, out_m = self.modes(spec)
+        self.validate_ranks(spec, tuple(ranks))
         cores, _ = tt_svd(weight.reshape(spec.out_channels, spec.in_channels), in_m, out_m, ranks)
         return {f"core{k}": g for k, g in enumerate(cores)}
 
@@ -354,10 +370,9 @@ class TT(Method):
     def factors_of(self, module: Factorized) -> dict[str, torch.Tensor]:
         return {f"core{k}": g.detach().double() for k, g in enumerate(module[0].get_cores())}
 
-    def build(self, spec: ConvSpec, ranks: Ranks, factors=None, *, dtype=None, device=None, in_modes=None,
-              out_modes=None, d=None, **options) -> Factorized:
-        in_m, out_m = resolve_modes(spec, in_modes, out_modes, d)
-        self.validate_ranks(spec, tuple(ranks), in_modes=in_m, out_modes=out_m)
+    def build(self, spec: ConvSpec, ranks: Ranks, factors=None, *, dtype=None, device=None) -> Factorized:
+        in_m, out_m = self.modes(spec)
+        self.validate_ranks(spec, tuple(ranks))
         conv = {}
         if not spec.is_linear:
             pad = []
@@ -370,16 +385,12 @@ class TT(Method):
             if spec.bias and factors.get("bias") is not None:
                 with torch.no_grad():
                     layer.bias.copy_(factors["bias"].to(layer.bias.dtype))
-        return Factorized(layer, method=self.name, spec=spec, ranks=ranks,
-                          options={"in_modes": list(in_m), "out_modes": list(out_m)})
+        return self.factorized(spec, ranks, layer)
 
-    def cost(self, spec: ConvSpec, ranks: Ranks, input_size: Sequence[int] = (), *, in_modes=None,
-             out_modes=None, d=None) -> Cost:
-        in_m, out_m = resolve_modes(spec, in_modes, out_modes, d)
+    def cost(self, spec: ConvSpec, ranks: Ranks, input_size: Sequence[int] = ()) -> Cost:
+        in_m, out_m = self.modes(spec)
         full = (1, *ranks, 1)
         params = sum(full[k] * m * n * full[k + 1] for k, (m, n) in enumerate(zip(out_m, in_m)))
         positions = math.prod(spec.output_size(input_size)) if not spec.is_linear else 1
-        return Cost(params=params + (spec.out_channels if spec.bias else 0), macs=positions * tt_macs(in_m, out_m, ranks))
-
-    def options_for_recipe(self, options: dict) -> dict:
-        return {}      # build() records the resolved in_modes / out_modes itself
+        return Cost(params=params + (spec.out_channels if spec.bias else 0),
+                    macs=positions * tt_macs(in_m, out_m, ranks))

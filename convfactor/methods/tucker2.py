@@ -33,6 +33,7 @@ Conv1d, Conv2d and Conv3d are supported.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -63,63 +64,85 @@ def tucker2(t: torch.Tensor, r1: int, r2: int, *, iters: int = 5, tol: float = 1
     ``"sweeps"``: HOOI sweeps run).  ``iters=0``: truncated HOSVD, no refinement.
     """
     g, ng, cg, kv = t.shape
-    norm2 = t.pow(2).sum()
     full1, full2 = min(cg, ng * kv), min(ng, cg * kv)
-    # Working layout (g, n, kv, c): both channel contractions are then plain batched matmuls. The
-    # columns of an unfolding come out permuted, which changes neither its Gram matrix nor its left
-    # singular vectors.
-    tk = t.transpose(2, 3).contiguous()
-    out_mat = tk.reshape(g, ng, kv * cg)                                     # mode-N unfolding (permuted)
-    in_rows = tk.reshape(g, ng * kv, cg)                                     # mode-C unfolding, transposed
-
-    def project_out(u2):   # t x_N U2^T, as the transposed mode-C unfolding (g, r2 kv, cg)
-        return (u2.mT @ out_mat).reshape(g, -1, cg)
-
-    def project_in(u1):    # t x_C U1^T, as the mode-N unfolding (g, ng, kv r1)
-        return (in_rows @ u1).reshape(g, ng, -1)
-
-    def eye(n):
-        return torch.eye(n, dtype=t.dtype, device=t.device).expand(g, n, n)
-
-    errors: list[float] = []
-    sweeps = 0
-    if iters == 0:
-        # Truncated HOSVD (De Lathauwer et al. 2000): each factor from its own unfolding.
-        u1 = eye(cg) if r1 == cg else leading_left(in_rows.mT, r1)[0]
-        u2 = eye(ng) if r2 == ng else leading_left(out_mat, r2)[0]
-        y1 = y2 = None
-    elif r2 >= full2 and r1 < full1:
+    if iters > 0 and r2 >= full2 and r1 < full1:
         # Mode N untruncated: solve the mirrored problem (channels swapped), where it is mode C.
         u1_, core_, u2_, info = tucker2(t.transpose(1, 2), r2, r1, iters=iters, tol=tol)
         return u2_, core_.transpose(1, 2).contiguous(), u1_, info
+    fit = _Unfoldings(t)
+    if iters == 0:
+        (u1, u2), errors, sweeps = fit.hosvd(r1, r2), [], 0
     else:
-        # HOOI from the HOSVD U2.  When mode C keeps its whole column space, or the kernel is a
-        # matrix (kv = 1), the first half-step is already the global optimum.
-        exact = r1 >= full1 or kv == 1
-        u2, _ = leading_left(out_mat, r2)
+        # When mode C keeps its whole column space, or the kernel is a matrix (kv = 1), the first
+        # half-step is already the global optimum.
+        u1, u2, errors, sweeps = fit.hooi(r1, r2, iters, tol, exact=r1 >= full1 or kv == 1)
+    core = fit.core(u1, u2)
+    if not errors:
+        errors.append(float(fit.norm2 - core.pow(2).sum()))
+    return u1, core, u2, {"errors": errors, "sweeps": sweeps}
+
+
+class _Unfoldings:
+    """The two channel unfoldings of ``t: (g, n, c, kv)`` and the projections HOOI alternates.
+
+    Working layout (g, n, kv, c): both channel contractions are then plain batched matmuls.  The
+    columns of an unfolding come out permuted, which changes neither its Gram matrix nor its left
+    singular vectors.  The last projection computed is kept, so the core costs one more matmul.
+    """
+
+    def __init__(self, t: torch.Tensor):
+        self.g, self.ng, self.cg, self.kv = t.shape
+        self.norm2 = t.pow(2).sum()
+        tk = t.transpose(2, 3).contiguous()
+        self.out_mat = tk.reshape(self.g, self.ng, self.kv * self.cg)          # mode-N unfolding (permuted)
+        self.in_rows = tk.reshape(self.g, self.ng * self.kv, self.cg)          # mode-C unfolding, transposed
+        self.y1 = self.y2 = None
+
+    def eye(self, n: int) -> torch.Tensor:
+        return torch.eye(n, dtype=self.out_mat.dtype, device=self.out_mat.device).expand(self.g, n, n)
+
+    def project_out(self, u2):   # t x_N U2^T, as the transposed mode-C unfolding (g, r2 kv, cg)
+        self.y1, self.y2 = (u2.mT @ self.out_mat).reshape(self.g, -1, self.cg), None
+        return self.y1
+
+    def project_in(self, u1):    # t x_C U1^T, as the mode-N unfolding (g, ng, kv r1)
+        self.y1, self.y2 = None, (self.in_rows @ u1).reshape(self.g, self.ng, -1)
+        return self.y2
+
+    def hosvd(self, r1: int, r2: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Truncated HOSVD (De Lathauwer et al. 2000): each factor from its own unfolding."""
+        u1 = self.eye(self.cg) if r1 == self.cg else leading_left(self.in_rows.mT, r1)[0]
+        u2 = self.eye(self.ng) if r2 == self.ng else leading_left(self.out_mat, r2)[0]
+        return u1, u2
+
+    def hooi(self, r1: int, r2: int, iters: int, tol: float, exact: bool):
+        """HOOI (De Lathauwer et al. 2000, Alg. 4.2) from the HOSVD ``U2``: ``(u1, u2, errors, sweeps)``."""
+        u2, _ = leading_left(self.out_mat, r2)
+        errors: list[float] = []
+        sweeps = 0
         for sweeps in range(1, iters + 1):
-            y1, y2 = project_out(u2), None                                   # (g, r2 kv, cg)
-            if r1 == cg:
-                u1, captured = eye(cg), y1.pow(2).sum((1, 2))
+            y1 = self.project_out(u2)
+            if r1 == self.cg:
+                u1, captured = self.eye(self.cg), y1.pow(2).sum((1, 2))
             else:
                 u1, captured = leading_left(y1.mT, r1)
-            errors.append(float(norm2 - captured.sum()))
+            errors.append(float(self.norm2 - captured.sum()))
             if exact or _converged(errors, tol):
                 break
-            y1, y2 = None, project_in(u1)                                    # (g, ng, kv r1)
-            u2, captured = leading_left(y2, r2)
-            errors.append(float(norm2 - captured.sum()))
+            u2, captured = leading_left(self.project_in(u1), r2)
+            errors.append(float(self.norm2 - captured.sum()))
             if _converged(errors, tol):
                 break
-    r1 = u1.shape[-1]
-    if y1 is not None:      # core = U2^T t U1 from whichever projection is at hand
-        core = y1 @ u1                                                       # (g, r2 kv, r1)
-    else:
-        core = u2.mT @ (project_in(u1) if y2 is None else y2)               # (g, r2, kv r1)
-    core = core.reshape(g, -1, kv, r1).transpose(2, 3).contiguous()        # (g, r2, r1, kv)
-    if not errors:
-        errors.append(float(norm2 - core.pow(2).sum()))
-    return u1, core, u2, {"errors": errors, "sweeps": sweeps}
+        return u1, u2, errors, sweeps
+
+    def core(self, u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+        """``U2^T t U1`` from whichever projection is at hand, as ``(g, r2, r1, kv)``."""
+        r1 = u1.shape[-1]
+        if self.y1 is not None:
+            core = self.y1 @ u1                                                   # (g, r2 kv, r1)
+        else:
+            core = u2.mT @ (self.project_in(u1) if self.y2 is None else self.y2)  # (g, r2, kv r1)
+        return core.reshape(self.g, -1, self.kv, r1).transpose(2, 3).contiguous()
 
 
 def _converged(errors: list[float], tol: float) -> bool:
@@ -129,12 +152,25 @@ def _converged(errors: list[float], tol: float) -> bool:
     return prev <= 0 or (prev - cur) <= tol * prev
 
 
+@dataclass(frozen=True)
 class Tucker2(Method):
+    """Options: ``hooi_iters`` (HOOI sweeps, 0 = truncated HOSVD) and ``hooi_tol`` (relative error
+    decrease below which HOOI stops); see :func:`tucker2`."""
+
+    hooi_iters: int = 5
+    hooi_tol: float = 1e-2
+
     name = "tucker2"
     n_ranks = 2
     rank_names = ("r1", "r2")          # r1: input-channel mode C, r2: output-channel mode N
     supported_dims = (1, 2, 3)
     factor_names = ("first", "core", "last")
+
+    def __post_init__(self):
+        if isinstance(self.hooi_iters, bool) or not isinstance(self.hooi_iters, int) or self.hooi_iters < 0:
+            raise ValueError(f"{self.name}: hooi_iters must be an int >= 0, got {self.hooi_iters!r}")
+        if isinstance(self.hooi_tol, bool) or not isinstance(self.hooi_tol, (int, float)) or self.hooi_tol < 0:
+            raise ValueError(f"{self.name}: hooi_tol must be a number >= 0, got {self.hooi_tol!r}")
 
     # ------------------------------------------------------------------ rank arithmetic
     def full_rank(self, spec: ConvSpec) -> Ranks:
@@ -163,17 +199,14 @@ class Tucker2(Method):
         t = _grouped(weight.double(), spec)
         return [gram_singular_values(unfold_in(t)), gram_singular_values(unfold_out(t))]
 
-    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *, hooi_iters: int = 5,
-                  hooi_tol: float = 1e-2, **options) -> dict[str, torch.Tensor]:
+    def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *,
+                  calibration=None) -> dict[str, torch.Tensor]:
         """``weight: (N, C/g, *k)`` -> ``first: (g r1, C/g, 1..)``, ``core: (g r2, r1, *k)``, ``last: (N, r2, 1..)``."""
-        if isinstance(hooi_iters, bool) or not isinstance(hooi_iters, int) or hooi_iters < 0:
-            raise ValueError(f"{self.name}: hooi_iters must be an int >= 0, got {hooi_iters!r}")
-        if not (isinstance(hooi_tol, (int, float)) and hooi_tol >= 0):
-            raise ValueError(f"{self.name}: hooi_tol must be a number >= 0, got {hooi_tol!r}")
         r1, r2 = ranks
         g = spec.groups
         ones = (1,) * spec.dim
-        u1, core, u2, _ = tucker2(_grouped(weight, spec), r1, r2, iters=hooi_iters, tol=float(hooi_tol))
+        u1, core, u2, _ = tucker2(_grouped(weight, spec), r1, r2, iters=self.hooi_iters,
+                                  tol=float(self.hooi_tol))
         return {"first": u1.mT.reshape(g * r1, spec.in_per_group, *ones),
                 "core": core.reshape(g * r2, r1, *spec.kernel_size),
                 "last": u2.reshape(spec.out_channels, r2, *ones)}
@@ -187,7 +220,7 @@ class Tucker2(Method):
         t = torch.einsum("gnb,gbak,gac->gnck", last, core, first)
         return t.reshape(spec.out_channels, cg, *spec.kernel_size)
 
-    def build(self, spec: ConvSpec, ranks: Ranks, factors=None, *, dtype=None, device=None, **options) -> Factorized:
+    def build(self, spec: ConvSpec, ranks: Ranks, factors=None, *, dtype=None, device=None) -> Factorized:
         r1, r2 = ranks
         g = spec.groups
         first = make_conv(spec, spec.in_channels, g * r1, groups=g, dtype=dtype, device=device)
@@ -197,7 +230,7 @@ class Tucker2(Method):
             copy_into(first, factors["first"])
             copy_into(core, factors["core"])
             copy_into(last, factors["last"], factors.get("bias"))
-        return Factorized(first, core, last, method=self.name, spec=spec, ranks=ranks)
+        return self.factorized(spec, ranks, first, core, last)
 
     def cost(self, spec: ConvSpec, ranks: Ranks, input_size: Sequence[int] = ()) -> Cost:
         """``C r1`` MACs per input pixel, ``g r2 r1 kv + N r2`` per output pixel (the first 1x1 runs unstrided)."""

@@ -64,3 +64,29 @@ def test_safetensors_weights(tmp_path):
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
     fresh = convfactor.load_weights(models.get("resnet20"), tmp_path / "w.safetensors")
     assert torch.equal(fresh.conv1.weight, model.conv1.weight)
+
+
+def test_recipes_written_before_methods_were_dataclasses_still_load(tmp_path):
+    """Earlier recipes stored only what build() read ("form" for cp, nothing for tucker2, the resolved
+    splits and impl for basis); the configured method is rebuilt from that subset."""
+    import json
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, padding=1)).eval()
+    x = torch.randn(1, 4, 10, 10)
+    rules = [{"op_names": ["0"], "method": "cp", "rank": 5, "form": "folded", "n_iter": 5},
+             {"op_names": ["2"], "method": "tucker2", "rank": 3},
+             {"op_names": ["4"], "method": "basis", "rank": 3, "impl": "grouped"}]
+    compressed, _ = convfactor.compress(model, rules, x)
+    convfactor.save(compressed, tmp_path / "m")
+    recipe = json.loads((tmp_path / "m" / "recipe.json").read_text())
+    assert recipe["layers"]["0"]["options"]["n_iter"] == 5              # the recipe is the method's fields
+    splits = recipe["layers"]["4"]["options"]["splits"]
+    old = {"0": {"form": "folded"}, "2": {}, "4": {"splits": splits, "impl": "grouped"}}
+    for name, options in old.items():
+        recipe["layers"][name]["options"] = options
+    (tmp_path / "m" / "recipe.json").write_text(json.dumps(recipe))
+    loaded = convfactor.load(tmp_path / "m", model)
+    assert loaded[0].options["form"] == "folded" and loaded[4].options["impl"] == "grouped"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), compressed(x))

@@ -70,7 +70,7 @@ def test_splits_1_is_channel_svd():
     layer = nn.Conv2d(12, 10, (3, 2), stride=2, padding=(1, 0), dilation=(1, 2), dtype=torch.float64)
     spec = ConvSpec.from_module(layer)
     svd = registry.get("channel_svd")
-    a = BASIS.factorize(layer.weight.detach(), spec, (5,), splits=1)
+    a = Basis(splits=1).factorize(layer.weight.detach(), spec, (5,))
     b = svd.factorize(layer.weight.detach(), spec, (5,))
     assert torch.equal(a["basis"], b["first"]) and torch.equal(a["coeff"], b["second"])
     x = input_for(layer)
@@ -78,7 +78,7 @@ def test_splits_1_is_channel_svd():
     new_b = convfactor.factorize(layer, "channel_svd", rank=5)
     with torch.no_grad():
         assert torch.allclose(new_a(x), new_b(x), rtol=0, atol=1e-12)
-    assert BASIS.cost(spec, (5,), (9, 9), splits=1) == svd.cost(spec, (5,), (9, 9))
+    assert Basis(splits=1).cost(spec, (5,), (9, 9)) == svd.cost(spec, (5,), (9, 9))
 
 
 def test_splits_C_is_channelwise_2d_decomposition():
@@ -141,7 +141,7 @@ def test_cost_matches_flop_counter_and_params(impl, s):
     spec = ConvSpec.from_module(layer)
     new = convfactor.factorize(layer, "basis", rank=3, splits=s, impl=impl)
     counted = convfactor.count(new, torch.randn(1, 12, 20, 18))
-    cost = BASIS.cost(spec, (3,), (20, 18), splits=s)
+    cost = registry.get("basis", splits=s).cost(spec, (3,), (20, 18))
     assert counted["macs"] == cost.macs and counted["params"] == cost.params == count_params(new)
 
 

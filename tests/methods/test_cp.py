@@ -145,7 +145,7 @@ def test_cost_matches_flop_counter_both_forms(make, form):
     new = convfactor.factorize(layer, "cp", rank=r, n_iter=5, form=form)
     x = input_for(layer, size=(9, 8, 7), batch=1, dtype=torch.float32)
     counted = convfactor.count(new, x)
-    cost = CP.cost(spec, (r,), tuple(x.shape[2:]), form=form)
+    cost = registry.get("cp", form=form).cost(spec, (r,), tuple(x.shape[2:]))
     assert (counted["macs"], counted["params"]) == (cost.macs, cost.params)
 
 
@@ -188,8 +188,9 @@ def test_macs_ratio_and_pointwise():
     assert CP.cost(spec, new.ranks, (16, 16)).macs <= 0.25 * spec.dense_macs((16, 16))
     # the folded form's cost (one kxk depthwise conv) is what its macs_ratio target is met on
     fold = convfactor.factorize(layer, "cp", macs_ratio=0.25, input_size=(16, 16), n_iter=5, form="folded")
-    assert CP.cost(spec, fold.ranks, (16, 16), form="folded").macs <= 0.25 * spec.dense_macs((16, 16))
-    assert CP.cost(spec, (fold.ranks[0] + 1,), (16, 16), form="folded").macs > 0.25 * spec.dense_macs((16, 16))
+    folded = registry.get("cp", form="folded")
+    assert folded.cost(spec, fold.ranks, (16, 16)).macs <= 0.25 * spec.dense_macs((16, 16))
+    assert folded.cost(spec, (fold.ranks[0] + 1,), (16, 16)).macs > 0.25 * spec.dense_macs((16, 16))
     assert fold.ranks[0] < new.ranks[0]          # 9 depthwise MACs per term instead of 3 + 3
     # a 1x1 conv is a matrix: the CP is its truncated SVD (Eckart-Young optimal)
     pw = nn.Conv2d(12, 10, 1, dtype=torch.float64)

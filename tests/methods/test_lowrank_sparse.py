@@ -150,7 +150,8 @@ def test_macs_ratio_splits_the_budget():
     r, s = LS.resolve_ranks(spec, layer.weight, macs_ratio=0.5, input_size=(16, 16))
     assert s == 4 and LS.cost(spec, (r, s), (16, 16)).macs <= 0.5 * spec.dense_macs((16, 16))
     assert LS.cost(spec, (r + 1, s), (16, 16)).macs > 0.5 * spec.dense_macs((16, 16))
-    assert LS.resolve_ranks(spec, layer.weight, macs_ratio=0.5, input_size=(16, 16), sparse_fraction=0)[1] == 0
+    assert registry.get("lowrank_sparse", sparse_fraction=0).resolve_ranks(
+        spec, layer.weight, macs_ratio=0.5, input_size=(16, 16))[1] == 0
     new = convfactor.factorize(layer, "lowrank_sparse", macs_ratio=0.5, input_size=(16, 16), sparse_fraction=0.5,
                                admm_iters=20)
     assert new.ranks[1] == 8

@@ -26,7 +26,7 @@ def test_full_tt_ranks_reproduce_linear(shape, modes, bias):
     layer = _linear(*shape, bias=bias)
     kw = {} if modes is None else {"in_modes": modes[0], "out_modes": modes[1]}
     spec = ConvSpec.from_module(layer)
-    full = TT.full_rank(spec, **kw)
+    full = registry.get("tt", **kw).full_rank(spec)
     new = convfactor.factorize(layer, "tt", rank=list(full), **kw)
     x = torch.randn(5, shape[0], dtype=torch.float64)
     assert rel_err(new(x), layer(x)) <= 1e-10
@@ -75,7 +75,8 @@ def test_forward_never_builds_the_matrix_and_cost_matches_counter(monkeypatch):
     monkeypatch.setattr(ttmod, "tt_full", lambda *a, **k: pytest.fail("forward rebuilt the matrix"))
     x = torch.randn(3, 256, dtype=torch.float64)
     counted = convfactor.count(new, x)
-    cost = TT.cost(ConvSpec.from_module(layer), new.ranks, in_modes=[4, 4, 4, 4], out_modes=[4, 4, 4, 4])
+    cost = registry.get("tt", in_modes=[4, 4, 4, 4], out_modes=[4, 4, 4, 4]).cost(ConvSpec.from_module(layer),
+                                                                                  new.ranks)
     assert counted["macs"] == 3 * cost.macs
     assert counted["params"] == cost.params == sum(p.numel() for p in new.parameters())
     assert cost.macs < 256 * 256
