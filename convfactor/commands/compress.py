@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..rank import Plan
 from .common import add_model_arguments, load_model
 
 HELP = "factorize a model's conv/linear layers and write the result (safetensors + JSON recipe) atomically"
@@ -49,7 +50,6 @@ def run(args) -> int:
     io.check_writable(args.output)            # fail before any work
     model, example = load_model(args)
     if args.plan:
-        from ..rank import Plan
         plan = Plan.load(args.plan)
         compressed, report = plan.apply(model, example)
     else:

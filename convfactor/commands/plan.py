@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..rank import LatencyConfig, RankConfig, Target, plan
+from ..rank.planner import CRITERIA
 from .common import add_malloc_argument, add_model_arguments, apply_malloc, load_model
 
 HELP = ("choose per-layer methods and ranks for a target (MACs/params budget, energy, VBMF, or a measured "
@@ -13,7 +15,7 @@ def add_arguments(p) -> None:
     add_malloc_argument(p)
     add_model_arguments(p)
     p.add_argument("--target", help="macs=40%%, params=3x, speedup=3x, error=0.2, energy=0.9 or rank=8")
-    p.add_argument("--criterion", choices=["energy", "vbmf", "budget", "latency", "uniform", "rank"],
+    p.add_argument("--criterion", choices=list(CRITERIA),
                    help="how ranks are chosen (default: from the target; vbmf without one)")
     p.add_argument("--method", action="append", dest="methods",
                    help="factorization method(s) to consider (repeatable; the latency planner tries several)")
@@ -35,19 +37,20 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     apply_malloc(args)
-    from ..rank import plan
     out = Path(args.output)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"directory {out.parent} does not exist")
+    target = Target.parse(args.target)
+    config = RankConfig(round_to=args.round_to, kappa_threshold=args.kappa_threshold, energy=args.energy,
+                        weakening=args.weakening)
+    timing = LatencyConfig(threads=args.threads, formats=tuple(args.formats), repeats=args.repeats, cache=args.cache)
     model, example = load_model(args)
-    p = plan(model, example, target=args.target, criterion=args.criterion, methods=args.methods,
-             op_names=args.op_names, exclude=args.exclude, round_to=args.round_to, energy=args.energy,
-             weakening=args.weakening, kappa_threshold=args.kappa_threshold, threads=args.threads,
-             formats=args.formats, repeats=args.repeats, cache=args.cache,
+    p = plan(model, example, target=target, criterion=args.criterion, methods=args.methods, op_names=args.op_names,
+             exclude=args.exclude, config=config, latency=timing,
              model_name=args.model if not Path(args.model).exists() else None, progress=True)
     p.save(out)
     print(p.table())
-    if p.summary.get("message"):
-        print(f"note: {p.summary['message']}")
+    if p.summary.message:
+        print(f"note: {p.summary.message}")
     print(f"wrote {out}")
     return 0

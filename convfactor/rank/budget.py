@@ -121,7 +121,15 @@ def allocate(layers: list[LayerCandidates], budget: float, tolerance: float,
     total = sum(c.cost[0] for c in layers)
     if total <= budget:
         return total, True
-    # Every hull segment of every layer, in order of objective added per cost saved.
+    total = _descend_hulls(layers, total, budget)
+    if total > budget:
+        return total, False
+    return _fill(layers, total, budget, tolerance, budget + overshoot), True
+
+
+def _descend_hulls(layers: list[LayerCandidates], total: float, budget: float) -> float:
+    """Walk every layer's hull segments in order of objective added per cost saved, until the total
+    is within ``budget`` (or every layer is at its cheapest state); returns the total."""
     segments = []
     for li, c in enumerate(layers):
         for a, b in zip(c.hull, c.hull[1:]):
@@ -136,31 +144,35 @@ def allocate(layers: list[LayerCandidates], budget: float, tolerance: float,
         c.current = b
         if total <= budget:
             break
-    if total > budget:
-        return total, False
-    # Fill: raise ranks (any state, not only the hull) while it keeps us under the budget.
-    limit = budget + overshoot
+    return total
+
+
+def _fill(layers: list[LayerCandidates], total: float, budget: float, tolerance: float, limit: float) -> float:
+    """Raise ranks (any state, not only the hull) while the total stays within ``limit``, until it is
+    within ``tolerance`` below ``budget``; error-reducing moves first.  Returns the total."""
     while budget - total > tolerance:
-        best = None
-        for li, c in enumerate(layers):
-            here = c.cost[c.current]
-            for i, cost in enumerate(c.cost):
-                gain = cost - here
-                if 0 < gain <= limit - total and c.objective[i] < c.objective[c.current] + 1e-15:
-                    key = (c.objective[c.current] - c.objective[i], gain)
-                    if best is None or key > best[0]:
-                        best = (key, li, i, gain)
+        best = _best_move(layers, limit - total, improving=True) or _best_move(layers, limit - total, improving=False)
         if best is None:
-            # no error-reducing move fits; accept any move that fits, largest first
-            for li, c in enumerate(layers):
-                here = c.cost[c.current]
-                for i, cost in enumerate(c.cost):
-                    gain = cost - here
-                    if 0 < gain <= limit - total and (best is None or gain > best[3]):
-                        best = (None, li, i, gain)
-            if best is None:
-                break
-        _, li, i, gain = best
+            break
+        li, i, gain = best
         layers[li].current = i
         total += gain
-    return total, True
+    return total
+
+
+def _best_move(layers: list[LayerCandidates], room: float, improving: bool) -> tuple[int, int, float] | None:
+    """``(layer, state, cost added)`` of the best single move costing at most ``room``: with
+    ``improving``, the one lowering the objective most (ties: the costlier); else the costliest."""
+    best, best_key = None, None
+    for li, c in enumerate(layers):
+        here = c.cost[c.current]
+        for i, cost in enumerate(c.cost):
+            gain = cost - here
+            if not 0 < gain <= room:
+                continue
+            if improving and not c.objective[i] < c.objective[c.current] + 1e-15:
+                continue
+            key = (c.objective[c.current] - c.objective[i], gain) if improving else gain
+            if best_key is None or key > best_key:
+                best, best_key = (li, i, gain), key
+    return best

@@ -16,8 +16,9 @@ from typing import Sequence
 
 import torch
 
-from ..spec.convspec import ConvSpec
 from ..compression.inspect import condition_number
+from ..methods.channel_svd import grouped_matrix
+from ..spec.convspec import ConvSpec
 
 __all__ = ["layer_kappa", "mark_by_condition", "below_dense", "speed_bound", "round_ranks",
            "family", "clip_to_speed_bound"]
@@ -25,7 +26,6 @@ __all__ = ["layer_kappa", "mark_by_condition", "below_dense", "speed_bound", "ro
 
 def layer_kappa(weight: torch.Tensor, spec: ConvSpec) -> float:
     """Condition number of the ``(N/g, C/g * prod(k))`` kernel matrix (largest over groups)."""
-    from ..methods.channel_svd import grouped_matrix
     s = torch.linalg.svdvals(grouped_matrix(weight.detach().double(), spec.groups))
     return condition_number(s)
 

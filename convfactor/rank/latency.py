@@ -27,10 +27,15 @@ import torch
 from torch import nn
 
 from ..measure.latency import environment, measure_latency
+from .target import SpeedupBand
 
-__all__ = ["LatencyCache", "LayerTimer", "Option", "choose", "compare_models", "env_key"]
+__all__ = ["LatencyCache", "LatencyConfig", "LayerTimer", "Option", "choose", "compare_models", "env_key",
+           "DEFAULT_RATIOS", "MEMORY_FORMATS"]
 
 Timer = Callable[[nn.Module, tuple], float]
+#: per-layer MACs ratios tried as latency candidates
+DEFAULT_RATIOS = (0.08, 0.12, 0.18, 0.25, 0.33, 0.42, 0.5, 0.6, 0.7, 0.8)
+MEMORY_FORMATS = ("contiguous", "channels_last", "channels_last_3d")
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,6 +85,73 @@ class LatencyCache:
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text(json.dumps(self.data, indent=0))
             tmp.replace(self.path)
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """How the latency planner measures and when it stops.
+
+    ``threads``: torch threads while timing (None: torch's); ``timer``: an injected
+    ``(module, inputs) -> seconds`` (deterministic tests); ``cache``: a :class:`LatencyCache` or a
+    JSON path reused across runs; ``formats``: memory formats tried; ``ratios``: per-layer MACs ratios
+    tried as candidates; ``repeats``/``min_run_time``: per-layer timing; ``e2e_rounds``/``e2e_repeats``:
+    the interleaved end-to-end checks; ``max_iter``: tries; ``min_gain``: a candidate must beat the
+    dense layer by this fraction.  Accepted band: ``request * [1 - band, 1 + band]``, or with
+    ``margin`` the band of :meth:`SpeedupBand.at_least` (plans that must measure at least the request).
+    """
+
+    threads: int | None = None
+    timer: Timer | None = None
+    cache: LatencyCache | str | Path | None = None
+    formats: tuple[str, ...] = ("contiguous", "channels_last")
+    ratios: tuple[float, ...] = DEFAULT_RATIOS
+    repeats: int = 15
+    min_run_time: float = 0.0
+    e2e_rounds: int = 5
+    e2e_repeats: int = 5
+    max_iter: int = 5
+    band: float = 0.10
+    margin: float | None = None
+    min_gain: float = 0.02
+
+    def __post_init__(self):
+        object.__setattr__(self, "formats", tuple(self.formats))
+        object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+        bad = [f for f in self.formats if f not in MEMORY_FORMATS]
+        if bad or not self.formats:
+            raise ValueError(f"formats must be among {', '.join(MEMORY_FORMATS)}, got {list(self.formats)}")
+        if not 0 <= self.band < 1:
+            raise ValueError(f"band must be in [0, 1), got {self.band}")
+        if self.margin is not None and not 0 <= self.margin < 1:
+            raise ValueError(f"plan margin must be in [0, 1), got {self.margin}")
+        for name in ("repeats", "e2e_rounds", "e2e_repeats", "max_iter"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def speedup_band(self, request: float) -> SpeedupBand:
+        """The band a measured speed-up must land in for a request of ``request`` x."""
+        if self.margin is not None:
+            return SpeedupBand.at_least(request, self.margin)
+        return SpeedupBand.around(request, self.band)
+
+    def open_cache(self) -> "LatencyCache":
+        """The timing cache: the given one, one read from the given path, or a fresh in-memory one."""
+        if isinstance(self.cache, LatencyCache):
+            return self.cache
+        return LatencyCache(self.cache)
+
+    def formats_for(self, example: torch.Tensor) -> list[str]:
+        """The formats to try for an input like ``example`` (only 4-D/5-D inputs have channels-last forms)."""
+        return list(self.formats) if example.dim() in (4, 5) else ["contiguous"]
+
+    def layer_timer(self, cache: "LatencyCache") -> "LayerTimer":
+        return LayerTimer(threads=self.threads, timer=self.timer, repeats=self.repeats,
+                          min_run_time=self.min_run_time, cache=cache)
+
+    def compare(self, models: dict[str, tuple[nn.Module, str]], example_input) -> dict[str, float]:
+        """:func:`compare_models` with the end-to-end settings."""
+        return compare_models(models, example_input, threads=self.threads, timer=self.timer,
+                              rounds=self.e2e_rounds, repeats=self.e2e_repeats, min_run_time=self.min_run_time)
 
 
 @dataclass
@@ -180,6 +252,13 @@ def _pick(options: list[list[Option]], lam: float, mode: str) -> list[int]:
     return out
 
 
+def _total(options: list[list[Option]], choice: Sequence[int], mode: str) -> float:
+    """Summed ms (mode 'time': what the budget limits) or summed squared error (mode 'error')."""
+    if mode == "time":
+        return sum(options[l][i].ms for l, i in enumerate(choice))
+    return sum(options[l][i].error ** 2 for l, i in enumerate(choice))
+
+
 def choose(options: list[list[Option]], *, time_budget: float | None = None,
            error_budget: float | None = None) -> tuple[list[int], bool]:
     """Per layer an index into its options (index 0 must be dense).
@@ -191,16 +270,10 @@ def choose(options: list[list[Option]], *, time_budget: float | None = None,
     if (time_budget is None) == (error_budget is None):
         raise ValueError("give exactly one of time_budget=, error_budget=")
     mode = "time" if time_budget is not None else "error"
-
-    def total(choice, attr):
-        if attr == "ms":
-            return sum(options[l][i].ms for l, i in enumerate(choice))
-        return sum(options[l][i].error ** 2 for l, i in enumerate(choice))
-
-    budget, attr = (time_budget, "ms") if mode == "time" else (error_budget, "err")
+    budget = time_budget if mode == "time" else error_budget
     # The extreme where the budget weighs infinitely: fastest (or most accurate) everywhere.
     extreme = _pick(options, 1e30, mode)
-    if total(extreme, attr) > budget + 1e-12:
+    if _total(options, extreme, mode) > budget + 1e-12:
         return extreme, False
     # Smallest multiplier whose choice fits; bisect in log space.
     lo, hi = -30.0, 30.0
@@ -208,14 +281,17 @@ def choose(options: list[list[Option]], *, time_budget: float | None = None,
     for _ in range(80):
         mid = (lo + hi) / 2
         c = _pick(options, math.exp(mid), mode)
-        if total(c, attr) <= budget + 1e-12:
+        if _total(options, c, mode) <= budget + 1e-12:
             best, hi = c, mid
         else:
             lo = mid
-    best = list(best)
-    # Greedy fill: spend the remaining slack on the moves that buy the most.
+    return _spend_slack(options, list(best), budget, mode), True
+
+
+def _spend_slack(options: list[list[Option]], best: list[int], budget: float, mode: str) -> list[int]:
+    """Greedy fill: spend the remaining slack on the moves that buy the most (gain per cost)."""
     while True:
-        slack = budget - total(best, attr)
+        slack = budget - _total(options, best, mode)
         move = None
         for l, opts in enumerate(options):
             cur = opts[best[l]]
@@ -229,6 +305,5 @@ def choose(options: list[list[Option]], *, time_budget: float | None = None,
                     if move is None or key > move[0]:
                         move = (key, l, i)
         if move is None:
-            break
+            return best
         best[move[1]] = move[2]
-    return best, True

@@ -6,15 +6,20 @@ edited by hand (change a rank, set ``method: null`` to keep a layer dense) and r
 """
 from __future__ import annotations
 
+import glob
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-import torch
+import yaml
 from torch import nn
 
-__all__ = ["LayerPlan", "Plan", "PLAN_VERSION"]
+from ..compression.api import compress
+from ..compression.surgery import candidate_layers
+from ..utils import plain_data
+
+__all__ = ["LayerPlan", "Plan", "PlanSummary", "PLAN_VERSION"]
 
 PLAN_VERSION = 1
 
@@ -50,6 +55,106 @@ class LayerPlan:
 
 
 @dataclass
+class PlanSummary:
+    """What was asked for and what the plan achieves; each criterion fills its own fields.
+
+    ``requested_speedup`` is the user's request (3.0); ``aimed_speedup`` is what the latency planner
+    aimed its per-layer model at (3.36 with a 12% margin) and ``speedup_band`` the measured
+    speed-ups it accepted.  Read fields as attributes; ``summary["key"]`` and ``summary.get("key")``
+    also work (None fields read as absent).
+    """
+
+    # the request, as the user gave it
+    requested_speedup: float | None = None
+    requested_error: float | None = None
+    requested_ratio: float | None = None           # budget: the fraction of MACs/params kept
+    metric: str | None = None                      # budget: 'macs' or 'params'
+    # what the latency planner aimed at, and the measured speed-ups it accepts (low, high)
+    aimed_speedup: float | None = None
+    speedup_band: tuple[float, float] | None = None
+    # settings that shaped the ranks
+    energy: float | None = None
+    weakening: float | None = None
+    kappa_threshold: float | None = None
+    round_to: int | None = None
+    # the outcome
+    reachable: bool | None = None
+    message: str | None = None
+    achieved_ratio: float | None = None            # budget
+    measured_speedup: float | None = None          # latency: end to end, against the original's fastest form
+    predicted_speedup: float | None = None
+    rms_kernel_error: float | None = None
+    reference_format: str | None = None
+    reference_ms: float | None = None
+    plan_ms: float | None = None
+    original_ms: dict[str, float] | None = None    # the original model per memory format
+    layer_time_scale: dict[str, float] | None = None
+    history: list[dict[str, Any]] | None = None    # latency: one record per measured try
+    # whole-model costs
+    macs_before: int | None = None
+    macs_after: int | None = None
+    macs_ratio: float | None = None
+    params_before: int | None = None
+    params_after: int | None = None
+    params_ratio: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)   # keys this version does not know, kept as read
+
+    def __post_init__(self):
+        if self.speedup_band is not None:
+            self.speedup_band = tuple(float(v) for v in self.speedup_band)
+
+    def update(self, **values) -> None:
+        """Set fields by name (a name that is not a field goes to ``extra``)."""
+        names = _field_names(type(self))
+        for key, value in values.items():
+            if key in names:
+                setattr(self, key, value)
+            else:
+                self.extra[key] = value
+        self.__post_init__()
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        """``(name, value)`` of every field that is set, then the extra keys."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "extra" and value is not None:
+                yield f.name, value
+        yield from self.extra.items()
+
+    def __getitem__(self, key: str):
+        if key in self.extra:
+            return self.extra[key]
+        if key == "extra" or key not in _field_names(type(self)):
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default=None):
+        try:
+            value = self[key]
+        except KeyError:
+            return default
+        return default if value is None else value
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.items())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "PlanSummary":
+        if data is not None and not isinstance(data, dict):
+            raise ValueError("a plan's summary must be a mapping")
+        summary = cls()
+        summary.update(**(data or {}))
+        return summary
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+@dataclass
 class Plan:
     """A compression plan; ``layers`` lists every layer considered (dense ones included)."""
 
@@ -60,8 +165,12 @@ class Plan:
     input_shape: list[int] | None = None
     memory_format: str = "contiguous"                          # the format the plan was measured in
     environment: dict[str, Any] = field(default_factory=dict)  # device, threads, dtype, ... (latency plans)
-    summary: dict[str, Any] = field(default_factory=dict)      # requested / achieved figures, messages
+    summary: PlanSummary = field(default_factory=PlanSummary)  # requested / achieved figures, messages
     options: dict[str, Any] = field(default_factory=dict)      # layer options passed to every method call
+
+    def __post_init__(self):
+        if not isinstance(self.summary, PlanSummary):
+            self.summary = PlanSummary.from_dict(self.summary)
 
     # ------------------------------------------------------------------ views
     @property
@@ -70,7 +179,6 @@ class Plan:
 
     def rules(self) -> list[dict]:
         """NNI-style rules for :func:`convfactor.compress`: one per compressed layer, by exact name."""
-        import glob
         rules = []
         for layer in self.compressed:
             rule = {"op_names": [glob.escape(layer.name)], "method": layer.method,
@@ -87,8 +195,6 @@ class Plan:
         contiguous format; run it in :attr:`memory_format` (e.g. with
         :func:`convfactor.measure.latency.to_memory_format`) to get the planned speed.
         """
-        from ..compression.api import compress
-        from ..compression.surgery import candidate_layers
         layers = candidate_layers(model)
         missing = [p.name for p in self.compressed if p.name not in layers]
         if missing:
@@ -108,15 +214,16 @@ class Plan:
                 f"{_f(L.dense_ms, '.3f'):>9} {_f(L.factorized_ms, '.3f'):>8}" + (f"  {L.note}" if L.note else ""))
         lines.append("-" * len(head))
         for key, value in self.summary.items():
-            if key != "history" and value is not None:
-                lines.append(f"{key}: {_f(value, '.4g') if isinstance(value, float) else value}")
+            if key != "history":
+                lines.append(f"{key}: {_show(value)}")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["summary"] = self.summary.to_dict()
         data["version"] = PLAN_VERSION
-        return _plain(data)
+        return plain_data(data, nan=None)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
@@ -148,7 +255,6 @@ class Plan:
             raise FileNotFoundError(f"directory {path.parent} does not exist")
         data = self.to_dict()
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
             text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
         else:
             text = json.dumps(data, indent=2)
@@ -162,7 +268,6 @@ class Plan:
         path = Path(path)
         text = path.read_text()
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
@@ -173,16 +278,10 @@ def _f(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _plain(value):
-    """Tuples -> lists, tensors/numpy scalars -> Python numbers, so YAML safe_dump accepts it."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        return value.item()
-    if isinstance(value, float) and value != value:
-        return None
-    return value
+def _show(value) -> str:
+    """A summary value for the table: floats to 4 significant digits, tuples of them too."""
+    if isinstance(value, float):
+        return format(value, ".4g")
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_show(v) for v in value) + ")"
+    return str(value)

@@ -4,7 +4,7 @@ from torch import nn
 
 from convfactor import models
 from convfactor.measure.count import count, count_params
-from convfactor.rank import plan
+from convfactor.rank import RankConfig, plan
 from convfactor.rank.budget import parse_ratio
 
 
@@ -35,7 +35,7 @@ def test_budget_hits_target_within_2_percent(zoo, name, target):
 
 def test_budget_with_rounding_still_hits_target(zoo):
     model, x = zoo["resnet56"]
-    p = plan(model, x, target="macs=50%", criterion="budget", round_to=8)
+    p = plan(model, x, target="macs=50%", criterion="budget", config=RankConfig(round_to=8))
     assert all(r % 8 == 0 or r == max(L.input_shape[1], 1) for L in p.compressed for r in L.ranks)
     assert abs(p.summary["achieved_ratio"] - 0.5) <= 0.01
 

@@ -118,3 +118,65 @@ def test_cli_plan_bad_target(tmp_path, capsys):
     assert main(["plan", "resnet20", "--target", "speed=3", "-o", str(tmp_path / "p.yaml")]) == 2
     assert "unknown target" in capsys.readouterr().err
     assert not (tmp_path / "p.yaml").exists()
+
+
+# A latency plan file as the previous planner wrote it (the pipeline's 3x request with a 12% margin):
+# its summary is a plain mapping, and ``requested_speedup`` holds the aim.
+OLD_LATENCY_PLAN = {
+    "layers": [
+        {"name": "conv1", "method": None, "ranks": None, "criterion": "latency", "input_shape": [1, 3, 32, 32],
+         "macs_before": 442368, "macs_after": 442368, "params_before": 432, "params_after": 432, "kappa": 4.2,
+         "error": 0.0, "dense_ms": 0.41, "factorized_ms": None, "note": "no candidate is faster than the dense layer"},
+        {"name": "layer1.0.conv1", "method": "channel_svd", "ranks": [3], "criterion": "latency",
+         "input_shape": [1, 16, 32, 32], "macs_before": 2359296, "macs_after": 491520, "params_before": 2304,
+         "params_after": 480, "kappa": 1.92, "error": 0.84, "dense_ms": 1.53, "factorized_ms": 0.32, "note": None},
+    ],
+    "criterion": "latency", "target": {"speedup": 3.3600000000000003}, "model": None, "input_shape": [1, 3, 32, 32],
+    "memory_format": "channels_last", "environment": {}, "options": {}, "version": 1,
+    "summary": {"kappa_threshold": None, "requested_speedup": 3.3600000000000003, "requested_error": None,
+                "measured_speedup": 3.378, "reference_format": "channels_last", "reference_ms": 27.17,
+                "plan_ms": 8.04, "predicted_speedup": 3.18, "rms_kernel_error": 0.737, "reachable": True,
+                "original_ms": {"contiguous": 40.7, "channels_last": 27.17},
+                "layer_time_scale": {"contiguous": 0.97, "channels_last": 0.97},
+                "history": [{"iteration": 0, "memory_format": "channels_last", "aimed_speedup": 3.36,
+                             "predicted_speedup": 3.39, "measured_speedup": 3.62, "rms_kernel_error": 0.75,
+                             "feasible": True, "reference_ms": 27.17, "plan_ms": 7.5}],
+                "macs_ratio": 0.291, "params_ratio": 0.312, "a_key_from_elsewhere": "kept"},
+}
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_a_plan_file_written_by_the_previous_planner_loads(resnet, tmp_path, suffix):
+    import yaml
+    model, x = resnet
+    path = tmp_path / f"old{suffix}"
+    path.write_text(yaml.safe_dump(OLD_LATENCY_PLAN) if suffix == ".yaml" else json.dumps(OLD_LATENCY_PLAN))
+    p = Plan.load(path)
+    assert p.summary.requested_speedup == pytest.approx(3.36) and p.summary.aimed_speedup is None
+    assert p.summary["measured_speedup"] == 3.378 and p.summary.get("message") is None
+    assert p.summary.history[0]["measured_speedup"] == 3.62
+    assert p.summary["a_key_from_elsewhere"] == "kept"
+    assert [(L.name, L.method, L.ranks) for L in p.compressed] == [("layer1.0.conv1", "channel_svd", [3])]
+    again = Plan.from_dict(p.to_dict())
+    assert again.to_dict() == p.to_dict()
+    assert {k: v for k, v in p.to_dict()["summary"].items()} == {
+        k: v for k, v in OLD_LATENCY_PLAN["summary"].items() if v is not None}
+    compressed, report = p.apply(model, x)
+    assert [L.name for L in report.compressed] == ["layer1.0.conv1"]
+
+
+def test_a_plan_for_3x_records_the_request_and_the_aim_apart(resnet, tmp_path):
+    from fake_timer import FakeTimer
+    from convfactor.rank import LatencyConfig, Target
+    model, x = resnet
+    timing = LatencyConfig(timer=FakeTimer(), repeats=1, e2e_rounds=1, e2e_repeats=1, margin=0.12)
+    p = plan(model, x, target=Target("speedup", 3.0), methods=("channel_svd", "linear_svd"), latency=timing)
+    q = Plan.load(p.save(tmp_path / "plan.yaml"))
+    for r in (p, q):
+        assert r.target == {"speedup": 3.0}
+        assert r.summary.requested_speedup == 3.0
+        assert r.summary.aimed_speedup == pytest.approx(3.36)
+        assert r.summary.speedup_band == pytest.approx((3.18, 3.54))
+        assert r.summary.history[0]["aimed_speedup"] == pytest.approx(3.36)
+    assert q.summary.reachable and 3.18 <= q.summary.measured_speedup <= 3.54
+    assert "requested_speedup: 3" in q.table() and "aimed_speedup: 3.36" in q.table()

@@ -7,12 +7,17 @@ import torch
 
 from convfactor import models
 from convfactor.measure.latency import to_memory_format
-from convfactor.rank import LatencyCache, plan
+from convfactor.rank import LatencyCache, LatencyConfig, plan
 from convfactor.rank.latency import Option, choose
 
 from fake_timer import FakeTimer
 
-FAST = dict(repeats=1, e2e_rounds=1, e2e_repeats=1, methods=("channel_svd", "linear_svd"))
+FAST = dict(methods=("channel_svd", "linear_svd"))
+
+
+def fast(timer, **settings) -> LatencyConfig:
+    """One timed repeat and one end-to-end round: the fake timer is deterministic."""
+    return LatencyConfig(timer=timer, repeats=1, e2e_rounds=1, e2e_repeats=1, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,7 @@ def fake_speedup(model, compressed, x, fmt, timer):
 def test_plan_meets_requested_speedup(resnet, speedup):
     model, x = resnet
     timer = FakeTimer()
-    p = plan(model, x, target=f"speedup={speedup}x", timer=timer, **FAST)
+    p = plan(model, x, target=f"speedup={speedup}x", latency=fast(timer), **FAST)
     assert p.summary["reachable"]
     assert abs(p.summary["measured_speedup"] / speedup - 1) <= 0.10
     # The fake timer favours channels_last for everything: that is the reference and the plan's format.
@@ -47,7 +52,7 @@ def test_plan_meets_requested_speedup(resnet, speedup):
 
 def test_more_speed_costs_more_error(resnet):
     model, x = resnet
-    errs = [plan(model, x, target=f"speedup={s}x", timer=FakeTimer(), **FAST).summary["rms_kernel_error"]
+    errs = [plan(model, x, target=f"speedup={s}x", latency=fast(FakeTimer()), **FAST).summary["rms_kernel_error"]
             for s in (1.5, 3.0)]
     assert errs[0] < errs[1]
 
@@ -56,7 +61,7 @@ def test_dense_is_kept_where_no_candidate_is_faster(resnet):
     model, x = resnet
     # A per-conv overhead far above the arithmetic: splitting a conv in two only adds time.
     timer = FakeTimer(overhead=1.0)
-    p = plan(model, x, target="speedup=2x", timer=timer, **FAST)
+    p = plan(model, x, target="speedup=2x", latency=fast(timer), **FAST)
     assert not p.compressed
     assert all(L.note for L in p.layers)
     assert p.summary["measured_speedup"] >= 1.0
@@ -66,7 +71,7 @@ def test_dense_is_kept_where_no_candidate_is_faster(resnet):
 def test_small_layers_stay_dense_with_moderate_overhead(resnet):
     model, x = resnet
     # The overhead of one extra conv outweighs what factorizing the tiny stem conv and fc can save.
-    p = plan(model, x, target="speedup=1.5x", timer=FakeTimer(overhead=2e-4), **FAST)
+    p = plan(model, x, target="speedup=1.5x", latency=fast(FakeTimer(overhead=2e-4)), **FAST)
     by_name = {L.name: L for L in p.layers}
     assert by_name["conv1"].method is None and by_name["fc"].method is None
     assert "faster" in (by_name["fc"].note or "")
@@ -76,7 +81,7 @@ def test_small_layers_stay_dense_with_moderate_overhead(resnet):
 def test_never_slower_than_the_original(resnet):
     model, x = resnet
     # Per layer the candidates look faster, but end to end every factorized piece costs a lot more.
-    p = plan(model, x, target="speedup=2x", timer=FakeTimer(e2e_penalty=1.0), max_iter=3, **FAST)
+    p = plan(model, x, target="speedup=2x", latency=fast(FakeTimer(e2e_penalty=1.0), max_iter=3), **FAST)
     assert not p.compressed
     assert p.summary["measured_speedup"] == 1.0
     assert "slower" in p.summary["message"]
@@ -85,7 +90,7 @@ def test_never_slower_than_the_original(resnet):
 def test_tightens_when_end_to_end_misses(resnet):
     model, x = resnet
     timer = FakeTimer(e2e_penalty=1e-4)
-    p = plan(model, x, target="speedup=2x", timer=timer, max_iter=6, **FAST)
+    p = plan(model, x, target="speedup=2x", latency=fast(timer, max_iter=6), **FAST)
     history = p.summary["history"]
     assert len(history) > 1
     assert history[0]["measured_speedup"] < 1.8              # the first try missed ...
@@ -95,7 +100,7 @@ def test_tightens_when_end_to_end_misses(resnet):
 
 def test_unreachable_target_reports_best_found(resnet):
     model, x = resnet
-    p = plan(model, x, target="speedup=40x", timer=FakeTimer(), **FAST)
+    p = plan(model, x, target="speedup=40x", latency=fast(FakeTimer()), **FAST)
     assert not p.summary["reachable"]
     assert "unreachable" in p.summary["message"]
     assert 1.0 < p.summary["measured_speedup"] < 36
@@ -103,8 +108,8 @@ def test_unreachable_target_reports_best_found(resnet):
 
 def test_error_budget_mode(resnet):
     model, x = resnet
-    tight = plan(model, x, target="error=0.3", timer=FakeTimer(), **FAST)
-    loose = plan(model, x, target="error=0.8", timer=FakeTimer(), **FAST)
+    tight = plan(model, x, target="error=0.3", latency=fast(FakeTimer()), **FAST)
+    loose = plan(model, x, target="error=0.8", latency=fast(FakeTimer()), **FAST)
     assert tight.summary["rms_kernel_error"] <= 0.3 + 1e-9
     assert loose.summary["rms_kernel_error"] <= 0.8 + 1e-9
     assert loose.summary["measured_speedup"] > tight.summary["measured_speedup"] >= 1.0
@@ -114,11 +119,11 @@ def test_cache_avoids_re_timing(resnet, tmp_path):
     model, x = resnet
     path = tmp_path / "timings.json"
     first = FakeTimer()
-    p1 = plan(model, x, target="speedup=2x", timer=first, cache=str(path), **FAST)
+    p1 = plan(model, x, target="speedup=2x", latency=fast(first, cache=str(path)), **FAST)
     assert path.is_file()
     second = FakeTimer()
     cache = LatencyCache(path)
-    p2 = plan(model, x, target="speedup=2x", timer=second, cache=cache, **FAST)
+    p2 = plan(model, x, target="speedup=2x", latency=fast(second, cache=cache), **FAST)
     assert cache.hits > 0 and cache.misses == 0
     # only the end-to-end runs are timed again: 2 formats of the original + 2 per iteration
     assert second.calls <= 2 + 2 * len(p2.summary["history"]) < first.calls
@@ -178,11 +183,11 @@ def test_choose_is_feasible_and_near_optimal():
 
 
 def test_any_available_method_is_handled_generically(resnet):
-    from convfactor.rank.planner import LATENCY_METHODS, _loadable
+    from convfactor.methods import registry
+    from convfactor.rank.latency_search import LatencyCriterion
     model, x = resnet
-    names = [n for n in LATENCY_METHODS if _loadable(n)]
-    p = plan(model, x, target="speedup=1.5x", timer=FakeTimer(), op_names=["layer3.*"], repeats=1,
-             e2e_rounds=1, e2e_repeats=1, ratios=(0.2, 0.5))
+    names = [n for n in LatencyCriterion.default_methods if n in registry.available()]
+    p = plan(model, x, target="speedup=1.5x", op_names=["layer3.*"], latency=fast(FakeTimer(), ratios=(0.2, 0.5)))
     assert {L.name for L in p.layers} == {n for n, _ in model.named_modules()
                                           if n.startswith("layer3.") and n.endswith(("conv1", "conv2"))}
     for L in p.compressed:
@@ -192,7 +197,7 @@ def test_any_available_method_is_handled_generically(resnet):
 
 
 def test_next_aim_interpolates_between_bracketing_tries():
-    from convfactor.rank.planner import _next_aim
+    from convfactor.rank.latency_search import _next_aim
     hist = [{"aimed_speedup": 2.0, "predicted_speedup": 2.0, "measured_speedup": 1.5},
             {"aimed_speedup": 4.0, "predicted_speedup": 3.9, "measured_speedup": 2.5}]
     aim = _next_aim(hist, 2.0, 4.0, 2.5)

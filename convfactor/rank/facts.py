@@ -1,0 +1,152 @@
+"""The facts a criterion works from: per selected layer a :class:`LayerFacts`, and the whole
+model's :class:`Totals`, both from one forward pass of the example input."""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..compression.api import capture_layer_io, relative_error
+from ..compression.surgery import candidate_layers
+from ..measure.count import count_params
+from ..spec.convspec import ConvSpec, UnsupportedLayer
+from .criteria import below_dense, clip_to_speed_bound, layer_kappa, round_ranks
+from .energy import error_estimate, spectral_error_is_exact
+from .planfile import LayerPlan
+
+__all__ = ["LayerFacts", "Totals", "collect"]
+
+Ranks = tuple[int, ...]
+
+
+@dataclass
+class LayerFacts:
+    """One selected Conv/Linear layer as the planner sees it."""
+
+    name: str
+    layer: nn.Module
+    spec: ConvSpec
+    input_shape: tuple[int, ...]      # full input shape, batch included
+    size: tuple[int, ...]             # spatial size (empty for Linear)
+    batch: int                        # samples (Conv) or rows (Linear) the layer runs on
+    weight: torch.Tensor              # float64 copy of the kernel
+    kappa: float                      # condition number of the (N/g, C/g k^2) kernel matrix
+    methods: list                     # applicable Method objects, in preference order
+    spectra: dict[str, list[torch.Tensor]] = field(default_factory=dict)   # method name -> its spectra
+    errors: dict[tuple, float] = field(default_factory=dict)   # (method name, ranks) -> fitted kernel error
+
+    @property
+    def dense_macs(self) -> int:
+        return self.spec.dense_macs(self.size) * self.batch
+
+    def spectra_of(self, method) -> list[torch.Tensor]:
+        """``method.spectra`` of this layer, computed once."""
+        if method.name not in self.spectra:
+            self.spectra[method.name] = method.spectra(self.weight, self.spec)
+        return self.spectra[method.name]
+
+    def kernel_error(self, method, ranks: Ranks) -> float:
+        """Relative kernel error of ``method`` at ``ranks``: from spectra where exact, else by fitting."""
+        if spectral_error_is_exact(method):
+            return error_estimate(self.spectra_of(method), ranks)
+        key = (method.name, tuple(ranks))
+        if key not in self.errors:
+            factors = method.factorize(self.weight, self.spec, tuple(ranks))
+            self.errors[key] = relative_error(method.reconstruct(factors, self.spec), self.weight)
+        return self.errors[key]
+
+    def bounded(self, method, ranks: Sequence[int], round_to: int | None) -> tuple[Ranks | None, str | None]:
+        """Round, then enforce the speed bound -> ``(ranks, note)``; ranks None keeps the layer dense."""
+        top = method.max_rank(self.spec)
+        ranks = tuple(min(r, m) for r, m in zip(ranks, top))
+        if round_to:
+            ranks = round_ranks(ranks, round_to, top)
+        clipped = clip_to_speed_bound(method, self.spec, ranks, self.size)
+        if clipped is None:
+            return None, f"{method.name} cannot reduce MACs here (speed bound)"
+        note = None if clipped == ranks else f"ranks {list(ranks)} clipped to the speed bound"
+        if round_to and clipped != ranks:
+            down = round_ranks(clipped, round_to, top, mode="down")
+            if below_dense(method, self.spec, down, self.size):
+                clipped = down
+            else:
+                note += f" (no multiple of {round_to} is below it)"
+        return clipped, note
+
+    def layer_plan(self, method, ranks: Sequence[int] | None, criterion: str, error: float | None = None,
+                   note: str | None = None) -> LayerPlan:
+        """The :class:`LayerPlan` for ``method`` at ``ranks`` (None for either keeps the layer dense)."""
+        p = LayerPlan(name=self.name, criterion=criterion, input_shape=list(self.input_shape),
+                      macs_before=self.dense_macs, params_before=self.spec.dense_params(),
+                      kappa=None if math.isinf(self.kappa) else self.kappa, note=note)
+        if method is None or ranks is None:
+            p.macs_after, p.params_after, p.error = p.macs_before, p.params_before, 0.0
+            return p
+        cost = method.cost(self.spec, tuple(ranks), self.size)
+        p.method, p.ranks = method.name, [int(r) for r in ranks]
+        p.macs_after, p.params_after = cost.macs * self.batch, cost.params
+        p.error = error if error is not None else self.kernel_error(method, tuple(ranks))
+        return p
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Whole-model MACs of every Conv/Linear the example input runs (what FlopCounterMode counts for
+    these models) and parameters (shared tensors once)."""
+
+    macs: int
+    params: int
+
+    def after(self, layers: Iterable[LayerPlan]) -> dict[str, float]:
+        """Whole-model figures before and after the planned layers change."""
+        layers = list(layers)
+        macs = self.macs - sum(p.macs_before - p.macs_after for p in layers)
+        params = self.params - sum(p.params_before - p.params_after for p in layers)
+        return dict(macs_before=int(self.macs), macs_after=int(macs), macs_ratio=macs / max(1, self.macs),
+                    params_before=int(self.params), params_after=int(params),
+                    params_ratio=params / max(1, self.params))
+
+
+def collect(model: nn.Module, example_input, methods: list, op_names: Sequence[str] | None = None,
+            exclude: Sequence[str] | None = None) -> tuple[list[LayerFacts], Totals]:
+    """Facts of the selected layers the forward pass runs, and the model's totals (one forward pass)."""
+    layers = candidate_layers(model)
+    names = [n for n in layers
+             if (not op_names or any(fnmatch.fnmatchcase(n, p) for p in op_names))
+             and not any(fnmatch.fnmatchcase(n, p) for p in (exclude or []))]
+    if not names:
+        raise ValueError("no Conv/Linear layer selected" + (f" by {op_names}" if op_names else ""))
+    shapes = {n: tuple(x.shape) for n, (x, _) in capture_layer_io(model, layers, example_input).items()}
+    specs = {n: ConvSpec.from_module(layers[n]) for n in shapes}
+    macs = 0
+    for n, shape in shapes.items():
+        size, batch = _size_and_batch(specs[n], shape)
+        macs += specs[n].dense_macs(size) * batch
+    facts = [_facts(n, layers[n], specs[n], shapes[n], methods) for n in names if n in shapes]
+    return facts, Totals(int(macs), count_params(model))
+
+
+def _size_and_batch(spec: ConvSpec, input_shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """Spatial size and batch a layer runs on; a Linear runs on every row of its input."""
+    if spec.is_linear:
+        return (), math.prod(input_shape) // max(1, input_shape[-1])
+    return tuple(input_shape[2:]), input_shape[0]
+
+
+def _facts(name: str, layer: nn.Module, spec: ConvSpec, input_shape: tuple[int, ...], methods: list) -> LayerFacts:
+    size, batch = _size_and_batch(spec, input_shape)
+    ok = []
+    for m in methods:
+        try:
+            m.check(spec)
+        except UnsupportedLayer:
+            continue
+        ok.append(m)
+    weight = layer.weight.detach().double()
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{name}.weight contains NaN or Inf values")
+    return LayerFacts(name, layer, spec, input_shape, size, batch, weight, layer_kappa(weight, spec), ok)
