@@ -26,6 +26,15 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from convfactor import models
+from convfactor.data.images import builtin_images
+from convfactor.io import atomic_write, check_writable
+from convfactor.measure.quality import evaluate
+from convfactor.models.edsr import bilinear_init
+from convfactor.train.datasets import training_set
+from convfactor.train.finetune import CheckpointConfig, FinetuneConfig, OptimizerConfig, finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,16 +54,52 @@ RECIPES = {
 }
 
 
-def build_data(recipe: dict, split: str):
-    from convfactor.data.images import builtin_images
-    images = builtin_images(split)
-    if recipe["task"] == "sr":
-        from convfactor.data.sr import SRPatchDataset
-        return SRPatchDataset(images, recipe["scale"], recipe["patch_size"], recipe["length"],
-                              augment=recipe["augment"], seed=recipe["data_seed"])
-    from convfactor.data.denoise import DenoisePatchDataset
-    return DenoisePatchDataset(images, recipe["sigma"], recipe["patch_size"], recipe["length"],
-                               grey=recipe["grey"], seed=recipe["data_seed"])
+def build_data(recipe: dict):
+    """The recipe's training patches of the built-in training photos."""
+    return training_set(recipe["task"], scale=recipe.get("scale"), sigma=recipe.get("sigma", 25.0),
+                        patch_size=recipe["patch_size"], length=recipe["length"], seed=recipe["data_seed"],
+                        grey=recipe.get("grey", True))
+
+
+def finetune_config(stage: dict, checkpoint_dir: Path, progress: bool, desc: str) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` of one training stage of a recipe."""
+    optimizer = OptimizerConfig(stage["optimizer"], lr=stage["lr"], schedule=stage["schedule"], warmup=stage["warmup"],
+                                min_lr_ratio=stage["min_lr_ratio"])
+    checkpoint = CheckpointConfig(checkpoint_dir, every=stage["checkpoint_every"])
+    return FinetuneConfig(steps=stage["steps"], batch_size=stage["batch_size"], loss=stage["loss"], seed=stage["seed"],
+                          optimizer=optimizer, checkpoint=checkpoint, progress=progress, desc=desc)
+
+
+def train(name: str, recipe: dict, work: Path, progress: bool, history: list) -> torch.nn.Module:
+    """A fresh ``name`` trained by ``recipe`` (each stage from the last one's weights, a fresh optimizer)."""
+    torch.manual_seed(recipe["seed"])
+    model = models.get(name).train()
+    if recipe["init"] == "interp_init":
+        bilinear_init(model)
+    for k, overrides in enumerate(recipe.get("stages") or [{}]):
+        stage = {**recipe, **overrides}
+        desc = f"train {name}" + (f" (stage {k + 1})" if k else "")
+        finetune(model, build_data(stage), finetune_config(stage, work if k == 0 else work / f"stage{k + 1}",
+                                                           progress, desc), history=history)
+        model.train()
+    return model
+
+
+def write_weights(model: torch.nn.Module, name: str, recipe: dict, out_dir: Path) -> None:
+    """``out_dir/NAME.safetensors``, atomically, world-readable (package data)."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = out_dir / f".{name}.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"model": name, "recipe": json.dumps(recipe)})
+    tmp.chmod(0o644)                     # package data: world-readable (temporary files are 0600)
+    tmp.replace(out_dir / f"{name}.safetensors")
+    print(f"wrote {out_dir / name}.safetensors", flush=True)
+
+
+def held_out(model: torch.nn.Module, recipe: dict, progress: bool) -> dict:
+    """PSNR/SSIM of ``model`` and of the baseline on the held-out built-in photos (full images)."""
+    options = {"scale": recipe["scale"]} if recipe["task"] == "sr" else {"sigma": recipe["sigma"],
+                                                                          "grey": recipe.get("grey", True)}
+    return evaluate(model, recipe["task"], builtin_images("test"), progress=progress, **options)
 
 
 def main(argv=None) -> int:
@@ -68,13 +113,6 @@ def main(argv=None) -> int:
     p.add_argument("--eval-only", action="store_true", help="only (re-)measure the shipped weights and rewrite the JSON")
     args = p.parse_args(argv)
 
-    from safetensors.torch import save_file
-    from convfactor import models
-    from convfactor.models.edsr import bilinear_init
-    from convfactor.io import atomic_write, check_writable
-    from convfactor.train.finetune import finetune
-    from convfactor.train.heldout import heldout_quality
-
     torch.set_num_threads(args.threads)
     recipe = dict(RECIPES[args.name])
     if args.steps is not None:
@@ -84,44 +122,23 @@ def main(argv=None) -> int:
     work = Path(args.work or ROOT / "runs" / f"train-{args.name}")
     work.parent.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(recipe["seed"])
-    model = models.get(args.name).train()
     history: list = []
     train_s = None
-    weights = out_dir / f"{args.name}.safetensors"
     if args.eval_only:
         model = models.get(args.name, pretrained=True)
     else:
-        if recipe["init"] == "interp_init":
-            bilinear_init(model)
         t0 = time.time()
-        for k, overrides in enumerate(recipe.get("stages") or [{}]):
-            stage = {**recipe, **overrides}
-            data = build_data(stage, "train")
-            finetune(model, data, steps=stage["steps"], batch_size=stage["batch_size"], lr=stage["lr"],
-                     optimizer=stage["optimizer"], schedule=stage["schedule"], warmup=stage["warmup"],
-                     min_lr_ratio=stage["min_lr_ratio"], loss=stage["loss"], seed=stage["seed"],
-                     checkpoint_dir=work if k == 0 else work / f"stage{k + 1}",
-                     checkpoint_every=stage["checkpoint_every"], progress=not args.no_progress,
-                     desc=f"train {args.name}" + (f" (stage {k + 1})" if k else ""), history=history)
-            model.train()
+        model = train(args.name, recipe, work, not args.no_progress, history)
         train_s = time.time() - t0
         total_steps = sum({**recipe, **o}["steps"] for o in recipe.get("stages") or [{}])
         print(f"trained {total_steps} steps ({len(history)} in this process) in {train_s:.0f} s", flush=True)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        tmp = out_dir / f".{args.name}.safetensors.tmp"
-        save_file(state, str(tmp), metadata={"model": args.name, "recipe": json.dumps(recipe)})
-        tmp.chmod(0o644)                     # package data: world-readable (temporary files are 0600)
-        tmp.replace(weights)
-        print(f"wrote {weights}", flush=True)
-        log = work / "history.jsonl"
-        with open(log, "a") as f:
+        write_weights(model, args.name, recipe, out_dir)
+        with open(work / "history.jsonl", "a") as f:
             for h in history:
                 f.write(json.dumps(h) + "\n")
 
-    results = heldout_quality(model.eval(), recipe["task"], scale=recipe.get("scale"), sigma=recipe.get("sigma"),
-                              progress=not args.no_progress)
-    print(json.dumps(results["mean"], indent=1), flush=True)
+    results = held_out(model, recipe, not args.no_progress)
+    print(json.dumps({k: v for k, v in results.items() if k != "images"}, indent=1), flush=True)
     previous = json.loads((out_dir / f"{args.name}.json").read_text()) if (out_dir / f"{args.name}.json").is_file() else {}
     meta = {"model": args.name, "recipe": recipe, "script": "scripts/train_weights.py",
             "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),

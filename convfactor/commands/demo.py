@@ -2,6 +2,19 @@
 distillation, measured before and after on the held-out built-in photos, and reported."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import torch
+
+from ..data.denoise import denoise_eval_images, eval_noisy
+from ..data.images import builtin_images
+from ..data.sr import bicubic_upscale, sr_eval_pairs
+from ..io import check_writable
+from ..measure import quality
+from ..recipes.pipeline import PipelineConfig, PipelineResult, compress_finetune_measure, summary_rows
+from ..report import collect, image_panel, latency_rows, write_report
+from ..utils import eval_mode
 from .common import add_malloc_argument, apply_malloc
 
 HELP = ("compress the shipped EDSR-baseline x2 for a measured speed-up, fine-tune it with distillation, "
@@ -38,14 +51,19 @@ def quick_overrides(args) -> None:
     args.planner = args.planner or "budget"
 
 
+def pipeline_config(args) -> PipelineConfig:
+    """The :class:`PipelineConfig` of the command line (after ``--quick``'s overrides)."""
+    cfg = PipelineConfig(model=args.model, speedup=args.speedup, input_size=args.input_size, threads=args.threads,
+                         steps=args.steps, batch_size=args.batch_size, patch_size=args.patch_size, lr=args.lr,
+                         eval_side=args.eval_side or None, eval_limit=args.eval_images or None, planner=args.planner)
+    if args.quick:
+        cfg.plan_repeats, cfg.plan_e2e_repeats, cfg.plan_max_iter, cfg.speed_repeats = 2, 2, 1, 3
+        cfg.train_side = 64
+    return cfg
+
+
 def run(args) -> int:
     apply_malloc(args)
-    import json
-    from pathlib import Path
-
-    from ..io import check_writable
-    from ..recipes.pipeline import PipelineConfig, compress_finetune_measure, summary_rows
-
     if args.speedup < 1:
         raise ValueError(f"--speedup must be >= 1, got {args.speedup}")
     out_dir = Path(args.output)
@@ -53,16 +71,9 @@ def run(args) -> int:
     if args.quick:
         quick_overrides(args)
     args.planner = args.planner or "latency"
-    cfg = PipelineConfig(model=args.model, speedup=args.speedup, input_size=args.input_size, threads=args.threads,
-                         steps=args.steps, batch_size=args.batch_size, patch_size=args.patch_size, lr=args.lr,
-                         eval_side=args.eval_side or None, eval_limit=args.eval_images or None, planner=args.planner)
-    if args.quick:
-        cfg.plan_repeats, cfg.plan_e2e_repeats, cfg.plan_max_iter, cfg.speed_repeats = 2, 2, 1, 3
-        cfg.train_side = 64
-    result = compress_finetune_measure(cfg)
+    result = compress_finetune_measure(pipeline_config(args))
     rows = summary_rows(result)
     data = build_report_data(result, rows, quick=args.quick)
-    from ..report import write_report
     paths = write_report(out_dir, data)
     (out_dir / "demo.json").write_text(json.dumps(data["demo"], indent=2, default=str))
     print()
@@ -71,80 +82,64 @@ def run(args) -> int:
     return 0
 
 
-def format_summary(result: dict, rows: list[dict]) -> str:
-    s = result["speed"]
-    q = "PSNR-Y" if result["task"] == "sr" else "PSNR"
+def format_summary(result: PipelineResult, rows: list[dict]) -> str:
+    """The summary table the demo prints: one line per operating point, then the speed-up and the loss."""
+    s = result.speed
+    q = "PSNR-Y" if result.task == "sr" else "PSNR"
     lines = [f"{'':<32} {'params':>10} {'GMACs':>8} {'ms':>9} {q + ' dB':>10} {'SSIM':>7}"]
     for r in rows:
         lines.append(f"{r['label']:<32} {r['params']:>10} {(r['macs'] or 0) / 1e9:>8.2f} "
                      f"{(r['latency_ms'] or float('nan')):>9.1f} {r['psnr']:>10.3f} {r['ssim']:>7.4f}")
     loss = rows[0]["psnr"] - rows[2]["psnr"]
     lines.append(f"measured speed-up {s.speedup:.2f}x (original fastest as {s.original_best}, compressed as "
-                 f"{s.compressed_best}); MACs / {result['macs']['original'] / result['macs']['compressed']:.2f}; "
-                 f"{q} loss {loss:.3f} dB after {result['timings_s']['finetune'] / 60:.1f} min of fine-tuning")
-    lines.append(f"plan: {result['plan_kind']}")
+                 f"{s.compressed_best}); MACs / {result.macs.original / result.macs.compressed:.2f}; "
+                 f"{q} loss {loss:.3f} dB after {result.timings_s.finetune / 60:.1f} min of fine-tuning")
+    lines.append(f"plan: {result.plan_kind}")
     return "\n".join(lines)
 
 
-def _crops(result: dict, side: int = 64) -> list[dict]:
-    """Centre crops of the first held-out photo: ground truth, baseline, original, compressed."""
-    import torch
-    from ..measure.quality import psnr, ssim
-    from ..train.heldout import test_images
-    task, cfg = result["task"], result["config"]
-    m = result["models"]
-    name, img = test_images(max_side=max(2 * side, cfg["eval_side"] or 0) or None, limit=1)[0]
-    out = []
-    with torch.no_grad():
-        if task == "sr":
-            from ..data.sr import bicubic_upscale, sr_eval_pairs
-            scale = m["original"].scale if hasattr(m["original"], "scale") else 2
-            _, lr, hr = sr_eval_pairs([(name, img)], scale)[0]
-            preds = [("bicubic", bicubic_upscale(lr, scale).clamp(0, 1))] + [
-                (label, m[key](lr[None])[0].clamp(0, 1)) for label, key in
-                (("original", "original"), ("compressed + fine-tuned", "compressed"))]
-            kw = {"scale": scale}
-            target = hr
-        else:
-            from ..data.denoise import add_noise, denoise_eval_images
-            import zlib
-            _, clean = denoise_eval_images([(name, img)])[0]
-            noisy = add_noise(clean, cfg["sigma"], torch.Generator().manual_seed(zlib.crc32(name.encode())))
-            preds = [("noisy input", noisy.clamp(0, 1))] + [
-                (label, m[key](noisy[None])[0].clamp(0, 1)) for label, key in
-                (("original", "original"), ("compressed + fine-tuned", "compressed"))]
-            kw = {"scale": 0, "y_channel": False}
-            target = clean
-        h, w = target.shape[-2:]
-        y, x = max(0, (h - side) // 2), max(0, (w - side) // 2)
-        cut = lambda t: t[..., y:y + side, x:x + side]  # noqa: E731
-        out.append({"label": f"{name}: ground truth", "array": cut(target)})
-        for label, pred in preds:
-            out.append({"label": f"{name}: {label}", "array": cut(pred), "psnr": psnr(pred, target, **kw),
-                        "ssim": ssim(pred, target, **kw)})
-    return out
+def _model_input(result: PipelineResult, name: str, img) -> tuple[torch.Tensor, torch.Tensor, str, torch.Tensor]:
+    """(model input, ground truth, baseline label, baseline output) of one held-out photo."""
+    if result.task == "sr":
+        _, lr, hr = sr_eval_pairs([(name, img)], result.scale)[0]
+        return lr, hr, "bicubic", bicubic_upscale(lr, result.scale)
+    _, clean = denoise_eval_images([(name, img)], grey=result.example.shape[1] == 1)[0]
+    noisy = eval_noisy(name, clean, result.config.sigma)
+    return noisy, clean, "noisy input", noisy
 
 
-def build_report_data(result: dict, rows: list[dict], quick: bool = False) -> dict:
-    from ..report import collect
-    m = result["models"]
-    s = result["speed"]
-    cfg = result["config"]
-    data = collect(m["original"], m["compressed"], result["example"], compression_report=result["compression_report"],
-                   threads=cfg["threads"], title=f"convfactor demo: {cfg['model']} at a measured "
-                                                 f"{cfg['speedup']:g}x target" + (" (QUICK smoke run)" if quick else ""),
-                   model_name=cfg["model"])
+def image_crops(result: PipelineResult, side: int = 64) -> list[dict]:
+    """Centre crops of the first held-out photo: ground truth, baseline, original, compressed, each output
+    with its PSNR/SSIM over the whole photo (quality's conventions: Y and shave = scale for SR)."""
+    name, img = builtin_images("test", max_side=max(2 * side, result.config.eval_side or 0), limit=1)[0]
+    x, target, base_label, base = _model_input(result, name, img)
+    with torch.no_grad(), eval_mode(result.original, result.compressed):
+        outputs = {base_label: base, "original": result.original(x[None]),
+                   "compressed + fine-tuned": result.compressed(x[None])}
+    h, w = target.shape[-2:]
+    crop = (max(0, (h - side) // 2), max(0, (w - side) // 2), side, side)
+    options = {"scale": result.scale} if result.task == "sr" else {"scale": 0, "y_channel": False}
+    rows = image_panel(target, outputs, crop, metrics=lambda out, gt: {"psnr": quality.psnr(out, gt, **options),
+                                                                       "ssim": quality.ssim(out, gt, **options)})
+    return [dict(r, label=f"{name}: {r['label']}") for r in rows]
+
+
+def build_report_data(result: PipelineResult, rows: list[dict], quick: bool = False) -> dict:
+    """The report's data (:func:`convfactor.report.write_report`), with the demo's own figures under ``"demo"``."""
+    cfg, s = result.config, result.speed
+    title = (f"convfactor demo: {cfg.model} at a measured {cfg.speedup:g}x target"
+             + (" (QUICK smoke run)" if quick else ""))
+    data = collect(result.original, result.compressed, result.example, compression_report=result.compression_report,
+                   threads=cfg.threads, title=title, model_name=cfg.model)
     data["speed"] = s.to_dict()
-    data["latency"] = [dict(label=f"{which} ({form})", median_ms=v["median_ms"], iqr_ms=v["iqr_ms"], env=v["env"])
-                       for which, forms in (("original", s.original), ("compressed", s.compressed))
-                       for form, v in forms.items() if isinstance(v, dict)]
-    q = "PSNR-Y (dB)" if result["task"] == "sr" else "PSNR (dB)"
+    data["latency"] = latency_rows(s)
+    q = "PSNR-Y (dB)" if result.task == "sr" else "PSNR (dB)"
     data["quality_name"] = q + " on held-out built-in photos"
     data["tradeoff"] = [{"label": r["label"], "macs": r["macs"], "latency_ms": r["latency_ms"], "quality": r["psnr"]}
                         for r in rows if r["macs"] is not None]
-    data["images"] = _crops(result)
-    data["demo"] = {"summary": rows, "plan_kind": result["plan_kind"], "plan": result["plan"],
-                    "quality": result["quality"], "timings_s": result["timings_s"], "config": cfg,
-                    "params": result["params"], "macs": result["macs"], "speedup": s.speedup,
-                    "finetune_loss": [h["loss"] for h in result["finetune_history"]]}
+    data["images"] = image_crops(result)
+    figures = result.to_dict()
+    data["demo"] = {"summary": rows, **{k: figures[k] for k in ("plan_kind", "plan", "quality", "timings_s", "config",
+                                                                 "params", "macs")},
+                    "speedup": s.speedup, "finetune_loss": [h["loss"] for h in result.finetune_history]}
     return data

@@ -4,6 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import models
+from ..data import classification
+from ..data.images import builtin_images
+from ..data.sr import IMAGE_EXTENSIONS, SRFolder, read_image
+from ..measure import quality
 from .common import add_model_arguments, load_model
 
 HELP = ("measure PSNR/SSIM (super-resolution, denoising; with the bicubic / noisy-input baseline) or "
@@ -32,7 +37,6 @@ def add_arguments(p) -> None:
 
 
 def _base_name(args) -> str | None:
-    from .. import models
     source = Path(args.model)
     if source.is_dir() and (source / "recipe.json").is_file():
         return json.loads((source / "recipe.json").read_text()).get("metadata", {}).get("model")
@@ -40,8 +44,6 @@ def _base_name(args) -> str | None:
 
 
 def run(args) -> int:
-    from .. import models
-    from ..measure import quality
     base = _base_name(args)
     info = models.info(base) if base else {}
     task = args.task or info.get("task")
@@ -80,9 +82,7 @@ def run(args) -> int:
 
 def _images(args):
     if args.data == "builtin":
-        from ..data.images import builtin_images
         return builtin_images(args.split)
-    from ..data.sr import IMAGE_EXTENSIONS, read_image
     root = Path(args.data)
     files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if root.is_dir() else [root]
     if not files:
@@ -111,19 +111,17 @@ def _trim(args, items: list, scale: int) -> list:
 
 
 def _sr_folder(args, scale):
-    from ..data.sr import SRFolder
     return SRFolder(args.data, scale)
 
 
 def _classification(args):
-    from ..data import classification as c
     root = Path(args.data)
     try:
-        return c.cifar10(root, train=False)
+        return classification.cifar10(root, train=False)
     except FileNotFoundError as exc:
         if "CIFAR-10 python batches" not in str(exc):
             raise
-    return c.image_folder(root)
+    return classification.image_folder(root)
 
 
 def format_result(res: dict) -> str:

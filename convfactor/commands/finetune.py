@@ -1,8 +1,13 @@
 """convfactor finetune MODEL --data builtin|PATH -o OUT [--distill-from TEACHER] [--checkpoint-dir DIR] ..."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from .. import io, models
+from ..train.datasets import training_set
+from ..train.finetune import CheckpointConfig, DistillConfig, FinetuneConfig, OptimizerConfig, finetune
+from ..utils import torch_threads
 from .common import add_model_arguments, load_model
 
 HELP = ("fine-tune a (compressed) model: Adam/SGD with cosine/step schedules, optional distillation from "
@@ -44,50 +49,51 @@ def add_arguments(p) -> None:
 
 
 def _base_name(args) -> str | None:
-    import json
     source = Path(args.model)
     if source.is_dir() and (source / "recipe.json").is_file():
         return json.loads((source / "recipe.json").read_text()).get("metadata", {}).get("model")
     return args.model if ":" not in args.model else None
 
 
+def finetune_config(args, loss: str) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` of the command line."""
+    optimizer = OptimizerConfig(args.optimizer, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+                                schedule=args.schedule, warmup=args.warmup, step_size=args.step_size, gamma=args.gamma)
+    distill = DistillConfig(weight=args.distill_weight, feature_layers=tuple(args.feature_layers),
+                            feature_weight=args.feature_weight)
+    checkpoint = CheckpointConfig(args.checkpoint_dir or f"{args.output}.ckpt", every=args.checkpoint_every,
+                                  resume=not args.no_resume)
+    return FinetuneConfig(steps=args.steps, batch_size=args.batch_size, loss=loss, task_weight=args.task_weight,
+                          seed=args.seed, optimizer=optimizer, distill=distill, checkpoint=checkpoint)
+
+
+def _teacher(args, base: str | None):
+    """The distillation teacher of ``--distill-from`` (with its shipped weights), or None."""
+    if not args.distill_from:
+        return None
+    name = base if args.distill_from == "base" else args.distill_from
+    if name is None:
+        raise ValueError("--distill-from base needs a model whose base is a zoo model")
+    return models.get(name, pretrained=True)
+
+
 def run(args) -> int:
-    import json
-
-    import torch
-
-    from .. import io, models
-    from ..train.datasets import training_set
-    from ..train.finetune import finetune
-
     io.check_writable(args.output)                      # fail before any work
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, example = load_model(args)
-    base = _base_name(args)
-    info = models.info(base) if base in models.names() else {}
-    task = args.task or info.get("task")
-    if task not in ("sr", "denoise", "classification"):
-        raise ValueError("cannot tell the task of this model; pass --task sr|denoise|classification")
-    teacher = None
-    if args.distill_from:
-        name = base if args.distill_from == "base" else args.distill_from
-        if name is None:
-            raise ValueError("--distill-from base needs a model whose base is a zoo model")
-        teacher = models.get(name, pretrained=True)
-    data = training_set(task, args.data, scale=info.get("scale"), sigma=args.sigma, patch_size=args.patch_size,
-                        seed=args.seed, grey=(info.get("input_shape", (1,))[0] == 1))
-    loss = args.loss or {"sr": "l1", "denoise": "mse", "classification": "ce"}[task]
-    history: list = []
-    finetune(model, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-             momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup,
-             step_size=args.step_size, gamma=args.gamma, loss=loss, task_weight=args.task_weight, teacher=teacher,
-             distill_weight=args.distill_weight, feature_layers=args.feature_layers,
-             feature_weight=args.feature_weight, seed=args.seed,
-             checkpoint_dir=args.checkpoint_dir or f"{args.output}.ckpt", checkpoint_every=args.checkpoint_every,
-             resume=not args.no_resume, history=history)
+    with torch_threads(args.threads):
+        model, example = load_model(args)
+        base = _base_name(args)
+        info = models.info(base) if base in models.names() else {}
+        task = args.task or info.get("task")
+        if task not in ("sr", "denoise", "classification"):
+            raise ValueError("cannot tell the task of this model; pass --task sr|denoise|classification")
+        teacher = _teacher(args, base)
+        data = training_set(task, args.data, scale=info.get("scale"), sigma=args.sigma, patch_size=args.patch_size,
+                            seed=args.seed, grey=(info.get("input_shape", (1,))[0] == 1))
+        loss = args.loss or {"sr": "l1", "denoise": "mse", "classification": "ce"}[task]
+        history: list = []
+        finetune(model, data, finetune_config(args, loss), teacher=teacher, history=history)
     meta = {"model": base, "input_shape": list(example.shape),
             "finetune": {"steps": args.steps, "data": args.data, "task": task, "loss": loss, "lr": args.lr,
                          "optimizer": args.optimizer, "schedule": args.schedule, "distill_from": args.distill_from,

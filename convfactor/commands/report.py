@@ -4,6 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from .. import io, report
+from .common import build_model
+
 HELP = "write report.json / report.md / report.html (with figures) for a run directory"
 
 
@@ -21,7 +26,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .. import report
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} is not a directory")
@@ -31,10 +35,6 @@ def run(args) -> int:
     if recipe_file.is_file():
         meta = json.loads(recipe_file.read_text()).get("metadata", {})
         if "model" in meta:           # a 'convfactor compress' directory: enrich with spectra (and timings)
-            import torch
-
-            from .. import io
-            from .common import build_model
             base, shape = build_model(meta["model"])
             compressed = io.load(run_dir, base)
             if args.weights:

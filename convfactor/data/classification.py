@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .images import builtin_images
 from .sr import IMAGE_EXTENSIONS, read_image
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "ArrayDataset", "cifar10", "image_folder", "builtin_patches"]
@@ -144,7 +145,6 @@ def builtin_patches(train: bool = True, size: int = 32, per_class: int = 500, se
     quarter as many).  augment (random crop + flip) defaults to ``train``.  Images smaller than the test
     band (``microaneurysms`` for size > 25) contribute patches resized from the whole band.
     """
-    from .images import builtin_images
     if size < 4 or per_class < 1:
         raise ValueError(f"size must be >= 4 and per_class >= 1, got {size}, {per_class}")
     rng = np.random.default_rng([seed, 1 if train else 2])

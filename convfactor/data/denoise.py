@@ -2,17 +2,18 @@
 
 Clean images are uint8 -> [0, 1]; the noisy input is ``clean + N(0, (sigma/255)^2)`` with sigma on the
 0-255 scale and *no clipping* (as in DnCNN's training and test sets).  Grey images use the BT.601 luma
-``0.299 R + 0.587 G + 0.114 B`` rounded to uint8.
+``0.299 R + 0.587 G + 0.114 B`` rounded to uint8.  An evaluation image's noise is seeded by its name
+(:func:`eval_noisy`), so every model, run and command sees the same noisy input.
 """
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from .sr import _augment, _SeededPatches, to_tensor
 
-from .sr import _augment, to_tensor
-
-__all__ = ["to_grey", "add_noise", "DenoisePatchDataset", "denoise_eval_images"]
+__all__ = ["to_grey", "add_noise", "eval_noisy", "DenoisePatchDataset", "denoise_eval_images"]
 
 
 def to_grey(img: np.ndarray) -> np.ndarray:
@@ -35,6 +36,13 @@ def add_noise(img: torch.Tensor, sigma: float, generator: torch.Generator | None
     return img + noise * (float(sigma) / 255.0)
 
 
+def eval_noisy(name: str, clean: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
+    """The fixed noisy copy of the evaluation image ``name``: :func:`add_noise` with a generator seeded
+    by ``crc32(name) + seed``.  clean: float (C, H, W) in [0, 1]; same shape and dtype out."""
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()) + int(seed))
+    return add_noise(clean, sigma, generator)
+
+
 def _prepare(images, grey: bool) -> list[tuple[str, np.ndarray]]:
     out = []
     for k, item in enumerate(images):
@@ -49,7 +57,7 @@ def _prepare(images, grey: bool) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-class DenoisePatchDataset(Dataset):
+class DenoisePatchDataset(_SeededPatches):
     """Random patches: item i -> (noisy, clean), each (C, p, p) float32, C = 1 (grey) or 3.
 
     images: ``[(name, uint8 image)]`` or arrays.  ``sigma``: a number, or ``(lo, hi)`` for blind training
@@ -61,24 +69,15 @@ class DenoisePatchDataset(Dataset):
         lo, hi = (sigma, sigma) if np.isscalar(sigma) else tuple(sigma)
         if lo < 0 or hi < lo:
             raise ValueError(f"sigma must be >= 0 (or a range lo <= hi), got {sigma}")
-        if patch_size < 1 or length < 1:
-            raise ValueError(f"patch_size and length must be positive, got {patch_size}, {length}")
-        self.sigma, self.patch_size, self.length = (float(lo), float(hi)), int(patch_size), int(length)
-        self.grey, self.seed, self.augment = grey, int(seed), augment
+        super().__init__(patch_size, length, seed)
+        self.sigma, self.grey, self.augment = (float(lo), float(hi)), grey, augment
         self.images = [(n, a) for n, a in _prepare(images, grey) if min(a.shape[:2]) >= patch_size]
         if not self.images:
             raise ValueError(f"no image has a side >= patch_size {patch_size}")
 
-    def __len__(self) -> int:
-        return self.length
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= i < self.length:
-            raise IndexError(i)
-        rng = np.random.default_rng([self.seed, i])
-        _, img = self.images[int(rng.integers(len(self.images)))]
+        rng, (_, img), y, x = self._window(i, self.images)
         p = self.patch_size
-        y, x = int(rng.integers(img.shape[0] - p + 1)), int(rng.integers(img.shape[1] - p + 1))
         patch = img[y: y + p, x: x + p]
         if self.augment:
             (patch,) = _augment((patch,), rng)

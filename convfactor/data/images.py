@@ -15,7 +15,9 @@ import functools
 
 import numpy as np
 
-__all__ = ["TRAIN", "TEST", "builtin_images", "load_builtin", "to_rgb"]
+from ..utils import UnknownName
+
+__all__ = ["TRAIN", "TEST", "builtin_images", "load_builtin", "to_rgb", "center_crop"]
 
 TEST: tuple[str, ...] = ("astronaut", "camera", "chelsea", "coffee", "coins")
 TRAIN: tuple[str, ...] = ("rocket", "immunohistochemistry", "hubble_deep_field", "retina", "colorwheel", "logo",
@@ -45,7 +47,7 @@ def to_rgb(img: np.ndarray) -> np.ndarray:
 def load_builtin(name: str) -> np.ndarray:
     """One built-in image as read-only uint8 (H, W, 3)."""
     if name not in TRAIN + TEST:
-        raise KeyError(f"{name!r} is not a built-in image; known: {', '.join(sorted(TRAIN + TEST))}")
+        raise UnknownName(f"{name!r} is not a built-in image; known: {', '.join(sorted(TRAIN + TEST))}")
     from skimage import data
     try:
         img = to_rgb(getattr(data, name)())
@@ -56,9 +58,27 @@ def load_builtin(name: str) -> np.ndarray:
     return img
 
 
-def builtin_images(split: str = "train") -> list[tuple[str, np.ndarray]]:
-    """``[(name, uint8 (H, W, 3))]`` for ``split`` in ``"train"``, ``"test"`` or ``"all"`` (fixed order)."""
+def center_crop(img: np.ndarray, max_side: int | None) -> np.ndarray:
+    """Centre-crop an (H, W, C) image to at most ``max_side`` pixels per side, each side even
+    (so every SR scale-2 crop aligns); ``None`` or 0 returns ``img`` itself."""
+    if not max_side:
+        return img
+    h, w = img.shape[:2]
+    ch, cw = min(h, max_side) // 2 * 2, min(w, max_side) // 2 * 2
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return img[y:y + ch, x:x + cw]
+
+
+def builtin_images(split: str = "train", *, max_side: int | None = None,
+                   limit: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """``[(name, uint8 (H, W, 3))]`` for ``split`` in ``"train"``, ``"test"`` (the held-out photos of
+    every quality figure) or ``"all"``, in a fixed order.
+
+    Quick runs shrink the set: ``max_side`` centre-crops each photo (:func:`center_crop`) and
+    ``limit`` keeps the first ``limit`` photos; the shipped figures use neither.
+    """
     names = {"train": TRAIN, "test": TEST, "all": TRAIN + TEST}.get(split)
     if names is None:
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
-    return [(n, load_builtin(n)) for n in names]
+    names = names[:limit] if limit else names
+    return [(n, center_crop(load_builtin(n), max_side)) for n in names]

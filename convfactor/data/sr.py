@@ -311,7 +311,32 @@ def _augment(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.
     return out
 
 
-class SRPatchDataset(Dataset):
+class _SeededPatches(Dataset):
+    """Base of the random-patch training sets: ``length`` items, item i drawn from the generator
+    ``np.random.default_rng([seed, i])`` alone, so a set is deterministic and safe with DataLoader workers."""
+
+    def __init__(self, patch_size: int, length: int, seed: int):
+        if patch_size < 1 or length < 1:
+            raise ValueError(f"patch_size and length must be positive, got {patch_size}, {length}")
+        self.patch_size, self.length, self.seed = int(patch_size), int(length), int(seed)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _window(self, i: int, entries: list[tuple]) -> tuple[np.random.Generator, tuple, int, int]:
+        """Item i's generator, an entry drawn uniformly, and the top-left ``(y, x)`` of a uniform
+        ``patch_size`` window in the entry's image ``entry[1]`` (H, W, C)."""
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, i])
+        entry = entries[int(rng.integers(len(entries)))]
+        p = self.patch_size
+        y = int(rng.integers(entry[1].shape[0] - p + 1))
+        x = int(rng.integers(entry[1].shape[1] - p + 1))
+        return rng, entry, y, x
+
+
+class SRPatchDataset(_SeededPatches):
     """Random aligned patches: item i -> (lr (3, p, p), hr (3, p*s, p*s)) float32 in [0, 1].
 
     images: ``[(name, hr)]`` (LR by :func:`bicubic_downscale`), ``[(name, lr, hr)]``, plain uint8 arrays, or an
@@ -323,26 +348,17 @@ class SRPatchDataset(Dataset):
     def __init__(self, images, scale: int, patch_size: int = 48, length: int = 1000, augment: bool = True,
                  seed: int = 0):
         self.scale = _check_scale(scale)
-        if patch_size < 1 or length < 1:
-            raise ValueError(f"patch_size and length must be positive, got {patch_size}, {length}")
-        self.patch_size, self.length, self.augment, self.seed = int(patch_size), int(length), augment, int(seed)
+        super().__init__(patch_size, length, seed)
+        self.augment = augment
         pairs = _as_pairs(images, self.scale)
         self.pairs = [p for p in pairs if min(p[1].shape[:2]) >= patch_size]
         if not self.pairs:
             raise ValueError(f"no image has an LR side >= patch_size {patch_size} at scale {scale}")
         self.names = [p[0] for p in self.pairs]
 
-    def __len__(self) -> int:
-        return self.length
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= i < self.length:
-            raise IndexError(i)
-        rng = np.random.default_rng([self.seed, i])
-        _, lr, hr = self.pairs[int(rng.integers(len(self.pairs)))]
+        rng, (_, lr, hr), y, x = self._window(i, self.pairs)
         p, s = self.patch_size, self.scale
-        y = int(rng.integers(lr.shape[0] - p + 1))
-        x = int(rng.integers(lr.shape[1] - p + 1))
         lr_p = lr[y: y + p, x: x + p]
         hr_p = hr[y * s: (y + p) * s, x * s: (x + p) * s]
         if self.augment:

@@ -6,17 +6,25 @@ PSNR and SSIM (Wang et al. 2004) are computed on 8-bit-quantised images (float o
 ``scale`` pixels off every border.  SSIM uses an 11x11 Gaussian window with sigma 1.5, C1 = (0.01 * 255)^2,
 C2 = (0.03 * 255)^2, and averages the map over the *valid* region (no padding).  Batches and channels are
 averaged per image / per channel, as BasicSR does.
+
+This module is the one evaluation path: :func:`evaluate_sr`, :func:`evaluate_denoise` and
+:func:`evaluate_classification` (or :func:`evaluate`) score a model on a data set, e.g. the held-out
+built-in photos ``convfactor.data.images.builtin_images("test")``, next to the trivial baseline.
 """
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Iterable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.denoise import denoise_eval_images, eval_noisy
+from ..data.sr import bicubic_upscale, sr_eval_pairs
+from ..utils import eval_mode
 
 __all__ = ["psnr", "ssim", "accuracy", "to_y", "quantize", "evaluate", "evaluate_sr", "evaluate_denoise",
            "evaluate_classification"]
@@ -141,8 +149,15 @@ def _model_device_dtype(model: nn.Module):
     return torch.device("cpu"), torch.float32
 
 
-def _mean(rows: list[dict], key: str) -> float:
-    return float(np.mean([r[key] for r in rows]))
+def _scores(pred, target, prefix: str = "", **options) -> dict[str, float]:
+    """``{prefix + "psnr": .., prefix + "ssim": ..}`` of ``pred`` against ``target``."""
+    return {prefix + "psnr": psnr(pred, target, **options), prefix + "ssim": ssim(pred, target, **options)}
+
+
+def _summary(rows: list[dict], baseline: str | None) -> dict:
+    """Means over the per-image rows of PSNR/SSIM (and the baseline's), plus the rows themselves."""
+    keys = ["psnr", "ssim"] + ([f"{baseline}_psnr", f"{baseline}_ssim"] if baseline else [])
+    return {**{k: float(np.mean([r[k] for r in rows])) for k in keys}, "images": rows}
 
 
 @torch.no_grad()
@@ -153,29 +168,20 @@ def evaluate_sr(model: nn.Module, data, scale: int, *, y_channel: bool = True, b
     data: ``[(name, hr uint8)]`` (e.g. ``builtin_images("test")``), ``[(name, lr, hr)]`` or an SRFolder.
     Returns ``{"psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "images": [per-image rows]}``.
     """
-    from ..data.sr import bicubic_upscale, sr_eval_pairs
     device, dtype = _model_device_dtype(model)
-    was_training = model.training
-    model.eval()
+    metric = {"scale": scale, "y_channel": y_channel}
     rows = []
-    try:
-        pairs = sr_eval_pairs(data, scale)
-        for name, lr, hr in _progress(pairs, progress, "evaluate"):
+    with eval_mode(model):
+        for name, lr, hr in _progress(sr_eval_pairs(data, scale), progress, "evaluate"):
             out = model(lr[None].to(device, dtype)).float().cpu()
             if out.shape[-2:] != hr.shape[-2:]:
                 raise ValueError(f"model output {tuple(out.shape[-2:])} != HR {tuple(hr.shape[-2:])} for {name}; "
                                  f"is scale={scale} right?")
-            row = {"name": name, "psnr": psnr(out, hr, scale=scale, y_channel=y_channel),
-                   "ssim": ssim(out, hr, scale=scale, y_channel=y_channel)}
+            row = {"name": name, **_scores(out, hr, **metric)}
             if baseline:
-                up = bicubic_upscale(lr.double(), scale)
-                row["bicubic_psnr"] = psnr(up, hr, scale=scale, y_channel=y_channel)
-                row["bicubic_ssim"] = ssim(up, hr, scale=scale, y_channel=y_channel)
+                row.update(_scores(bicubic_upscale(lr.double(), scale), hr, "bicubic_", **metric))
             rows.append(row)
-    finally:
-        model.train(was_training)
-    keys = ["psnr", "ssim"] + (["bicubic_psnr", "bicubic_ssim"] if baseline else [])
-    return {**{k: _mean(rows, k) for k in keys}, "images": rows}
+    return _summary(rows, "bicubic" if baseline else None)
 
 
 @torch.no_grad()
@@ -183,49 +189,38 @@ def evaluate_denoise(model: nn.Module, data, sigma: float, *, grey: bool = True,
                      baseline: bool = True, progress: bool = False) -> dict:
     """PSNR/SSIM of ``model`` (noisy -> clean) with Gaussian noise ``sigma`` (0-255 scale), fixed seed.
 
-    data: ``[(name, uint8 image)]``.  The noise of each image is seeded with ``crc32(name) + seed``, so every
-    model sees the same noise (as in :mod:`convfactor.train.heldout`).  Metrics on all channels (grey: the
-    one channel).  The baseline is the noisy input itself (quantised, hence clipped to [0, 255]).
+    data: ``[(name, uint8 image)]``.  Each image's noise is :func:`convfactor.data.denoise.eval_noisy`
+    (seeded by its name and ``seed``), so every model sees the same noise.  Metrics on all channels
+    (grey: the one channel).  The baseline is the noisy input itself (quantised, hence clipped to
+    [0, 255]).  Returns ``{"psnr", "ssim", "noisy_psnr", "noisy_ssim", "images": [per-image rows]}``.
     """
-    from ..data.denoise import add_noise, denoise_eval_images
     device, dtype = _model_device_dtype(model)
-    was_training = model.training
-    model.eval()
     rows = []
-    try:
+    with eval_mode(model):
         for name, clean in _progress(denoise_eval_images(data, grey), progress, "evaluate"):
-            noisy = add_noise(clean.double(), sigma, torch.Generator().manual_seed(zlib.crc32(name.encode()) + seed))
+            noisy = eval_noisy(name, clean, sigma, seed)
             out = model(noisy[None].to(device, dtype)).float().cpu()
-            row = {"name": name, "psnr": psnr(out, clean, y_channel=False), "ssim": ssim(out, clean, y_channel=False)}
+            row = {"name": name, **_scores(out, clean, y_channel=False)}
             if baseline:
-                row["noisy_psnr"] = psnr(noisy, clean, y_channel=False)
-                row["noisy_ssim"] = ssim(noisy, clean, y_channel=False)
+                row.update(_scores(noisy, clean, "noisy_", y_channel=False))
             rows.append(row)
-    finally:
-        model.train(was_training)
-    keys = ["psnr", "ssim"] + (["noisy_psnr", "noisy_ssim"] if baseline else [])
-    return {**{k: _mean(rows, k) for k in keys}, "images": rows}
+    return _summary(rows, "noisy" if baseline else None)
 
 
 @torch.no_grad()
 def evaluate_classification(model: nn.Module, data, *, batch_size: int = 256, topk=(1, 5),
                             progress: bool = False) -> dict:
     """Top-k accuracy (percent) of ``model`` over a Dataset of (image, label) or a DataLoader."""
-    from torch.utils.data import DataLoader, Dataset
     loader = DataLoader(data, batch_size=batch_size, shuffle=False) if isinstance(data, Dataset) else data
     device, dtype = _model_device_dtype(model)
-    was_training = model.training
-    model.eval()
     hits = {k: 0.0 for k in topk}
     n = 0
-    try:
+    with eval_mode(model):
         for x, y in _progress(loader, progress, "evaluate"):
             acc = accuracy(model(x.to(device, dtype)).float().cpu(), torch.as_tensor(y), topk)
             for k in topk:
                 hits[k] += acc[f"top{k}"] * len(y) / 100.0
             n += len(y)
-    finally:
-        model.train(was_training)
     if n == 0:
         raise ValueError("the classification data set is empty")
     return {**{f"top{k}": 100.0 * hits[k] / n for k in topk}, "n": n}

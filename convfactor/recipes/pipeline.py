@@ -1,14 +1,15 @@
 """Plan -> compress -> fine-tune with distillation -> measure, for the zoo's image-to-image models.
 
 This is what ``convfactor demo`` and the ``models`` benchmark section run.  Every figure is
-measured here, in one process: PSNR/SSIM on the held-out built-in photos
-(:mod:`convfactor.train.heldout`), params and MACs (FlopCounterMode, at the latency input), and
-the end-to-end speed-up against the original's fastest memory format
+measured here, in one process, and returned as a :class:`PipelineResult`: PSNR/SSIM on the
+held-out built-in photos (:mod:`convfactor.measure.quality`), params and MACs (FlopCounterMode, at
+the latency input), and the end-to-end speed-up against the original's fastest memory format
 (:func:`convfactor.measure.compare.compare_speed`).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -16,7 +17,19 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["PipelineConfig", "compress_finetune_measure", "plan_for_speedup", "planner_target"]
+from .. import models
+from ..compression.api import CompressionReport, compress
+from ..data.images import builtin_images
+from ..measure.compare import SpeedComparison, compare_speed
+from ..measure.count import count
+from ..measure.quality import evaluate
+from ..rank import LatencyConfig, Target, plan
+from ..train.datasets import training_set
+from ..train.finetune import CheckpointConfig, DistillConfig, FinetuneConfig, OptimizerConfig, finetune
+from ..utils import torch_threads
+
+__all__ = ["PipelineConfig", "PipelineResult", "Counts", "StageTimes", "compress_finetune_measure",
+           "summary_rows", "image_layers", "plan_for_speedup"]
 
 
 @dataclass
@@ -42,7 +55,7 @@ class PipelineConfig:
     plan_e2e_rounds: int = 3
     plan_e2e_repeats: int = 3
     plan_max_iter: int = 4
-    plan_margin: float = 0.12             # aim at speedup * (1 + m); accept speedup * [1 + m/2, 1 + 3m/2] (see planner_target)
+    plan_margin: float = 0.12             # aim at speedup * (1 + m); accept speedup * [1 + m/2, 1 + 3m/2] (SpeedupBand.at_least)
     speed_repeats: int = 9
     seed: int = 0
     progress: bool = True
@@ -60,43 +73,23 @@ def image_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and min(m.in_channels, m.out_channels) <= 4]
 
 
-def planner_target(speedup: float, margin: float) -> tuple[float, float]:
-    """(aimed speed-up, relative band) for a plan that must measure *at least* ``speedup`` again later.
-
-    A plan accepted at the band's lower edge is re-timed after fine-tuning, and end-to-end timings
-    on a shared CPU vary by a few per cent between runs; so the accepted band starts half a margin
-    above the request: aim ``speedup * (1 + m)``, accept ``speedup * [1 + m/2, 1 + 3m/2]``.
-    """
-    if speedup < 1.0:
-        raise ValueError(f"speedup must be at least 1x, got {speedup:g}")
-    if not 0.0 <= margin < 1.0:
-        raise ValueError(f"plan margin must be in [0, 1), got {margin:g}")
-    aim = speedup * (1 + margin)
-    return aim, margin / (2 * (1 + margin))
-
-
 def plan_for_speedup(model: nn.Module, example: torch.Tensor, cfg: PipelineConfig, log: Callable = print):
     """The latency planner's plan for ``cfg.speedup`` (measured); or a MACs budget of ``1 / speedup``
     / a fixed channel-SVD plan, both clearly labelled as MACs targets."""
     if cfg.planner not in ("latency", "budget", "fixed"):
         raise ValueError(f"planner must be 'latency', 'budget' or 'fixed', got {cfg.planner!r}")
-    try:
-        from ..rank.planner import plan
-    except ImportError:
-        plan = None
     exclude = image_layers(model) if cfg.keep_image_layers else []
     if exclude:
         log(f"  keeping the image-facing layers dense: {', '.join(exclude)}")
-    if plan is not None and cfg.planner == "latency":
-        aim, band = planner_target(cfg.speedup, cfg.plan_margin)
-        p = plan(model, example, target=f"speedup={aim:.4g}x", criterion="latency", threads=cfg.threads,
-                 exclude=exclude or None, band=band,
-                 repeats=cfg.plan_repeats, e2e_rounds=cfg.plan_e2e_rounds, e2e_repeats=cfg.plan_e2e_repeats,
-                 max_iter=cfg.plan_max_iter,
-                 model_name=cfg.model, progress=cfg.progress)
-        return p, f"latency planner (measured speed-up of at least {cfg.speedup:g}x, aimed at {aim:.3g}x)"
-    if plan is not None and cfg.planner == "budget":
-        p = plan(model, example, target=f"macs={100.0 / cfg.speedup:.4g}%", criterion="budget", model_name=cfg.model,
+    if cfg.planner == "latency":
+        timing = LatencyConfig(threads=cfg.threads, repeats=cfg.plan_repeats, e2e_rounds=cfg.plan_e2e_rounds,
+                               e2e_repeats=cfg.plan_e2e_repeats, max_iter=cfg.plan_max_iter, margin=cfg.plan_margin)
+        p = plan(model, example, target=Target("speedup", cfg.speedup), criterion="latency", exclude=exclude or None,
+                 latency=timing, model_name=cfg.model, progress=cfg.progress)
+        return p, (f"latency planner (measured speed-up of at least {cfg.speedup:g}x, "
+                   f"aimed at {p.summary.aimed_speedup:.3g}x)")
+    if cfg.planner == "budget":
+        p = plan(model, example, target=Target("macs", 1.0 / cfg.speedup), criterion="budget", model_name=cfg.model,
                  exclude=exclude or None)
         return p, f"MACs budget of 1/{cfg.speedup:g} (a MACs target, not a measured speed-up)"
     log("  fixed channel-SVD plan at per-layer MACs = 1/speed-up; this is a MACs target, not a measured speed-up")
@@ -105,123 +98,179 @@ def plan_for_speedup(model: nn.Module, example: torch.Tensor, cfg: PipelineConfi
     return rules, f"fixed channel_svd plan at macs_ratio={1.0 / cfg.speedup:.3g} (a MACs target, not a measured speed-up)"
 
 
-def _train_data(task: str, cfg: PipelineConfig, scale: int | None):
-    from ..data.images import builtin_images
-    images = builtin_images("train")
-    if cfg.train_side:
-        from ..train.heldout import _center_crop
-        images = [(n, _center_crop(a, cfg.train_side)) for n, a in images]
-    if task == "sr":
-        from ..data.sr import SRPatchDataset
-        return SRPatchDataset(images, scale, cfg.patch_size, 100_000, augment=True, seed=cfg.seed + 1)
-    from ..data.denoise import DenoisePatchDataset
-    return DenoisePatchDataset(images, cfg.sigma, cfg.patch_size, 100_000, grey=True, seed=cfg.seed + 1)
+# ---------------------------------------------------------------------------------------------- result
+@dataclass(frozen=True)
+class Counts:
+    """One figure (params or MACs) of the original and of the compressed model."""
+    original: int
+    compressed: int
+
+    @property
+    def ratio(self) -> float:
+        """compressed / original."""
+        return self.compressed / self.original
 
 
-def compress_finetune_measure(cfg: PipelineConfig, log: Callable = print) -> dict[str, Any]:
-    """Run the whole pipeline; returns models, plan, reports and every measured figure."""
-    from .. import models
-    from ..compression.api import compress
-    from ..measure.compare import compare_speed
-    from ..measure.count import count
-    from ..train.finetune import finetune
-    from ..train.heldout import heldout_quality
+@dataclass
+class StageTimes:
+    """Seconds each stage of the pipeline took."""
+    plan: float = 0.0
+    finetune: float = 0.0
+    quality: float = 0.0
+    speed: float = 0.0
 
+
+#: the models whose quality is measured, as keys of :attr:`PipelineResult.quality`
+QUALITY_STAGES = ("original", "compressed_before_finetune", "compressed")
+
+
+@dataclass
+class PipelineResult:
+    """Everything :func:`compress_finetune_measure` built and measured."""
+    config: PipelineConfig
+    task: str                             # "sr" or "denoise"
+    scale: int | None                     # the SR scale (None for denoising)
+    example: torch.Tensor                 # the timed input, (1, C, input_size, input_size)
+    original: nn.Module
+    before_finetune: nn.Module            # compressed, before fine-tuning
+    compressed: nn.Module                 # compressed and fine-tuned
+    plan_kind: str                        # how the plan was made, in words
+    plan: dict                            # Plan.to_dict(), or {"rules": [...]} for the fixed plan
+    compression_report: CompressionReport
+    finetune_history: list[dict]          # {"step", "loss", "lr", "time_s"} per fine-tuning step
+    quality: dict[str, dict]              # QUALITY_STAGES -> measure.quality.evaluate_sr/evaluate_denoise result
+    speed: SpeedComparison                # original vs fine-tuned compressed, end to end
+    params: Counts
+    macs: Counts                          # at ``example``
+    timings_s: StageTimes = field(default_factory=StageTimes)
+
+    @property
+    def baseline(self) -> str:
+        """The trivial baseline's key prefix in :attr:`quality`: ``"bicubic"`` (SR) or ``"noisy"``."""
+        return "bicubic" if self.task == "sr" else "noisy"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able figures (no models, no tensors)."""
+        return {"config": dataclasses.asdict(self.config), "task": self.task, "scale": self.scale,
+                "input_shape": list(self.example.shape), "plan_kind": self.plan_kind, "plan": self.plan,
+                "compression_report": self.compression_report.to_dict(), "finetune_history": self.finetune_history,
+                "quality": self.quality, "speed": self.speed.to_dict(), "params": dataclasses.asdict(self.params),
+                "macs": dataclasses.asdict(self.macs), "timings_s": dataclasses.asdict(self.timings_s)}
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def _timed(fn: Callable, *args, **kwargs) -> tuple[Any, float]:
+    """``(fn(*args, **kwargs), seconds it took)``."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def _task_of(cfg: PipelineConfig) -> dict:
+    """The zoo facts of ``cfg.model`` (``models.info``), which must be an SR or denoising model."""
     info = models.info(cfg.model)
-    task = info["task"]
-    if task not in ("sr", "denoise"):
-        raise ValueError(f"{cfg.model} is a {task} model; this pipeline handles super-resolution and denoising")
-    scale = info.get("scale")
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    out: dict[str, Any] = {"config": {k: v for k, v in vars(cfg).items()}, "task": task, "timings_s": {}}
-    try:
+    if info["task"] not in ("sr", "denoise"):
+        raise ValueError(f"{cfg.model} is a {info['task']} model; this pipeline handles super-resolution and denoising")
+    return info
+
+
+def _inputs(cfg: PipelineConfig, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timed input, planning input): uniform noise of batch 1, seeded; the same tensor when the sizes agree."""
+    def noise(side: int) -> torch.Tensor:
+        return torch.rand(1, channels, side, side, generator=torch.Generator().manual_seed(0))
+    example = noise(cfg.input_size)
+    same = not cfg.plan_size or cfg.plan_size == cfg.input_size
+    return example, example if same else noise(cfg.plan_size)
+
+
+def _compress(original: nn.Module, plan_or_rules, example: torch.Tensor, cfg: PipelineConfig,
+              log: Callable) -> tuple[nn.Module, CompressionReport, dict]:
+    """Factorize a copy of ``original`` by a plan (or the fixed plan's rules) -> (model, report, plan dict)."""
+    if isinstance(plan_or_rules, list):
+        compressed, report = compress(original, plan_or_rules, example, progress=cfg.progress)
+        return compressed, report, {"rules": plan_or_rules}
+    compressed, report = plan_or_rules.apply(original, example)
+    measured = plan_or_rules.summary.measured_speedup
+    log(f"  plan: {len(plan_or_rules.compressed)} layers factorized"
+        + (f", planner measured {measured:.2f}x in {plan_or_rules.memory_format}" if measured else ""))
+    return compressed, report, plan_or_rules.to_dict()
+
+
+def _finetune(compressed: nn.Module, original: nn.Module, info: dict, cfg: PipelineConfig) -> list[dict]:
+    """Fine-tune ``compressed`` in place: L1 to the ground truth + L1 to ``original``'s output; the history."""
+    history: list[dict] = []
+    if cfg.steps <= 0:
+        return history
+    data = training_set(info["task"], scale=info.get("scale"), sigma=cfg.sigma, patch_size=cfg.patch_size,
+                        seed=cfg.seed + 1, grey=info["input_shape"][0] == 1, max_side=cfg.train_side)
+    config = FinetuneConfig(steps=cfg.steps, batch_size=cfg.batch_size, loss="l1", seed=cfg.seed,
+                            optimizer=OptimizerConfig(lr=cfg.lr, schedule="cosine"),
+                            distill=DistillConfig(weight=cfg.distill_weight, feature_layers=cfg.feature_layers),
+                            checkpoint=CheckpointConfig(cfg.checkpoint_dir, every=max(1, cfg.steps // 5)),
+                            progress=cfg.progress, desc="fine-tuning")
+    finetune(compressed, data, config, teacher=original, history=history)
+    return history
+
+
+def _quality(stages: dict[str, nn.Module], info: dict, cfg: PipelineConfig) -> dict[str, dict]:
+    """PSNR/SSIM of each model of ``stages`` and of the baseline on the held-out built-in photos."""
+    images = builtin_images("test", max_side=cfg.eval_side, limit=cfg.eval_limit)
+    options = ({"scale": info["scale"]} if info["task"] == "sr" else
+               {"sigma": cfg.sigma, "grey": info["input_shape"][0] == 1})
+    quiet = {"compressed_before_finetune"}          # an intermediate: no progress bar
+    return {stage: evaluate(model, info["task"], images, progress=cfg.progress and stage not in quiet, **options)
+            for stage, model in stages.items()}
+
+
+def _speed(original: nn.Module, compressed: nn.Module, example: torch.Tensor,
+           cfg: PipelineConfig) -> tuple[SpeedComparison, Counts, Counts]:
+    """End-to-end speed-up (both memory formats, same process), and params / MACs at ``example``."""
+    with torch.no_grad():
+        speed = compare_speed(original, compressed, example, threads=cfg.threads, repeats=cfg.speed_repeats, rounds=3)
+    c0, c1 = count(original, example), count(compressed, example)
+    return speed, Counts(c0["params"], c1["params"]), Counts(c0["macs"], c1["macs"])
+
+
+# ---------------------------------------------------------------------------------------------- the workflow
+def compress_finetune_measure(cfg: PipelineConfig, log: Callable = print) -> PipelineResult:
+    """Run the whole pipeline (plan, compress, fine-tune, measure) with ``cfg.threads`` torch threads."""
+    info = _task_of(cfg)
+    times = StageTimes()
+    with torch_threads(cfg.threads):
         log(f"[1/5] loading {cfg.model}" + (" with its shipped weights" if cfg.pretrained else " (random weights)"))
         original = models.get(cfg.model, pretrained=cfg.pretrained).eval()
-        channels = info["input_shape"][0]
-        example = torch.rand(1, channels, cfg.input_size, cfg.input_size, generator=torch.Generator().manual_seed(0))
-
-        plan_example = example
-        if cfg.plan_size and cfg.plan_size != cfg.input_size:
-            plan_example = torch.rand(1, channels, cfg.plan_size, cfg.plan_size,
-                                      generator=torch.Generator().manual_seed(0))
+        example, plan_example = _inputs(cfg, info["input_shape"][0])
         log(f"[2/5] planning for a measured {cfg.speedup:g}x speed-up at input {tuple(plan_example.shape)}, "
             f"{cfg.threads} threads")
-        t0 = time.perf_counter()
-        plan_or_rules, how = plan_for_speedup(original, plan_example, cfg, log)
-        out["timings_s"]["plan"] = time.perf_counter() - t0
-        out["plan_kind"] = how
-        if isinstance(plan_or_rules, list):
-            compressed, creport = compress(original, plan_or_rules, example, progress=cfg.progress)
-            out["plan"] = {"rules": plan_or_rules}
-        else:
-            compressed, creport = plan_or_rules.apply(original, example)
-            out["plan"] = plan_or_rules.to_dict()
-            measured = plan_or_rules.summary.get("measured_speedup")
-            log(f"  plan: {len(plan_or_rules.compressed)} layers factorized"
-                + (f", planner measured {measured:.2f}x in {plan_or_rules.memory_format}" if measured else ""))
-        out["compression_report"] = creport
+        (plan_or_rules, how), times.plan = _timed(plan_for_speedup, original, plan_example, cfg, log)
+        compressed, report, plan_dict = _compress(original, plan_or_rules, example, cfg, log)
         before_ft = copy.deepcopy(compressed)
-
         log(f"[3/5] fine-tuning {cfg.steps} steps with distillation from the original "
             f"(batch {cfg.batch_size}, patch {cfg.patch_size}, Adam lr {cfg.lr:g}, cosine)")
-        history: list = []
-        t0 = time.perf_counter()
-        if cfg.steps > 0:
-            data = _train_data(task, cfg, scale)
-            finetune(compressed, data, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, schedule="cosine",
-                     loss="l1", teacher=original, distill_weight=cfg.distill_weight,
-                     feature_layers=cfg.feature_layers, seed=cfg.seed, progress=cfg.progress,
-                     checkpoint_dir=cfg.checkpoint_dir, checkpoint_every=max(1, cfg.steps // 5),
-                     history=history, desc="fine-tuning")
-        out["timings_s"]["finetune"] = time.perf_counter() - t0
-        out["finetune_history"] = history
-
+        history, times.finetune = _timed(_finetune, compressed, original, info, cfg)
         log("[4/5] measuring quality on the held-out built-in photos"
             + (f" (centre crops of {cfg.eval_side} px)" if cfg.eval_side else " (full images)"))
-        t0 = time.perf_counter()
-        kw = dict(scale=scale, sigma=cfg.sigma, max_side=cfg.eval_side, limit=cfg.eval_limit)
-        q = {"original": heldout_quality(original, task, progress=cfg.progress, **kw),
-             "compressed_before_finetune": heldout_quality(before_ft, task, **kw),
-             "compressed": heldout_quality(compressed, task, progress=cfg.progress, **kw)}
-        out["quality"] = q
-        out["timings_s"]["quality"] = time.perf_counter() - t0
-
+        stages = dict(zip(QUALITY_STAGES, (original, before_ft, compressed)))
+        quality, times.quality = _timed(_quality, stages, info, cfg)
         log(f"[5/5] timing original vs compressed end to end ({cfg.threads} threads, both memory formats)")
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            speed = compare_speed(original, compressed, example, threads=cfg.threads, repeats=cfg.speed_repeats,
-                                  rounds=3)
-        out["timings_s"]["speed"] = time.perf_counter() - t0
-        out["speed"] = speed
-        c0, c1 = count(original, example), count(compressed, example)
-        out["params"] = {"original": c0["params"], "compressed": c1["params"]}
-        out["macs"] = {"original": c0["macs"], "compressed": c1["macs"]}
-        out["models"] = {"original": original, "compressed": compressed, "compressed_before_finetune": before_ft}
-        out["example"] = example
-        return out
-    finally:
-        torch.set_num_threads(previous_threads)
+        (speed, params, macs), times.speed = _timed(_speed, original, compressed, example, cfg)
+    return PipelineResult(config=cfg, task=info["task"], scale=info.get("scale"), example=example, original=original,
+                          before_finetune=before_ft, compressed=compressed, plan_kind=how, plan=plan_dict,
+                          compression_report=report, finetune_history=history, quality=quality, speed=speed,
+                          params=params, macs=macs, timings_s=times)
 
 
-def summary_rows(result: dict) -> list[dict]:
-    """One row per operating point: params, MACs, fastest latency, mean quality (and the baseline)."""
-    task = result["task"]
-    key, bkey = ("psnr_y", "ssim_y") if task == "sr" else ("psnr", "ssim")
-    q = result["quality"]
-    s = result["speed"]
-    ms_o = s.original[s.original_best]["median_ms"]
-    ms_c = s.compressed[s.compressed_best]["median_ms"]
-    rows = [
-        {"label": "original", "params": result["params"]["original"], "macs": result["macs"]["original"],
-         "latency_ms": ms_o, "psnr": q["original"]["mean"][key], "ssim": q["original"]["mean"][bkey]},
-        {"label": "compressed, before fine-tuning", "params": result["params"]["compressed"],
-         "macs": result["macs"]["compressed"], "latency_ms": ms_c,
-         "psnr": q["compressed_before_finetune"]["mean"][key], "ssim": q["compressed_before_finetune"]["mean"][bkey]},
-        {"label": "compressed + fine-tuned", "params": result["params"]["compressed"],
-         "macs": result["macs"]["compressed"], "latency_ms": ms_c,
-         "psnr": q["compressed"]["mean"][key], "ssim": q["compressed"]["mean"][bkey]},
-        {"label": q["original"]["baseline"], "params": 0, "macs": None, "latency_ms": None,
-         "psnr": q["original"]["mean"]["baseline_" + key], "ssim": q["original"]["mean"]["baseline_" + bkey]},
-    ]
-    return rows
+def summary_rows(result: PipelineResult) -> list[dict]:
+    """One row per operating point: params, MACs, fastest latency, mean quality; then the baseline's row."""
+    q, s, b = result.quality, result.speed, result.baseline
+    ms = {"original": s.original[s.original_best]["median_ms"],
+          "compressed": s.compressed[s.compressed_best]["median_ms"]}
+
+    def row(label: str, stage: str, model: str) -> dict:
+        return {"label": label, "params": getattr(result.params, model), "macs": getattr(result.macs, model),
+                "latency_ms": ms[model], "psnr": q[stage]["psnr"], "ssim": q[stage]["ssim"]}
+    return [row("original", "original", "original"),
+            row("compressed, before fine-tuning", "compressed_before_finetune", "compressed"),
+            row("compressed + fine-tuned", "compressed", "compressed"),
+            {"label": "bicubic" if b == "bicubic" else "noisy input", "params": 0, "macs": None, "latency_ms": None,
+             "psnr": q["original"][f"{b}_psnr"], "ssim": q["original"][f"{b}_ssim"]}]

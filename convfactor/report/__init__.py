@@ -23,9 +23,24 @@ from io import BytesIO
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["write_report", "collect", "image_panel", "psnr", "render_markdown", "render_html", "fmt", "FIGURES"]
+import numpy as np
+import torch
+from torch import nn
+
+from ..compression.api import capture_layer_io
+from ..compression.inspect import layer_facts
+from ..io import atomic_write
+from ..measure.compare import SpeedComparison, compare_speed
+from ..measure.count import count
+from ..measure.latency import environment
+from ..methods.base import Factorized
+from ..utils import plain_data
+from . import figures
+
+__all__ = ["write_report", "collect", "image_panel", "latency_rows", "float_psnr", "render_markdown", "render_html",
+           "fmt", "FIGURES"]
 
 #: figure name -> the data key it needs
 FIGURES = {"layers": "layers", "spectra": "spectra", "latency": "latency", "crops": "images", "tradeoff": "tradeoff"}
@@ -113,7 +128,6 @@ def _env_line(data: dict) -> str:
 # ---------------------------------------------------------------------------------- figures
 def render_figures(data: dict) -> dict[str, bytes]:
     """Figure name -> PNG bytes, for each figure whose data is present."""
-    from . import figures
     out = {}
     if data.get("layers"):
         rows = [L for L in data["layers"] if L.get("params_before") is not None]
@@ -191,29 +205,9 @@ def render_html(data: dict, figures_png: dict[str, bytes]) -> str:
 
 
 # ---------------------------------------------------------------------------------- writing
-def _jsonable(obj):
-    import numpy as np
-    import torch
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, float) and (math.isinf(obj) or math.isnan(obj)):
-        return obj  # json writes Infinity / NaN, which json.loads reads back
-    return obj
-
-
 def _store_images(run_dir: Path, images: list[dict]) -> list[dict]:
     """Save each crop's array as ``crops/NN.png``; the JSON keeps the file name, not the pixels."""
-    import numpy as np
     from matplotlib.image import imread, imsave
-    from ..io import atomic_write
     stored = []
     (run_dir / "crops").mkdir(exist_ok=True)
     for i, im in enumerate(images):
@@ -242,14 +236,13 @@ def write_report(run_dir, data: dict) -> dict[str, Path]:
     Returns the paths written.  Figures are rendered from ``data`` (image crops from their arrays
     or files); the JSON holds every number the tables show.
     """
-    from ..io import atomic_write
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = dict(data)
     images = _store_images(run_dir, data.get("images") or []) if data.get("images") else []
-    json_data = _jsonable({k: v for k, v in data.items() if k != "images"})
+    json_data = plain_data({k: v for k, v in data.items() if k != "images"})
     if images:
-        json_data["images"] = [{k: _jsonable(v) for k, v in im.items() if k != "_array"} for im in images]
+        json_data["images"] = [{k: plain_data(v) for k, v in im.items() if k != "_array"} for im in images]
     render_data = dict(json_data)
     if images:
         render_data["images"] = [dict(j, array=im["_array"]) for j, im in zip(json_data["images"], images)]
@@ -271,12 +264,9 @@ def collect(original, compressed, example_input, *, compression_report=None, mea
             threads: int | None = None, kappa_threshold: float | None = None, title: str | None = None,
             model_name: str | None = None, repeats: int = 10, max_layers: int = 8, spectra: bool = True) -> dict:
     """Report data for ``compressed`` (from ``original``): totals, per-layer costs, spectra of the
-    original layers that were factorized (``spectra=True``; needs ``original``'s real weights), and with ``measure=True`` latency and the speed-up."""
-    import torch
-
-    from ..compression.inspect import layer_facts
-    from ..measure.latency import environment
-    from ..methods.base import Factorized
+    original layers that were factorized (``spectra=True``; needs ``original``'s real weights), and
+    with ``measure=True`` latency (whole models and the first ``max_layers`` factorized layers) and
+    the speed-up."""
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     data: dict[str, Any] = {"title": title or "convfactor report", "model": model_name,
                             "input_shape": list(inputs[0].shape),
@@ -285,92 +275,108 @@ def collect(original, compressed, example_input, *, compression_report=None, mea
         d = compression_report if isinstance(compression_report, dict) else compression_report.to_dict()
         data["layers"], data["totals"] = d["layers"], d["totals"]
     else:
-        from ..measure.count import count
-        after = count(compressed, inputs)["layers"]
-        before = count(original, inputs)["layers"]
-        layers = []
-        for name, m in compressed.named_modules():
-            if isinstance(m, Factorized):
-                spec = m.spec
-                pb = spec.dense_params()
-                pa = sum(p.numel() for p in m.parameters())
-                mb = before.get(name, {}).get("macs", 0)
-                ma = sum(v["macs"] for k, v in after.items() if k == name or k.startswith(name + "."))
-                layers.append({"name": name, "method": m.method, "ranks": list(m.ranks), "params_before": pb,
-                               "params_after": pa, "macs_before": mb, "macs_after": ma, "weight_error": None,
-                               "output_error": None, "skipped": None})
+        data["layers"] = _counted_layers(original, compressed, inputs)
         keys = ("params_before", "params_after", "macs_before", "macs_after")
-        data["layers"] = layers
-        data["totals"] = {k: sum(L[k] for L in layers) for k in keys}
-    layer_spectra = {}
-    for L in (data["layers"] if spectra else []):
-        try:
-            layer = original.get_submodule(L["name"])
-            facts = layer_facts(L["name"], layer)
-        except Exception:  # noqa: BLE001 - a layer without a kernel matrix has no spectrum
-            continue
-        layer_spectra[L["name"]] = {"singular_values": facts["singular_values"], "kappa": facts["kappa"],
-                                    "rank": (L.get("ranks") or [None])[0]}
+        data["totals"] = {k: sum(L[k] for L in data["layers"]) for k in keys}
+    layer_spectra = _spectra(original, data["layers"]) if spectra else {}
     if layer_spectra:
         data["spectra"] = layer_spectra
         data["kappa_threshold"] = kappa_threshold
     if measure:
-        from ..compression.api import capture_layer_io
-        from ..measure.compare import compare_speed
-        with torch.no_grad():
-            res = compare_speed(original, compressed, inputs, threads=threads, repeats=repeats)
-        data["speed"] = res.to_dict()
-        data["latency"] = [dict(label=f"{which} ({form})", median_ms=v["median_ms"], iqr_ms=v["iqr_ms"], env=v["env"])
-                           for which, forms in (("original", res.original), ("compressed", res.compressed))
-                           for form, v in forms.items() if isinstance(v, dict)]
-        # per layer: each factorized layer against its original, on the input it really sees
-        names = [n for n, m in compressed.named_modules() if isinstance(m, Factorized)][:max_layers]
-        io = capture_layer_io(original, names, inputs)
-        for name in names:
-            if name not in io:
-                continue
-            with torch.no_grad():
-                r = compare_speed(original.get_submodule(name), compressed.get_submodule(name), io[name][0],
-                                  threads=threads, repeats=repeats)
-            for which, best, forms in (("dense", r.original_best, r.original), ("factorized", r.compressed_best,
-                                                                                 r.compressed)):
-                v = forms[best]
-                data["latency"].append(dict(label=f"{name} {which}", median_ms=v["median_ms"], iqr_ms=v["iqr_ms"],
-                                            env=v["env"]))
+        data.update(_measured_speed(original, compressed, inputs, threads, repeats, max_layers))
     return data
 
 
-def psnr(a, b, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB of ``a`` against the reference ``b`` (same shape)."""
-    import torch
+def _counted_layers(original: nn.Module, compressed: nn.Module, inputs: tuple) -> list[dict]:
+    """Per factorized layer of ``compressed``: method, ranks, params and MACs before and after, counted
+    from the modules (when no CompressionReport is at hand)."""
+    after = count(compressed, inputs)["layers"]
+    before = count(original, inputs)["layers"]
+    layers = []
+    for name, m in compressed.named_modules():
+        if isinstance(m, Factorized):
+            macs_after = sum(v["macs"] for k, v in after.items() if k == name or k.startswith(name + "."))
+            layers.append({"name": name, "method": m.method, "ranks": list(m.ranks),
+                           "params_before": m.spec.dense_params(), "params_after": sum(p.numel() for p in m.parameters()),
+                           "macs_before": before.get(name, {}).get("macs", 0), "macs_after": macs_after,
+                           "weight_error": None, "output_error": None, "skipped": None})
+    return layers
+
+
+def _spectra(original: nn.Module, layers: list[dict]) -> dict[str, dict]:
+    """Singular values, condition number and chosen rank of each listed layer of ``original``."""
+    out = {}
+    for L in layers:
+        try:
+            facts = layer_facts(L["name"], original.get_submodule(L["name"]))
+        except Exception:  # noqa: BLE001 - a layer without a kernel matrix has no spectrum
+            continue
+        out[L["name"]] = {"singular_values": facts["singular_values"], "kappa": facts["kappa"],
+                          "rank": (L.get("ranks") or [None])[0]}
+    return out
+
+
+def latency_rows(result: SpeedComparison) -> list[dict]:
+    """One latency row per model and memory format of a speed comparison."""
+    return [dict(label=f"{which} ({form})", median_ms=v["median_ms"], iqr_ms=v["iqr_ms"], env=v["env"])
+            for which, forms in (("original", result.original), ("compressed", result.compressed))
+            for form, v in forms.items() if isinstance(v, dict)]
+
+
+@torch.no_grad()
+def _measured_speed(original: nn.Module, compressed: nn.Module, inputs: tuple, threads: int | None, repeats: int,
+                    max_layers: int) -> dict:
+    """``{"speed", "latency"}``: both models end to end, then each of the first ``max_layers`` factorized
+    layers against its original on the input it really sees (each in its fastest memory format)."""
+    res = compare_speed(original, compressed, inputs, threads=threads, repeats=repeats)
+    latency = latency_rows(res)
+    names = [n for n, m in compressed.named_modules() if isinstance(m, Factorized)][:max_layers]
+    io = capture_layer_io(original, names, inputs)
+    for name in (n for n in names if n in io):
+        r = compare_speed(original.get_submodule(name), compressed.get_submodule(name), io[name][0],
+                          threads=threads, repeats=repeats)
+        for which, best, forms in (("dense", r.original_best, r.original),
+                                   ("factorized", r.compressed_best, r.compressed)):
+            v = forms[best]
+            latency.append(dict(label=f"{name} {which}", median_ms=v["median_ms"], iqr_ms=v["iqr_ms"], env=v["env"]))
+    return {"speed": res.to_dict(), "latency": latency}
+
+
+def float_psnr(a, b, data_range: float = 1.0) -> float:
+    """PSNR in dB of the float image ``a`` against the reference ``b`` (same shape), as the values are:
+    no 8-bit quantisation, no Y channel, no border shave (those are :func:`convfactor.measure.quality.psnr`'s)."""
     mse = torch.mean((torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)) ** 2).item()
     return float("inf") if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
 
 
 def image_panel(ground_truth, outputs: dict, crop: tuple[int, int, int, int] | None = None,
-                data_range: float = 1.0) -> list[dict]:
+                data_range: float = 1.0, metrics: Callable[[torch.Tensor, torch.Tensor], dict] | None = None
+                ) -> list[dict]:
     """``images`` entries for :func:`write_report`: the ground truth then each output, cropped to
-    ``crop = (top, left, height, width)``; each output's PSNR is over the *whole* image.
+    ``crop = (top, left, height, width)``; each output's figures are over the *whole* image.
 
     ``ground_truth`` and the outputs: ``(C, H, W)`` or ``(1, C, H, W)`` tensors in ``[0, data_range]``.
+    ``metrics(output, ground_truth) -> {name: value}`` on the rescaled ``(C, H, W)`` float64 images in
+    [0, 1] gives each output's figures (default: ``{"psnr": float_psnr(...)}``; e.g. the BT.601
+    PSNR/SSIM of :mod:`convfactor.measure.quality`).
     """
-    import torch
+    metrics = metrics or (lambda out, gt: {"psnr": float_psnr(out, gt, 1.0)})
 
     def prep(t):
         t = torch.as_tensor(t).detach().double().cpu()
         return (t[0] if t.dim() == 4 else t).clamp(0, data_range) / data_range
-
-    gt = prep(ground_truth)
 
     def cut(t):
         if crop is None:
             return t
         y, x, h, w = crop
         return t[..., y:y + h, x:x + w]
+    gt = prep(ground_truth)
     rows = [{"label": "ground truth", "array": cut(gt), "psnr": None}]
     for label, out in outputs.items():
         o = prep(out)
         if o.shape != gt.shape:
-            raise ValueError(f"{label}: output shape {tuple(o.shape)} differs from the ground truth's {tuple(gt.shape)}")
-        rows.append({"label": label, "array": cut(o), "psnr": psnr(o, gt, 1.0)})
+            raise ValueError(f"{label}: output shape {tuple(o.shape)} differs from the ground truth's "
+                             f"{tuple(gt.shape)}")
+        rows.append({"label": label, "array": cut(o), **metrics(o, gt)})
     return rows

@@ -1,17 +1,21 @@
-"""Fine-tuning and training: :func:`finetune` (Adam/SGD, schedules, distillation, basis regularizer,
-checkpoints + resume, DDP), :func:`lowrank_structure` (Tai et al. from-scratch training), the
-distillation helpers, pickle-free checkpoints and the DDP helpers.  Names load lazily (no import cost).
+"""Layer 6, training: :func:`finetune` with a :class:`FinetuneConfig` (Adam/SGD, schedules,
+distillation, basis regularizer, checkpoints + resume, DDP), :func:`training_set` (training data by
+task), :func:`lowrank_structure` (Tai et al. from-scratch training), the distillation helpers,
+pickle-free checkpoints and the DDP helpers.  Names load lazily (no import cost).  Quality is measured
+by :mod:`convfactor.measure.quality`.
 """
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "finetune": "finetune", "lr_factor": "finetune", "batch_for_step": "finetune",
+    "finetune": "finetune", "FinetuneConfig": "finetune", "OptimizerConfig": "finetune",
+    "DistillConfig": "finetune", "CheckpointConfig": "finetune", "lr_factor": "finetune",
+    "batch_for_step": "finetune",
     "FeatureTap": "distill", "kd_loss": "distill", "feature_loss": "distill",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "latest_step": "checkpoint",
     "lowrank_structure": "scratch", "insert_batchnorm": "scratch",
-    "heldout_quality": "heldout", "training_set": "datasets",
+    "training_set": "datasets",
 }
 __all__ = sorted(_EXPORTS) + ["ddp"]
 

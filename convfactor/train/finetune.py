@@ -1,30 +1,39 @@
 """Fine-tuning a (compressed) model: Adam/SGD, cosine/step schedules, distillation, checkpoints, resume, DDP.
 
-:func:`finetune` trains ``model`` in place and hands it back as the same ordinary ``nn.Module``
-(never a wrapper), in eval mode.  It is deterministic given ``seed``: the batch of step ``k`` is
-drawn from a generator seeded by ``(seed, k, rank)`` and the global torch RNG is re-seeded from
-``(seed, k)`` before each step (dropout etc.), so a run resumed from a checkpoint continues exactly
-as the uninterrupted run would have.  With ``checkpoint_dir`` set, a checkpoint is written
-atomically every ``checkpoint_every`` steps and at the end; with ``resume=True`` (the default) a
-run finding one there continues from it, losing at most one checkpoint interval.
+:func:`finetune` trains ``model`` in place, with the settings of a :class:`FinetuneConfig`, and hands
+it back as the same ordinary ``nn.Module`` (never a wrapper), in eval mode.  It is deterministic
+given ``seed``: the batch of step ``k`` is drawn from a generator seeded by ``(seed, k, rank)`` and
+the global torch RNG is re-seeded from ``(seed, k)`` before each step (dropout etc.), so a run
+resumed from a checkpoint continues exactly as the uninterrupted run would have.  With a checkpoint
+directory, a checkpoint is written atomically every ``checkpoint.every`` steps and at the end; with
+``checkpoint.resume`` (the default) a run finding one there continues from it, losing at most one
+checkpoint interval.
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from ..io import check_writable
+from ..methods.basis import BasisConv2d, basis_regularizer
 from . import checkpoint as ckpt
 from .distill import FeatureTap, feature_loss, kd_loss
 
-__all__ = ["finetune", "lr_factor", "make_optimizer", "batch_for_step"]
+__all__ = ["finetune", "FinetuneConfig", "OptimizerConfig", "DistillConfig", "CheckpointConfig", "lr_factor",
+           "make_optimizer", "batch_for_step"]
 
 _LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "ce": F.cross_entropy}
+_OPTIMIZERS = ("adam", "adamw", "sgd")
+_DISTILL_LOSSES = ("kl", "l1", "mse")
 
 
 def lr_factor(step: int, steps: int, schedule: str = "cosine", *, warmup: int = 0, step_size: int | None = None,
@@ -48,18 +57,109 @@ def lr_factor(step: int, steps: int, schedule: str = "cosine", *, warmup: int = 
     return f
 
 
-def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, *, weight_decay: float = 0.0,
-                   momentum: float = 0.9) -> torch.optim.Optimizer:
+# ---------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer and its learning-rate schedule (see :func:`lr_factor`)."""
+    name: str = "adam"                    # "adam", "adamw" or "sgd" (Nesterov when momentum > 0)
+    lr: float = 1e-4                      # base learning rate
+    weight_decay: float = 0.0
+    momentum: float = 0.9                 # SGD only
+    schedule: str = "cosine"              # "cosine", "step" or "constant"
+    warmup: int = 0                       # linear warm-up steps
+    step_size: int | None = None          # "step": steps between decays (None: a third of the run)
+    gamma: float = 0.1                    # "step": decay factor
+    min_lr_ratio: float = 0.0             # "cosine": final lr / base lr
+    grad_clip: float | None = None        # max global gradient norm (None: no clipping)
+
+    def __post_init__(self):
+        if self.name not in _OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.name!r} (use 'adam', 'adamw' or 'sgd')")
+        lr_factor(0, 1, self.schedule)    # validates the schedule name
+
+    def lr_at(self, step: int, steps: int) -> float:
+        """The learning rate of ``step`` (0-based) of ``steps``."""
+        return self.lr * lr_factor(step, steps, self.schedule, warmup=self.warmup, step_size=self.step_size,
+                                   gamma=self.gamma, min_ratio=self.min_lr_ratio)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation from a teacher (Hinton et al. 2015 outputs, Romero et al. 2015 features);
+    used only when :func:`finetune` is given a ``teacher``."""
+    weight: float = 1.0                   # output distillation loss weight (0 disables it)
+    loss: str | None = None               # "kl", "l1" or "mse"; None: "kl" for loss="ce", else the task loss kind
+    temperature: float = 4.0              # "kl" only
+    feature_layers: tuple[str, ...] = ()  # layer names present in both models (feature MSE)
+    feature_weight: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "feature_layers", tuple(self.feature_layers))
+        if self.loss is not None and self.loss not in _DISTILL_LOSSES:
+            raise ValueError(f"unknown distillation loss {self.loss!r} (use 'kl', 'l1' or 'mse')")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Atomic checkpoints (:mod:`convfactor.train.checkpoint`) and resume."""
+    directory: str | Path | None = None   # None: no checkpoints
+    every: int = 100                      # steps between checkpoints (one is also written at the end)
+    resume: bool = True                   # continue from a checkpoint found in ``directory``
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.every}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every setting of :func:`finetune`; validated when built, so a bad one fails before any work."""
+    steps: int                            # optimizer steps
+    batch_size: int = 16
+    loss: str | Callable = "l1"           # "l1", "mse", "ce" or a callable (output, target) -> scalar
+    task_weight: float = 1.0              # weight of the loss to the ground truth (0 disables it)
+    basis_weight: float | None = None     # gamma of Li et al.'s eq. 12 regularizer on basis layers (None: 1; 0: off)
+    seed: int = 0
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    device: str | torch.device | None = None   # move the model here first (None: where it is)
+    ddp: bool | None = None               # wrap in DDP (None: when a process group is initialized)
+    progress: bool = True
+    desc: str = "fine-tuning"             # the progress bar's label
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps must be a non-negative int, got {self.steps!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if isinstance(self.loss, str) and self.loss not in _LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r} (use 'l1', 'mse', 'ce' or a callable)")
+
+    @property
+    def loss_fn(self) -> Callable:
+        return _LOSSES[self.loss] if isinstance(self.loss, str) else self.loss
+
+    @property
+    def distill_kind(self) -> str:
+        """The output distillation loss: as given, else KL for classifiers, else the task loss kind."""
+        if self.distill.loss:
+            return self.distill.loss
+        return "kl" if self.loss == "ce" else self.loss if isinstance(self.loss, str) else "mse"
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def make_optimizer(params: Iterable[nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names over the trainable ``params`` (at the base learning rate)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
-    raise ValueError(f"unknown optimizer {name!r} (use 'adam', 'adamw' or 'sgd')")
+    if config.name == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.name == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                           nesterov=config.momentum > 0)
 
 
 def batch_for_step(data, step: int, batch_size: int, seed: int, rank: int = 0):
@@ -77,6 +177,7 @@ def batch_for_step(data, step: int, batch_size: int, seed: int, rank: int = 0):
 
 
 def _split(batch) -> tuple[torch.Tensor, Any]:
+    """A batch -> (input, target or None)."""
     if isinstance(batch, (tuple, list)):
         return batch[0], (batch[1] if len(batch) > 1 else None)
     if isinstance(batch, dict):
@@ -84,154 +185,172 @@ def _split(batch) -> tuple[torch.Tensor, Any]:
     return batch, None
 
 
-def _distributed() -> tuple[bool, int, int]:
-    import torch.distributed as dist
+def _distributed() -> tuple[bool, int]:
+    """(a process group is initialized, this process's rank)."""
     if dist.is_available() and dist.is_initialized():
-        return True, dist.get_rank(), dist.get_world_size()
-    return False, 0, 1
+        return True, dist.get_rank()
+    return False, 0
 
 
-def finetune(model: nn.Module, data, *, steps: int, batch_size: int = 16, lr: float = 1e-4,
-             optimizer: str = "adam", weight_decay: float = 0.0, momentum: float = 0.9,
-             schedule: str = "cosine", warmup: int = 0, step_size: int | None = None, gamma: float = 0.1,
-             min_lr_ratio: float = 0.0, loss: str | Callable = "l1", task_weight: float = 1.0,
-             teacher: nn.Module | None = None, distill_weight: float = 1.0, distill_loss: str | None = None,
-             temperature: float = 4.0, feature_layers: Sequence[str] = (), feature_weight: float = 1.0,
-             basis_weight: float | None = None, grad_clip: float | None = None,
-             checkpoint_dir: str | Path | None = None, checkpoint_every: int = 100, resume: bool = True,
-             seed: int = 0, device: str | torch.device | None = None, ddp: bool | None = None,
-             progress: bool = True, desc: str = "fine-tuning", history: list | None = None,
-             callback: Callable[[int, float], None] | None = None) -> nn.Module:
-    """Train ``model`` for ``steps`` optimizer steps and return it (same object, eval mode).
+@dataclass
+class _Run:
+    """What one fine-tuning run holds while it trains."""
+    config: FinetuneConfig
+    model: nn.Module                      # the module trained and returned
+    net: nn.Module                        # ``model``, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    teacher: nn.Module | None
+    regularizer: Callable | None          # the basis regularizer when it applies
+    device: torch.device
+    rank: int
+    ddp: bool
 
-    ``data``: a map-style data set of ``(input, target)`` items (or inputs alone, for pure
-    distillation), or a callable ``(step, generator) -> batch``; see :func:`batch_for_step`.
-    ``loss``: ``"l1"`` / ``"mse"`` / ``"ce"`` or a callable ``(output, target) -> scalar``,
-    weighted by ``task_weight`` (0 disables it).
-    ``teacher``: the original model for distillation; output loss (``distill_loss``: ``"kl"`` for
-    ``loss="ce"``, else the task loss kind) times ``distill_weight``, plus the feature MSE of
-    ``feature_layers`` (layer names present in both models) times ``feature_weight``.
-    ``basis_weight``: ``gamma`` of :func:`convfactor.methods.basis.basis_regularizer` (Li et al.'s
-    eq. 12, ``||W - B A||^2`` to the original kernels, taken from ``teacher`` when given) added
-    whenever the model holds basis layers (None: 1.0; 0 disables it).
-    ``ddp``: wrap in ``DistributedDataParallel`` (default: when a process group is initialized);
-    the wrap happens after any factorization (the model you pass) and before the optimizer is
-    built; each rank draws its own batches; rank 0 writes checkpoints.
-    ``history``: a list receiving ``{"step", "loss", "lr", "time_s"}`` per step.
-    ``callback(step, loss)``: called after each step (1-based count of steps done).
-    """
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    lr_factor(0, max(steps, 1), schedule)              # validates the schedule name
-    if isinstance(loss, str) and loss not in _LOSSES:
-        raise ValueError(f"unknown loss {loss!r} (use 'l1', 'mse', 'ce' or a callable)")
-    loss_fn = _LOSSES[loss] if isinstance(loss, str) else loss
-    kd_kind = distill_loss or ("kl" if loss == "ce" else loss if isinstance(loss, str) else "mse")
-    if feature_layers and teacher is None:
+
+def _check(config: FinetuneConfig, teacher: nn.Module | None) -> None:
+    """Fail before any work: feature distillation without a teacher, an unwritable checkpoint dir."""
+    if config.distill.feature_layers and teacher is None:
         raise ValueError("feature_layers needs a teacher model")
-    if checkpoint_dir is not None:
-        from ..io import check_writable
-        cdir = Path(checkpoint_dir)
-        check_writable(cdir / "latest.json" if cdir.is_dir() else cdir)   # fail before any work
+    if config.checkpoint.directory is not None:
+        cdir = Path(config.checkpoint.directory)
+        check_writable(cdir / "latest.json" if cdir.is_dir() else cdir)
 
-    is_dist, rank, world = _distributed()
-    use_ddp = is_dist if ddp is None else ddp
+
+def _start(model: nn.Module, config: FinetuneConfig, teacher: nn.Module | None) -> _Run:
+    """Device, frozen teacher, regularizer, then (in this order) DDP wrap and optimizer."""
+    is_dist, rank = _distributed()
+    use_ddp = is_dist if config.ddp is None else config.ddp
     if use_ddp and not is_dist:
         raise ValueError("ddp=True needs an initialized torch.distributed process group (see convfactor.train.ddp)")
-    if device is not None:
-        model.to(device)
-    dev = next(model.parameters()).device
+    if config.device is not None:
+        model.to(config.device)
+    device = next(model.parameters()).device
     if teacher is not None:
-        teacher = teacher.to(dev).eval()
+        teacher = teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-
-    regularizer = None
-    if basis_weight != 0:
-        try:
-            from ..methods.basis import BasisConv2d, basis_regularizer    # written with the basis method
-        except ImportError:
-            pass
-        else:
-            if any(isinstance(m, BasisConv2d) for m in model.modules()):
-                regularizer = basis_regularizer
-    w_basis = 1.0 if basis_weight is None else basis_weight
-
+    uses_basis = config.basis_weight != 0 and any(isinstance(m, BasisConv2d) for m in model.modules())
     # Factorize first (done by the caller), then wrap, then build the optimizer.
     net = model
     if use_ddp:
-        from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(model, device_ids=None if dev.type == "cpu" else [dev])
-    opt = make_optimizer(net.parameters(), optimizer, lr, weight_decay=weight_decay, momentum=momentum)
+        net = DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device])
+    return _Run(config, model, net, make_optimizer(net.parameters(), config.optimizer), teacher,
+                basis_regularizer if uses_basis else None, device, rank, use_ddp)
 
+
+def _resume(run: _Run) -> int:
+    """The first step to run: 0, or the step of the checkpoint found (made with the same seed/steps)."""
+    cfg = run.config
+    directory = cfg.checkpoint.directory
     start = 0
-    if checkpoint_dir is not None and resume:
-        meta = ckpt.load_checkpoint(checkpoint_dir, model, opt)
+    if directory is not None and cfg.checkpoint.resume:
+        meta = ckpt.load_checkpoint(directory, run.model, run.optimizer)
         if meta is not None:
             start = int(meta["step"])
-            for key, value in (("seed", seed), ("steps", steps)):
+            for key, value in (("seed", cfg.seed), ("steps", cfg.steps)):
                 if meta["extra"].get(key, value) != value:
-                    raise ValueError(f"checkpoint in {checkpoint_dir} was made with {key}={meta['extra'][key]}, not "
+                    raise ValueError(f"checkpoint in {directory} was made with {key}={meta['extra'][key]}, not "
                                      f"{value}; resume with the same settings or use another checkpoint_dir")
-    if start > steps:
-        raise ValueError(f"checkpoint in {checkpoint_dir} is at step {start}, beyond steps={steps}")
+    if start > cfg.steps:
+        raise ValueError(f"checkpoint in {directory} is at step {start}, beyond steps={cfg.steps}")
+    return start
 
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+
+def _loss(run: _Run, x: torch.Tensor, target) -> torch.Tensor:
+    """Task loss + output and feature distillation + basis regularizer, each with its weight."""
+    cfg, d = run.config, run.config.distill
+    with FeatureTap(run.model, d.feature_layers) as s_tap:
+        out = run.net(x)
+    total = out.new_zeros(())
+    if target is not None and cfg.task_weight:
+        total = total + cfg.task_weight * cfg.loss_fn(out, target)
+    if run.teacher is not None:
+        with torch.no_grad(), FeatureTap(run.teacher, d.feature_layers, detach=True) as t_tap:
+            t_out = run.teacher(x)
+        if d.weight:
+            total = total + d.weight * kd_loss(out, t_out, kind=cfg.distill_kind, temperature=d.temperature)
+        if d.feature_layers and d.feature_weight:
+            total = total + d.feature_weight * feature_loss(s_tap.features, t_tap.features)
+    if run.regularizer is not None:
+        gamma = 1.0 if cfg.basis_weight is None else cfg.basis_weight
+        total = total + run.regularizer(run.model, original=run.teacher, gamma=gamma)
+    if not total.requires_grad:
+        raise ValueError("nothing to optimize: no target in the data and no teacher for distillation")
+    return total
+
+
+def _step(run: _Run, data, step: int) -> tuple[float, float]:
+    """One optimizer step (0-based ``step``); returns (loss, learning rate)."""
+    cfg = run.config
+    torch.manual_seed((cfg.seed * 1_000_003 + step) % (2 ** 63))
+    x, target = _split(batch_for_step(data, step, cfg.batch_size, cfg.seed, run.rank))
+    x = x.to(run.device)
+    target = target.to(run.device) if isinstance(target, torch.Tensor) else target
+    lr = cfg.optimizer.lr_at(step, cfg.steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    total = _loss(run, x, target)
+    run.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if cfg.optimizer.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optimizer.grad_clip)
+    run.optimizer.step()
+    value = float(total.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss became {value} at step {step + 1}; lower the learning rate")
+    return value, lr
+
+
+def _maybe_checkpoint(run: _Run, done: int) -> None:
+    """Rank 0 writes a checkpoint every ``checkpoint.every`` steps and at the end; DDP ranks wait for it."""
+    cfg = run.config
+    if cfg.checkpoint.directory is None or (done % cfg.checkpoint.every and done != cfg.steps):
+        return
+    if run.rank == 0:
+        ckpt.save_checkpoint(cfg.checkpoint.directory, done, run.model, run.optimizer,
+                             extra={"seed": cfg.seed, "steps": cfg.steps})
+    if run.ddp:
+        dist.barrier()
+
+
+def _progress_bar(run: _Run, start: int):
+    if not (run.config.progress and run.rank == 0):
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=run.config.steps, initial=start, desc=run.config.desc, unit="step", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def finetune(model: nn.Module, data, config: FinetuneConfig, *, teacher: nn.Module | None = None,
+             history: list | None = None, callback: Callable[[int, float], None] | None = None) -> nn.Module:
+    """Train ``model`` for ``config.steps`` optimizer steps and return it (same object, eval mode).
+
+    ``data``: a map-style data set of ``(input, target)`` items (or inputs alone, for pure
+    distillation), or a callable ``(step, generator) -> batch``; see :func:`batch_for_step`.
+    ``teacher``: the original model, for the distillation of ``config.distill`` and as the
+    reference kernels of the basis regularizer (:func:`convfactor.methods.basis.basis_regularizer`,
+    applied whenever the model holds basis layers and ``config.basis_weight != 0``).
+    Under DDP (a process group initialized, or ``config.ddp``) the model is wrapped after any
+    factorization (the model you pass) and before the optimizer is built; each rank draws its own
+    batches; rank 0 writes checkpoints.
+    ``history``: a list receiving ``{"step", "loss", "lr", "time_s"}`` per step.
+    ``callback(step, loss)``: called after each step (1-based count of steps done).
+    """
+    _check(config, teacher)
+    run = _start(model, config, teacher)
+    start = _resume(run)
+    bar = _progress_bar(run, start)
     t0 = time.perf_counter()
     model.train()
     try:
-        for step in range(start, steps):
-            torch.manual_seed((seed * 1_000_003 + step) % (2 ** 63))
-            x, target = _split(batch_for_step(data, step, batch_size, seed, rank))
-            x = x.to(dev)
-            target = target.to(dev) if isinstance(target, torch.Tensor) else target
-            f = lr_factor(step, steps, schedule, warmup=warmup, step_size=step_size, gamma=gamma,
-                          min_ratio=min_lr_ratio)
-            for group in opt.param_groups:
-                group["lr"] = lr * f
-            with FeatureTap(model, feature_layers) as s_tap:
-                out = net(x)
-            total = out.new_zeros(())
-            if target is not None and task_weight:
-                total = total + task_weight * loss_fn(out, target)
-            if teacher is not None:
-                with torch.no_grad(), FeatureTap(teacher, feature_layers, detach=True) as t_tap:
-                    t_out = teacher(x)
-                if distill_weight:
-                    total = total + distill_weight * kd_loss(out, t_out, kind=kd_kind, temperature=temperature)
-                if feature_layers and feature_weight:
-                    total = total + feature_weight * feature_loss(s_tap.features, t_tap.features)
-            if regularizer is not None and w_basis:
-                total = total + regularizer(model, original=teacher, gamma=w_basis)
-            if not total.requires_grad:
-                raise ValueError("nothing to optimize: no target in the data and no teacher for distillation")
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
-            value = float(total.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss became {value} at step {step + 1}; lower the learning rate")
+        for step in range(start, config.steps):
+            value, lr = _step(run, data, step)
             done = step + 1
             if history is not None:
-                history.append({"step": done, "loss": value, "lr": lr * f, "time_s": time.perf_counter() - t0})
+                history.append({"step": done, "loss": value, "lr": lr, "time_s": time.perf_counter() - t0})
             if bar is not None:
-                bar.set_postfix(loss=f"{value:.4g}", lr=f"{lr * f:.2g}", refresh=False)
+                bar.set_postfix(loss=f"{value:.4g}", lr=f"{lr:.2g}", refresh=False)
                 bar.update(1)
-            if checkpoint_dir is not None and (done % checkpoint_every == 0 or done == steps):
-                if rank == 0:
-                    ckpt.save_checkpoint(checkpoint_dir, done, model, opt, extra={"seed": seed, "steps": steps})
-                if use_ddp:
-                    import torch.distributed as dist
-                    dist.barrier()
+            _maybe_checkpoint(run, done)
             if callback is not None:
                 callback(done, value)
     finally:

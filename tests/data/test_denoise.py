@@ -49,3 +49,13 @@ def test_patch_dataset(grey):
 def test_eval_images():
     out = denoise.denoise_eval_images([("x", np.zeros((9, 7, 3), np.uint8))], grey=True)
     assert out[0][0] == "x" and out[0][1].shape == (1, 9, 7)
+
+
+def test_eval_noise_is_fixed_by_name_and_seed():
+    clean = torch.full((1, 40, 40), 0.5)
+    a = denoise.eval_noisy("coins", clean, 25)
+    assert torch.equal(a, denoise.eval_noisy("coins", clean.clone(), 25))      # same name: same noise
+    assert not torch.equal(a, denoise.eval_noisy("camera", clean, 25))         # another image: other noise
+    assert not torch.equal(a, denoise.eval_noisy("coins", clean, 25, seed=1))  # another seed: other noise
+    assert a.dtype == clean.dtype and a.shape == clean.shape
+    assert abs(((a - clean) * 255).std().item() - 25) < 2.0

@@ -28,3 +28,16 @@ def test_conversions_of_special_images():
     assert tuple(out[0, 0]) == (10, 20, 30) and tuple(out[1, 1]) == (255, 255, 255)
     with pytest.raises(KeyError):
         images.load_builtin("eagle")
+
+
+def test_center_crop_and_shrunk_splits():
+    img = np.arange(9 * 7 * 3, dtype=np.uint8).reshape(9, 7, 3)
+    crop = images.center_crop(img, 5)
+    assert crop.shape == (4, 4, 3)                         # even sides, at most max_side
+    assert np.array_equal(crop, img[2:6, 1:5])             # centred
+    assert images.center_crop(img, None) is img and images.center_crop(img, 100).shape == (8, 6, 3)
+    held_out = images.builtin_images("test", max_side=48, limit=2)
+    assert [n for n, _ in held_out] == list(images.TEST[:2])
+    full = dict(images.builtin_images("test"))
+    for name, a in held_out:
+        assert a.shape == (48, 48, 3) and np.array_equal(a, images.center_crop(full[name], 48))

@@ -118,6 +118,10 @@ def test_evaluate_denoise_identity_model_equals_noisy_baseline():
     assert 18 < res["noisy_psnr"] < 24            # sigma 25 on 0-255: about 20 dB
     again = q.evaluate(ident, "denoise", images, sigma=25)
     assert again["noisy_psnr"] == res["noisy_psnr"]
+    # the noise is the data layer's fixed per-image noise, the one every command and the pipeline use
+    from convfactor.data.denoise import denoise_eval_images, eval_noisy
+    name, clean = denoise_eval_images(images)[0]
+    assert res["images"][0]["noisy_psnr"] == q.psnr(eval_noisy(name, clean, 25), clean, y_channel=False)
 
 
 def test_evaluate_classification_counts():

@@ -174,7 +174,7 @@ def test_report_opens_in_headless_chromium(report_dir, tmp_path):
 
 
 def test_image_panel_psnr_and_crop():
-    from convfactor.report import image_panel, psnr
+    from convfactor.report import float_psnr as psnr, image_panel
     g = torch.Generator().manual_seed(0)
     gt = torch.rand(3, 20, 24, generator=g)
     noisy = (gt + 0.1 * torch.randn(3, 20, 24, generator=g)).clamp(0, 1)
@@ -184,6 +184,21 @@ def test_image_panel_psnr_and_crop():
     mse = ((noisy.double() - gt.double()) ** 2).mean().item()
     assert rows[1]["psnr"] == pytest.approx(10 * np.log10(1 / mse)) and rows[2]["psnr"] == float("inf")
     assert psnr(torch.zeros(4), torch.full((4,), 0.1)) == pytest.approx(20.0)
+
+
+def test_image_panel_takes_the_quality_metrics():
+    """With quality's metrics, each output's figures are measure.quality's PSNR-Y/SSIM-Y (8-bit, shaved)."""
+    from convfactor.measure import quality
+    from convfactor.report import float_psnr, image_panel
+    g = torch.Generator().manual_seed(1)
+    gt = torch.rand(3, 24, 24, generator=g)
+    out = (gt + 0.05 * torch.randn(3, 24, 24, generator=g)).clamp(0, 1)
+    rows = image_panel(gt, {"out": out}, crop=(0, 0, 8, 8),
+                       metrics=lambda o, t: {"psnr": quality.psnr(o, t, scale=2), "ssim": quality.ssim(o, t, scale=2)})
+    assert rows[1]["psnr"] == pytest.approx(quality.psnr(out, gt, scale=2))
+    assert rows[1]["ssim"] == pytest.approx(quality.ssim(out, gt, scale=2))
+    assert rows[1]["psnr"] != pytest.approx(float_psnr(out, gt))       # the two PSNRs are different figures
+    assert rows[1]["array"].shape == (3, 8, 8)
 
 
 def test_collect_measures_layers(tmp_path):

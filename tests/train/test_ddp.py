@@ -48,10 +48,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"step{rank}.pt"))
 
         # The library loop under DDP: per-rank batches, rank-0 checkpoints, identical weights after.
-        from convfactor.train.finetune import finetune
+        from convfactor.train.finetune import CheckpointConfig, FinetuneConfig, OptimizerConfig, finetune
         data = torch.utils.data.TensorDataset(*_data(world))
-        tuned = finetune(_model(), data, steps=3, batch_size=4, lr=0.1, optimizer="sgd", loss="ce", progress=False,
-                         checkpoint_dir=os.path.join(out_dir, "ckpt"), checkpoint_every=2)
+        cfg = FinetuneConfig(steps=3, batch_size=4, optimizer=OptimizerConfig("sgd", lr=0.1), loss="ce",
+                             progress=False, checkpoint=CheckpointConfig(os.path.join(out_dir, "ckpt"), every=2))
+        tuned = finetune(_model(), data, cfg)
         assert not isinstance(tuned, nn.parallel.DistributedDataParallel)
         torch.save(tuned.state_dict(), os.path.join(out_dir, f"ft{rank}.pt"))
     finally:

@@ -13,7 +13,8 @@ from torch import nn
 
 from convfactor.compression.api import compress
 from convfactor.train import checkpoint as ckpt
-from convfactor.train.finetune import batch_for_step, finetune, lr_factor
+from convfactor.train.finetune import (CheckpointConfig, DistillConfig, FinetuneConfig, OptimizerConfig,
+                                       batch_for_step, finetune, lr_factor)
 
 
 def _net(seed=0):
@@ -33,7 +34,10 @@ def _equal(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-KW = dict(steps=12, batch_size=4, lr=1e-2, progress=False)
+def _config(optimizer="adam", schedule="cosine", checkpoint_dir=None, checkpoint_every=100) -> FinetuneConfig:
+    """12 steps of batch 4 at lr 1e-2, no progress bar: the runs the resume tests compare."""
+    return FinetuneConfig(steps=12, batch_size=4, optimizer=OptimizerConfig(optimizer, lr=1e-2, schedule=schedule),
+                          checkpoint=CheckpointConfig(checkpoint_dir, every=checkpoint_every), progress=False)
 
 
 class _Interrupt(Exception):
@@ -42,18 +46,16 @@ class _Interrupt(Exception):
 
 @pytest.mark.parametrize("optimizer,schedule", [("adam", "cosine"), ("sgd", "step")])
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, optimizer, schedule):
-    ref = finetune(_net(), _data(), optimizer=optimizer, schedule=schedule, **KW)
+    ref = finetune(_net(), _data(), _config(optimizer, schedule))
 
     def stop_at_8(step, loss):
         if step == 8:
             raise _Interrupt
     with pytest.raises(_Interrupt):
-        finetune(_net(), _data(), optimizer=optimizer, schedule=schedule, checkpoint_dir=tmp_path,
-                 checkpoint_every=5, callback=stop_at_8, **KW)
+        finetune(_net(), _data(), _config(optimizer, schedule, tmp_path, 5), callback=stop_at_8)
     assert ckpt.latest_step(tmp_path) == 5            # lost 3 steps, less than one interval
     history = []
-    resumed = finetune(_net(), _data(), optimizer=optimizer, schedule=schedule, checkpoint_dir=tmp_path,
-                       checkpoint_every=5, history=history, **KW)
+    resumed = finetune(_net(), _data(), _config(optimizer, schedule, tmp_path, 5), history=history)
     assert [h["step"] for h in history] == list(range(6, 13))
     assert _equal(resumed, ref)
     assert ckpt.latest_step(tmp_path) == 12
@@ -65,20 +67,20 @@ def test_resume_after_sigkill_of_a_subprocess(tmp_path):
         import os, signal, sys, torch
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         torch.set_num_threads(1)
-        from test_finetune import _net, _data, KW
+        from test_finetune import _net, _data, _config
         from convfactor.train.finetune import finetune
         def kill(step, loss):
             if step == 9:
                 os.kill(os.getpid(), signal.SIGKILL)
-        finetune(_net(), _data(), checkpoint_dir={str(tmp_path)!r}, checkpoint_every=4, callback=kill, **KW)
+        finetune(_net(), _data(), _config(checkpoint_dir={str(tmp_path)!r}, checkpoint_every=4), callback=kill)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert ckpt.latest_step(tmp_path) == 8
     history = []
-    resumed = finetune(_net(), _data(), checkpoint_dir=tmp_path, checkpoint_every=4, history=history, **KW)
+    resumed = finetune(_net(), _data(), _config(checkpoint_dir=tmp_path, checkpoint_every=4), history=history)
     assert history[0]["step"] == 9 and history[-1]["step"] == 12
-    assert _equal(resumed, finetune(_net(), _data(), **KW))
+    assert _equal(resumed, finetune(_net(), _data(), _config()))
 
 
 def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -133,7 +135,8 @@ def test_lr_schedules():
 def test_training_reduces_the_loss_and_returns_the_same_plain_module():
     model = _net()
     history = []
-    out = finetune(model, _data(), steps=30, batch_size=8, lr=3e-2, history=history, progress=False, loss="mse")
+    cfg = FinetuneConfig(steps=30, batch_size=8, optimizer=OptimizerConfig(lr=3e-2), progress=False, loss="mse")
+    out = finetune(model, _data(), cfg, history=history)
     assert out is model and not out.training and type(out) is nn.Sequential
     first = sum(h["loss"] for h in history[:5]) / 5
     last = sum(h["loss"] for h in history[-5:]) / 5
@@ -164,8 +167,9 @@ def test_output_and_feature_distillation_pull_the_student_to_the_teacher():
             feat = (model[:3](inputs) - teacher[:3](inputs)).pow(2).mean().item()
         return out, feat
     out_before, feat_before = gaps(student)
-    tuned = finetune(student, inputs, steps=60, batch_size=8, lr=1e-2, teacher=teacher, distill_loss="mse",
-                     feature_layers=["2"], feature_weight=1.0, progress=False)
+    cfg = FinetuneConfig(steps=60, batch_size=8, optimizer=OptimizerConfig(lr=1e-2), progress=False,
+                         distill=DistillConfig(loss="mse", feature_layers=["2"], feature_weight=1.0))
+    tuned = finetune(student, inputs, cfg, teacher=teacher)
     out_after, feat_after = gaps(tuned)
     assert out_after < 0.7 * out_before and feat_after < 0.9 * feat_before
     assert all(torch.equal(frozen[k], v) for k, v in teacher.state_dict().items())
@@ -183,30 +187,40 @@ def test_kl_distillation_for_classifiers():
         with torch.no_grad():
             return (m(x).argmax(1) == y).float().mean().item()
     assert agree(student) < 0.7
-    finetune(student, data, steps=60, batch_size=16, lr=5e-2, loss="ce", task_weight=0.0, teacher=teacher,
-             progress=False)
+    finetune(student, data, FinetuneConfig(steps=60, batch_size=16, optimizer=OptimizerConfig(lr=5e-2), loss="ce",
+                                           task_weight=0.0, progress=False), teacher=teacher)
     assert agree(student) > 0.9
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(steps=-1), "steps"), (dict(steps=2, optimizer="lbfgs"), "optimizer"),
-    (dict(steps=2, schedule="poly"), "schedule"), (dict(steps=2, loss="huber"), "loss"),
-    (dict(steps=2, feature_layers=["0"]), "teacher"), (dict(steps=2, checkpoint_every=0), "checkpoint_every"),
+@pytest.mark.parametrize("settings,match", [
+    (dict(steps=-1), "steps"), (dict(steps=2, optimizer=dict(name="lbfgs")), "optimizer"),
+    (dict(steps=2, optimizer=dict(schedule="poly")), "schedule"), (dict(steps=2, loss="huber"), "loss"),
+    (dict(steps=2, distill=dict(feature_layers=["0"])), "teacher"),
+    (dict(steps=2, checkpoint=dict(every=0)), "checkpoint_every"),
+    (dict(steps=2, distill=dict(loss="huber")), "distillation loss"), (dict(steps=2, batch_size=0), "batch_size"),
 ])
-def test_bad_configuration_fails_before_training(tmp_path, kwargs, match):
+def test_bad_configuration_fails_before_training(tmp_path, settings, match):
     model = _net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def build() -> FinetuneConfig:
+        """The config of ``settings``, sub-configs from their dicts, checkpoints in tmp_path/ck."""
+        s = dict(settings)
+        ck = CheckpointConfig(tmp_path / "ck", **s.pop("checkpoint", {}))
+        opt, distill = OptimizerConfig(**s.pop("optimizer", {})), DistillConfig(**s.pop("distill", {}))
+        return FinetuneConfig(**s, progress=False, checkpoint=ck, optimizer=opt, distill=distill)
     with pytest.raises(ValueError, match=match):
-        finetune(model, _data(), progress=False, checkpoint_dir=tmp_path / "ck", **kwargs)
+        finetune(model, _data(), build())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not (tmp_path / "ck").exists()
 
 
 def test_unknown_feature_layer_and_missing_targets_are_clear_errors():
     with pytest.raises(ValueError, match="not a submodule"):
-        finetune(_net(), _data(), steps=1, teacher=_net(1), feature_layers=["nope"], progress=False)
+        finetune(_net(), _data(), FinetuneConfig(steps=1, distill=DistillConfig(feature_layers=["nope"]),
+                                                 progress=False), teacher=_net(1))
     with pytest.raises(ValueError, match="nothing to optimize"):
-        finetune(_net(), torch.randn(8, 3, 8, 8), steps=1, progress=False)
+        finetune(_net(), torch.randn(8, 3, 8, 8), FinetuneConfig(steps=1, progress=False))
 
 
 def test_basis_regularizer_is_applied_when_the_model_has_basis_layers():
@@ -221,6 +235,6 @@ def test_basis_regularizer_is_applied_when_the_model_has_basis_layers():
             p.add_(0.3 * torch.randn_like(p))
     start = float(basis.basis_regularizer(compressed, original=net).detach())
     # no ground truth, no distillation output loss: only the regularizer can move the weights
-    finetune(compressed, torch.randn(16, 8, 6, 6), steps=30, batch_size=4, lr=1e-2, teacher=net, distill_weight=0.0,
-             basis_weight=1.0, progress=False)
+    finetune(compressed, torch.randn(16, 8, 6, 6), FinetuneConfig(steps=30, batch_size=4, optimizer=OptimizerConfig(
+        lr=1e-2), distill=DistillConfig(weight=0.0), basis_weight=1.0, progress=False), teacher=net)
     assert float(basis.basis_regularizer(compressed, original=net).detach()) < 0.5 * start

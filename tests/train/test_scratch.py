@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from convfactor.methods import registry
-from convfactor.train.finetune import finetune
+from convfactor.train.finetune import FinetuneConfig, OptimizerConfig, finetune
 from convfactor.train.scratch import insert_batchnorm, lowrank_structure
 
 
@@ -39,7 +39,8 @@ def test_structure_is_fresh_factorized_and_trainable(batchnorm):
     g = torch.Generator().manual_seed(3)
     data = torch.utils.data.TensorDataset(torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g))
     history = []
-    finetune(model, data, steps=40, batch_size=16, lr=1e-2, loss="ce", history=history, progress=False)
+    finetune(model, data, FinetuneConfig(steps=40, batch_size=16, optimizer=OptimizerConfig(lr=1e-2), loss="ce",
+                                         progress=False), history=history)
     assert sum(h["loss"] for h in history[-5:]) < sum(h["loss"] for h in history[:5])
 
 
