@@ -1,12 +1,17 @@
 """Benchmarks behind ``convfactor bench`` / ``make bench``: one module per BENCHMARKS.md section.
 
-Each section module exposes ``TITLE`` and ``run(quick: bool = False) -> str`` (Markdown, starting
-with a ``## `` heading).  Sections whose module is absent are skipped.  ``quick=True`` is the
-seconds-long smoke configuration the tests use; the full run is what BENCHMARKS.md holds.
+They live outside the installed package (``pip wheel .`` packages ``convfactor*`` only), use only
+convfactor's public API, and need the optional ``bench`` extras.  Each section module defines
+``SECTION``, a :class:`benchmarks.section.Section` (``measure`` the numbers, ``render`` the
+Markdown); :mod:`benchmarks.runner` runs them, stamps them and splices them into BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import importlib
+
+from .section import Section
+
+__all__ = ["SECTIONS", "Section", "available", "load_section"]
 
 #: section module names, in BENCHMARKS.md order
 SECTIONS = [
@@ -25,15 +30,13 @@ SECTIONS = [
 ]
 
 
-def load_section(name: str):
-    """The section module, or None when it is not part of this version."""
-    try:
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"{__name__}.{name}":
-            return None
-        raise
+def load_section(name: str) -> Section:
+    """The :class:`Section` called ``name``; a ValueError for a name not in :data:`SECTIONS`."""
+    if name not in SECTIONS:
+        raise ValueError(f"no such section {name!r}; available: {', '.join(SECTIONS)}")
+    return importlib.import_module(f"{__name__}.{name}").SECTION
 
 
 def available() -> list[str]:
-    return [name for name in SECTIONS if load_section(name) is not None]
+    """The section names, in BENCHMARKS.md order."""
+    return list(SECTIONS)

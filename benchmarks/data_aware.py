@@ -14,26 +14,34 @@ models are random-init, and the table says so.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from convfactor import models
 from convfactor.compression.api import compress, relative_error
+from convfactor.data.images import builtin_images
+from convfactor.data.sr import bicubic_downscale, bicubic_upscale
+from convfactor.measure.quality import psnr
 from convfactor.methods import registry
+from convfactor.utils import torch_threads
+
+from .markdown import heading, table
+from .section import Section
 
 TITLE = "Data-aware vs weight-only fitting (before fine-tuning)"
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 CANDIDATE_METHODS = ["channel_svd", "spatial_svd", "tucker2", "basis", "depthwise", "cp"]
+VARIANTS = ["weight-only", "data-aware", "data-aware + relu"]     # the last for SR only
 
 
-def _crops(split: str, n: int, size: int, seed: int, downscale: int = 1, with_hr: bool = False):
+def crops(split: str, n: int, size: int, seed: int, downscale: int = 1, with_hr: bool = False):
     """``n`` random crops (float in [0, 1]) of the built-in photos, ``size`` pixels after a bicubic downscale;
     with ``with_hr`` also the HR crops they came from."""
-    from convfactor.data.images import builtin_images
-    from convfactor.data.sr import bicubic_downscale
     rng = np.random.default_rng(seed)
     big = size * downscale
     images = [img for _, img in builtin_images(split) if min(img.shape[:2]) >= big]
@@ -45,6 +53,12 @@ def _crops(split: str, n: int, size: int, seed: int, downscale: int = 1, with_hr
     hr = torch.stack(out).float() / 255
     lr = bicubic_downscale(hr, downscale).clamp(0, 1) if downscale > 1 else hr
     return (lr, hr) if with_hr else lr
+
+
+def cifar_crops(split: str, n: int, seed: int) -> torch.Tensor:
+    """``n`` 32x32 crops for the CIFAR models: 64 px crops average-pooled by 2, CIFAR-normalized."""
+    mean, std = torch.tensor(CIFAR_MEAN)[:, None, None], torch.tensor(CIFAR_STD)[:, None, None]
+    return (nn.functional.avg_pool2d(crops(split, n, 64, seed), 2) - mean) / std
 
 
 def _model(name: str):
@@ -71,13 +85,11 @@ def _setups(quick: bool):
     n_cal, n_test = (2, 2) if quick else (16, 8)
     out = []
     if not quick:
-        edsr_cal = _crops("train", n_cal, 48, 0, downscale=2)
-        edsr_test = _crops("test", n_test, 64, 1, downscale=2, with_hr=True)
+        edsr_cal = crops("train", n_cal, 48, 0, downscale=2)
+        edsr_test = crops("test", n_test, 64, 1, downscale=2, with_hr=True)
         out.append(("edsr_baseline_x2", ["body.*.body.0", "body.*.body.2"], edsr_cal, edsr_test, "sr"))
-    mean, std = torch.tensor(CIFAR_MEAN)[:, None, None], torch.tensor(CIFAR_STD)[:, None, None]
-    cif = lambda t: (torch.nn.functional.avg_pool2d(t, 2) - mean) / std
-    res_cal = cif(_crops("test" if quick else "train", 8 if quick else 128, 64, 2))   # quick: other test crops
-    res_test = cif(_crops("test", 8 if quick else 128, 64, 3))
+    res_cal = cifar_crops("test" if quick else "train", 8 if quick else 128, 2)   # quick: other test crops
+    res_test = cifar_crops("test", 8 if quick else 128, 3)
     out.append(("resnet20", ["layer*.conv1", "layer*.conv2"], res_cal, res_test, "cls"))
     return out
 
@@ -95,62 +107,129 @@ def _rules(patterns, method, ratio, variant):
     return rules
 
 
-@torch.no_grad()
-def run(quick: bool = False, threads: int | None = None) -> str:
-    """``threads``: default 2, and 1 in quick mode (nothing here is timed; one thread is faster on a busy CPU)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads or (1 if quick else 2))
+@dataclass
+class Fit:
+    """One fitting of one model: its output error, or why it failed."""
+    model: str                              # the model's label (with its weights)
+    method: str
+    variant: str
+    ratio: float                            # the MACs ratio asked for
+    macs_kept: float = 0.0                  # of the compressed layers
+    error: float = 0.0                      # output relative error w.r.t. the uncompressed model
+    loss_ratio: float | None = None         # data-aware error / weight-only error
+    psnr_vs_uncompressed: float | None = None       # SR
+    psnr_vs_hr: float | None = None                 # SR with shipped weights
+    top1_agreement: float | None = None             # classification
+    failed: str | None = None
+
+
+@dataclass
+class Reference:
+    """The uncompressed SR model with shipped weights: PSNR against the HR crops, and bicubic's."""
+    model: str
+    psnr: float
+    bicubic_psnr: float
+
+
+@dataclass
+class Case:
+    """One (model, test input): what the fittings are compared with."""
+    label: str
+    model: nn.Module
+    test: torch.Tensor
+    ref: torch.Tensor                       # the uncompressed output on ``test``
+    hr: torch.Tensor | None                 # the HR crops, with shipped SR weights
+    cal: torch.Tensor                       # calibration inputs
+    task: str                               # "sr" or "cls"
+
+
+def _fit(case: Case, method: str, ratio: float, variant: str, patterns, base_err: float | None) -> Fit:
+    """Compress ``case.model`` with one variant and measure its output on the held-out crops."""
     try:
-        return _run(quick)
-    finally:
-        torch.set_num_threads(previous)
+        new, report = compress(case.model, _rules(patterns, method, ratio, variant), case.test[:1],
+                               calibration=[case.cal] if variant != "weight-only" else None)
+    except (ValueError, NotImplementedError) as exc:
+        return Fit(case.label, method, variant, ratio, failed=str(exc)[:80])
+    out = new(case.test)
+    err = relative_error(out, case.ref)
+    t = report.totals()
+    fit = Fit(case.label, method, variant, ratio, t["macs_after"] / max(1, t["macs_before"]), err,
+              None if variant == "weight-only" else err / base_err)
+    if case.task == "sr":
+        fit.psnr_vs_uncompressed = _psnr_vs(out, case.ref)
+        fit.psnr_vs_hr = psnr(out, case.hr, scale=2) if case.hr is not None else None
+    else:
+        fit.top1_agreement = (out.argmax(1) == case.ref.argmax(1)).float().mean().item()
+    return fit
 
 
-def _run(quick: bool) -> str:
+def _fits(case: Case, patterns, quick: bool) -> list[Fit]:
+    """channel_svd (the closed form) at every ratio with every variant; the others at the first ratio."""
     ratios = (0.5,) if quick else (0.5, 0.25)
-    lines = [f"## {TITLE}", "",
+    variants = VARIANTS if case.task == "sr" else VARIANTS[:2]
+    fits = []
+    for method in _methods(quick):
+        for ratio in (ratios if method == "channel_svd" else ratios[:1]):
+            base_err = None
+            for variant in (variants if method == "channel_svd" else variants[:2]):
+                fit = _fit(case, method, ratio, variant, patterns, base_err)
+                fits.append(fit)
+                if fit.failed:
+                    break
+                base_err = fit.error if variant == "weight-only" else base_err
+    return fits
+
+
+@dataclass
+class Results:
+    quick: bool
+    threads: int
+    rows: list[Fit | Reference] = field(default_factory=list)     # in table order
+
+
+@torch.no_grad()
+def measure(quick: bool = False) -> Results:
+    """Nothing here is timed: 2 threads, and 1 in quick mode (faster on a busy CPU)."""
+    with torch_threads(1 if quick else 2) as threads:
+        results = Results(quick, threads)
+        for name, patterns, cal, test, task in _setups(quick):
+            model, pretrained = _model(name)
+            test, hr = test if isinstance(test, tuple) else (test, None)
+            ref = model(test)
+            hr = hr if pretrained else None
+            if hr is not None:
+                results.rows.append(Reference(name, psnr(ref, hr, scale=2),
+                                              psnr(bicubic_upscale(test.double(), 2), hr, scale=2)))
+            label = f"{name} ({'shipped weights' if pretrained else 'random init, no shipped weights'})"
+            results.rows += _fits(Case(label, model, test, ref, hr, cal, task), patterns, quick)
+    return results
+
+
+def _cells(fit: Fit | Reference) -> list:
+    if isinstance(fit, Reference):
+        return [f"{fit.model} (shipped weights)", "uncompressed", "1.000", "-", "0", "",
+                f"PSNR vs HR {fit.psnr:.2f} dB (bicubic {fit.bicubic_psnr:.2f} dB)"]
+    if fit.failed:
+        return [fit.model, fit.method, fit.ratio, fit.variant, f"failed: {fit.failed}", "", ""]
+    if fit.top1_agreement is not None:
+        quality = f"top-1 agreement {100 * fit.top1_agreement:.1f}%"
+    else:
+        quality = f"PSNR vs uncompressed {fit.psnr_vs_uncompressed:.2f} dB" + (
+            f"; vs HR {fit.psnr_vs_hr:.2f} dB" if fit.psnr_vs_hr is not None else "")
+    ratio = "" if fit.loss_ratio is None else f"{fit.loss_ratio:.2f}"
+    return [fit.model, fit.method, f"{fit.macs_kept:.3f}", fit.variant, f"{fit.error:.4f}", ratio, quality]
+
+
+def render(results: Results) -> str:
+    lines = [*heading(TITLE),
              "Equal ranks (so equal MACs) for both fittings; errors on held-out crops of the built-in test "
              "photos; calibration on crops of the built-in train photos. *Loss ratio* = data-aware output "
              "error / weight-only output error (goal: <= 0.5).", "",
-             "| model (weights) | method | MACs kept (compressed layers) | variant | output rel. error | "
-             "loss ratio | quality |", "|---|---|---|---|---|---|---|"]
-    for name, patterns, cal, test, task in _setups(quick):
-        model, pretrained = _model(name)
-        test, hr = test if isinstance(test, tuple) else (test, None)
-        ref = model(test)
-        if pretrained and hr is not None:
-            from convfactor.data.sr import bicubic_upscale
-            from convfactor.measure.quality import psnr
-            lines.append(f"| {name} (shipped weights) | uncompressed | 1.000 | - | 0 | | PSNR vs HR "
-                         f"{psnr(ref, hr, scale=2):.2f} dB (bicubic {psnr(bicubic_upscale(test.double(), 2), hr, scale=2):.2f} dB) |")
-        label = f"{name} ({'shipped weights' if pretrained else 'random init, no shipped weights'})"
-        variants = ["weight-only", "data-aware"] + (["data-aware + relu"] if task == "sr" else [])
-        for method in _methods(quick):
-            # channel_svd (the closed form) at every ratio with every variant; the others at the first ratio
-            for ratio in (ratios if method == "channel_svd" else ratios[:1]):
-                base_err = None
-                for variant in (variants if method == "channel_svd" else variants[:2]):
-                    try:
-                        new, report = compress(model, _rules(patterns, method, ratio, variant), test[:1],
-                                               calibration=[cal] if variant != "weight-only" else None)
-                    except (ValueError, NotImplementedError) as exc:
-                        lines.append(f"| {label} | {method} | {ratio} | {variant} | failed: {str(exc)[:80]} | | |")
-                        break
-                    out = new(test)
-                    err = relative_error(out, ref)
-                    base_err = err if variant == "weight-only" else base_err
-                    t = report.totals()
-                    kept = t["macs_after"] / max(1, t["macs_before"])
-                    if task == "sr":
-                        quality = f"PSNR vs uncompressed {_psnr_vs(out, ref):.2f} dB"
-                        if pretrained and hr is not None:
-                            quality += f"; vs HR {psnr(out, hr, scale=2):.2f} dB"
-                    else:
-                        agree = (out.argmax(1) == ref.argmax(1)).float().mean().item()
-                        quality = f"top-1 agreement {100 * agree:.1f}%"
-                    ratio_txt = "" if variant == "weight-only" else f"{err / base_err:.2f}"
-                    lines.append(f"| {label} | {method} | {kept:.3f} | {variant} | {err:.4f} | {ratio_txt} | "
-                                 f"{quality} |")
-    lines += ["", f"{'Quick smoke run: tiny calibration set. ' if quick else ''}Threads: "
-              f"{torch.get_num_threads()}; float32; calibration collected from the uncompressed model."]
+             *table(["model (weights)", "method", "MACs kept (compressed layers)", "variant", "output rel. error",
+                     "loss ratio", "quality"], map(_cells, results.rows))]
+    lines += ["", f"{'Quick smoke run: tiny calibration set. ' if results.quick else ''}Threads: "
+              f"{results.threads}; float32; calibration collected from the uncompressed model."]
     return "\n".join(lines) + "\n"
+
+
+SECTION = Section("data_aware", TITLE, measure, render)

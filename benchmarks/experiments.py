@@ -1,7 +1,7 @@
 """The seeds' headline experiments, in miniature, on this machine.
 
-Each experiment is one function ``(quick) -> Markdown`` (a ``###`` subsection) and can be run alone
-with ``convfactor bench --experiment NAME``:
+Each experiment is a :class:`~benchmarks.section.Section` whose Markdown is a ``###`` subsection, and
+can be run alone with ``convfactor bench --experiment NAME``:
 
 * ``lebedev_cp`` -- Lebedev et al., "Speeding-up Convolutional Neural Networks Using Fine-tuned
   CP-Decomposition" (ICLR 2015): CP-decomposed conv layers at 4x and 8x fewer MACs, measured
@@ -14,28 +14,30 @@ with ``convfactor bench --experiment NAME``:
 
 * ``sedky_rrdbnet`` and ``li_operating_points`` -- the super-resolution seeds (Sedky & Hosmer's
   RRDBNet Table 1 / Fig. 3, Li et al.'s Table 2), on SR networks trained here: see
-  :mod:`convfactor.bench.sr_seeds`.
+  :mod:`benchmarks.sr_seeds`.
 """
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sr_seeds import li_operating_points, sedky_rrdbnet
+from convfactor import models
+from convfactor.compression.api import compress
+from convfactor.measure.compare import SpeedComparison, compare_speed
+from convfactor.measure.latency import burn_in
+from convfactor.methods import registry
+from convfactor.spec.convspec import ConvSpec
+
+from .markdown import NOISY_NOTE, heading, noisy_mark, table
+from .section import Section
+from .sr_seeds import LI, SEDKY
 
 TITLE = "The seeds' headline experiments, in miniature"
-
-
-def _method(name: str):
-    from convfactor.methods import registry
-    try:
-        return registry.get(name), None
-    except Exception as exc:  # noqa: BLE001 - provided by another issue; may be absent in this version
-        return None, f"{exc}"
 
 
 # ----------------------------------------------------------------------------- Lebedev et al.
@@ -47,52 +49,56 @@ LEBEDEV_LAYERS = [  # (label, C, N, kernel, H=W)
 LEBEDEV_QUICK = [("32->32 3x3 @16x16", 32, 32, 3, 16)]
 
 
-def lebedev_cp(quick: bool = False) -> str:
-    """CP layers at 4x and 8x MAC reduction: rank, measured speed-up, efficiency."""
-    from convfactor.spec.convspec import ConvSpec
-    from convfactor.measure.compare import compare_speed
-    head = ["### Lebedev et al. (2015): CP-decomposed layers at 4x and 8x fewer MACs, on this CPU", ""]
-    cp, why = _method("cp")
-    if cp is None:
-        return "\n".join(head + [f"Not run: the `cp` method is not available in this version ({why}).", ""])
-    rows = []
+def _cp_row(label: str, conv: nn.Conv2d, x: torch.Tensor, reduction: int, quick: bool) -> dict:
+    """The CP chain of ``conv`` at ``reduction``x fewer MACs, timed against the dense layer."""
+    cp = registry.get("cp")
+    spec = ConvSpec.from_module(conv)
+    ranks = cp.resolve_ranks(spec, conv.weight.detach(), macs_ratio=1 / reduction, input_size=tuple(x.shape[2:]))
+    # Speed does not depend on the factor values: build the CP chain directly with random
+    # factors instead of running CP-ALS (whose accuracy is measured in the peers section).
+    layer = cp.build(spec, ranks, None, dtype=torch.float32)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.1)
+    res = compare_speed(conv, layer.eval(), x, repeats=3 if quick else 15, rounds=3)
+    return {"layer": label, "target": reduction, "ranks": ranks, "macs": res.macs_reduction,
+            "speedup": res.speedup, "eff": res.efficiency, "forms": f"{res.original_best} / {res.compressed_best}",
+            "same": res.same_form.get("contiguous"), "noisy": res.noisy}
+
+
+def measure_lebedev(quick: bool = False) -> list[dict]:
+    """CP layers at 4x and 8x MAC reduction: rank, measured speed-up, efficiency (one dict per row)."""
     if not quick:
-        from convfactor.measure.latency import burn_in
         burn_in(3.0)
+    rows = []
     for label, c, n, k, hw in (LEBEDEV_QUICK if quick else LEBEDEV_LAYERS):
         torch.manual_seed(0)
         conv = nn.Conv2d(c, n, k, padding=k // 2).eval()
-        spec = ConvSpec.from_module(conv)
         x = torch.randn(1, c, hw, hw)
-        for reduction in (4, 8):
-            ranks = cp.resolve_ranks(spec, conv.weight.detach(), macs_ratio=1 / reduction, input_size=(hw, hw))
-            # Speed does not depend on the factor values: build the CP chain directly with random
-            # factors instead of running CP-ALS (whose accuracy is measured in the peers section).
-            layer = cp.build(spec, ranks, None, dtype=torch.float32)
-            with torch.no_grad():
-                for p in layer.parameters():
-                    p.normal_(0, 0.1)
-            res = compare_speed(conv, layer.eval(), x, repeats=3 if quick else 15, rounds=3)
-            rows.append({"layer": label, "target": reduction, "ranks": ranks, "macs": res.macs_reduction,
-                         "speedup": res.speedup, "eff": res.efficiency,
-                         "forms": f"{res.original_best} / {res.compressed_best}",
-                         "same": res.same_form.get("contiguous"), "noisy": res.noisy})
-    lines = head + ["Lebedev et al. report, on a CPU, a 4x speed-up of AlexNet's second conv layer (at +1% top-5 "
-                    "error) and 8.5x for a whole character-classification CNN. Here: one layer at a time, batch 1, "
-                    "float32, CP chain (1x1, depthwise kx1, depthwise 1xk, 1x1) with random factors (speed does not "
-                    "depend on their values), against the dense layer's fastest memory format, same process.", "",
-                    "| layer | target MAC reduction | CP rank | actual MAC reduction | measured speed-up | efficiency "
-                    "| fastest forms (dense / CP) | speed-up, both NCHW |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        same = f"{r['same']:.2f}x" if r["same"] else "-"
-        lines.append(f"| {r['layer']} | {r['target']}x | {','.join(map(str, r['ranks']))} | {r['macs']:.2f}x | "
-                     f"{r['speedup']:.2f}x{' †' if r['noisy'] else ''} | {r['eff']:.2f} | {r['forms']} | {same} |")
+        rows += [_cp_row(label, conv, x, reduction, quick) for reduction in (4, 8)]
+    return rows
+
+
+def render_lebedev(rows: list[dict]) -> str:
+    lines = [f"### {LEBEDEV.title}", "",
+             "Lebedev et al. report, on a CPU, a 4x speed-up of AlexNet's second conv layer (at +1% top-5 "
+             "error) and 8.5x for a whole character-classification CNN. Here: one layer at a time, batch 1, "
+             "float32, CP chain (1x1, depthwise kx1, depthwise 1xk, 1x1) with random factors (speed does not "
+             "depend on their values), against the dense layer's fastest memory format, same process.", "",
+             *table(["layer", "target MAC reduction", "CP rank", "actual MAC reduction", "measured speed-up",
+                     "efficiency", "fastest forms (dense / CP)", "speed-up, both NCHW"],
+                    ([r["layer"], f"{r['target']}x", ",".join(map(str, r["ranks"])), f"{r['macs']:.2f}x",
+                      f"{r['speedup']:.2f}x{noisy_mark(r['noisy'])}", f"{r['eff']:.2f}", r["forms"],
+                      f"{r['same']:.2f}x" if r["same"] else "-"] for r in rows))]
     if any(r["noisy"] for r in rows):
-        lines += ["", "† noisy: the IQR of a fastest form exceeded 25% of its median (a busy machine); re-run on a "
-                  "quiet machine before quoting."]
+        lines += ["", NOISY_NOTE]
     lines += ["", f"Median efficiency (speed-up / MAC reduction): "
               f"{statistics.median(r['eff'] for r in rows):.2f} at 4x-8x fewer MACs.", ""]
     return "\n".join(lines)
+
+
+LEBEDEV = Section("lebedev_cp", "Lebedev et al. (2015): CP-decomposed layers at 4x and 8x fewer MACs, on this CPU",
+                  measure_lebedev, render_lebedev)
 
 
 # ----------------------------------------------------------------------------- the blog
@@ -139,20 +145,29 @@ def _weights(module: nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
 
 
-def blog_spatial_svd(quick: bool = False) -> str:
-    from convfactor import models
-    from convfactor.compression.api import compress
-    from convfactor.measure.compare import compare_speed
-    head = ["### The blog: 6-conv network, 5x5 layers 1 and 3 by spatial SVD (Tai et al.) at ranks 10 and 20, "
-            "then 5 epochs of fine-tuning", ""]
-    method, why = _method("spatial_svd")
-    if method is None:
-        return "\n".join(head + [f"Not run: the `spatial_svd` method is not available in this version ({why}).", ""])
+@dataclass
+class Blog:
+    """The blog's experiment: accuracies, weights per decomposed layer, speed per batch size."""
+    n_train: int
+    n_test: int
+    epochs: tuple[int, int]                   # from scratch, fine-tuning
+    train_s: float
+    accuracy: tuple[float, float, float]      # original, decomposed, fine-tuned
+    layers: list[tuple[str, int, str, int, int]]   # (name, rank, the blog's reduction, weights before, after)
+    weights: tuple[int, int]                  # whole network, before and after
+    speeds: dict[int, SpeedComparison]        # batch -> comparison
+
+
+#: the blog's two decomposed layers: (index among the convs, spatial SVD rank, the blog's weight reduction)
+BLOG_LAYERS = ((0, 10, "x1.48"), (2, 20, "x16"))
+
+
+def measure_blog(quick: bool = False) -> Blog | str:
+    """The blog's network trained on the digits, layers 1 and 3 by spatial SVD, fine-tuned; or why not run."""
     try:
         train, test = digits_data()
     except ImportError as exc:
-        return "\n".join(head + [f"Not run: scikit-learn is needed for the digits data ({exc}); "
-                                 "`pip install convfactor[bench]`.", ""])
+        return f"Not run: scikit-learn is needed for the digits data ({exc}); `pip install convfactor[bench]`."
     if quick:
         train, test = (train[0][:64], train[1][:64]), (test[0][:32], test[1][:32])
     epochs0, epochs_ft = (1, 1) if quick else (6, 5)
@@ -162,61 +177,81 @@ def blog_spatial_svd(quick: bool = False) -> str:
     train_epochs(model, train, epochs0, lr=1e-3)
     acc0 = accuracy(model, test)
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    first, third = convs[0], convs[2]
-    rules = [{"op_names": [first], "method": "spatial_svd", "rank": 10},
-             {"op_names": [third], "method": "spatial_svd", "rank": 20}]
-    compressed, report = compress(model, rules, train[0][:8])
+    rules = [{"op_names": [convs[i]], "method": "spatial_svd", "rank": rank} for i, rank, _ in BLOG_LAYERS]
+    compressed, _ = compress(model, rules, train[0][:8])
     acc_decomposed = accuracy(compressed, test)
     train_epochs(compressed, train, epochs_ft, lr=1e-4, seed=1)
-    acc_ft = accuracy(compressed, test)
+    accs = (acc0, acc_decomposed, accuracy(compressed, test))
     train_s = time.perf_counter() - t0
-    reductions = {}
-    for name in (first, third):
-        reductions[name] = _weights(model.get_submodule(name)) / _weights(compressed.get_submodule(name))
-    speeds = {}
-    for b in ((1,) if quick else (1, 32)):
-        x = torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-        speeds[b] = compare_speed(model, compressed, x, repeats=3 if quick else 15, rounds=3)
-    total_w = _weights(model) / _weights(compressed)
+    layers = [(convs[i], rank, blog, _weights(model.get_submodule(convs[i])),
+               _weights(compressed.get_submodule(convs[i]))) for i, rank, blog in BLOG_LAYERS]
+    speeds = {b: compare_speed(model, compressed, torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(2)),
+                               repeats=3 if quick else 15, rounds=3) for b in ((1,) if quick else (1, 32))}
+    return Blog(len(train[1]), len(test[1]), (epochs0, epochs_ft), train_s, accs, layers,
+                (_weights(model), _weights(compressed)), speeds)
+
+
+def render_blog(blog: Blog | str) -> str:
+    head = [f"### {BLOG.title}", ""]
+    if isinstance(blog, str):
+        return "\n".join(head + [blog, ""])
+    (epochs0, epochs_ft), (acc0, acc_decomposed, acc_ft) = blog.epochs, blog.accuracy
     lines = head + [f"Data: scikit-learn's handwritten digits (1797 8x8 images at their native size, grey "
-                    f"replicated to 3 channels), seeded 80/20 split: {len(train[1])} train / {len(test[1])} test. The network is "
-                    f"trained from scratch for {epochs0} epochs (Adam, lr 1e-3) before decomposition; fine-tuning: "
-                    f"{epochs_ft} epochs (Adam, lr 1e-4). Training and fine-tuning took {train_s:.0f} s.", "",
-                    "| | test accuracy |", "|---|---|",
-                    f"| original | {acc0:.4f} |", f"| decomposed, before fine-tuning | {acc_decomposed:.4f} |",
-                    f"| after {epochs_ft} epochs of fine-tuning | {acc_ft:.4f} |", "",
-                    "| layer | rank | weights before | weights after | reduction (the blog) |", "|---|---|---|---|---|"]
-    for name, rank, blog in ((first, 10, "x1.48"), (third, 20, "x16")):
-        lines.append(f"| {name} | {rank} | {_weights(model.get_submodule(name))} | "
-                     f"{_weights(compressed.get_submodule(name))} | x{reductions[name]:.2f} ({blog}) |")
-    lines += [f"| whole network | | {_weights(model)} | {_weights(compressed)} | x{total_w:.2f} |", "",
-              "| forward at 3x32x32 | MAC reduction | measured speed-up (the blog: +20%) | efficiency | "
-              "fastest forms (original / decomposed) |", "|---|---|---|---|---|"]
-    for b, res in speeds.items():
-        lines.append(f"| batch {b} | x{res.macs_reduction:.2f} | {res.speedup:.2f}x ({(res.speedup - 1) * 100:+.0f}%)"
-                     f"{' †' if res.noisy else ''} | "
-                     f"{res.efficiency:.2f} | {res.original_best} / {res.compressed_best} |")
+                    f"replicated to 3 channels), seeded 80/20 split: {blog.n_train} train / {blog.n_test} test. The "
+                    f"network is trained from scratch for {epochs0} epochs (Adam, lr 1e-3) before decomposition; "
+                    f"fine-tuning: {epochs_ft} epochs (Adam, lr 1e-4). Training and fine-tuning took "
+                    f"{blog.train_s:.0f} s.", "",
+                    *table(["", "test accuracy"], [["original", f"{acc0:.4f}"],
+                                                   ["decomposed, before fine-tuning", f"{acc_decomposed:.4f}"],
+                                                   [f"after {epochs_ft} epochs of fine-tuning", f"{acc_ft:.4f}"]]), ""]
+    before, after = blog.weights
+    lines += table(["layer", "rank", "weights before", "weights after", "reduction (the blog)"],
+                   [*([name, rank, w0, w1, f"x{w0 / w1:.2f} ({ref})"] for name, rank, ref, w0, w1 in blog.layers),
+                    ["whole network", "", before, after, f"x{before / after:.2f}"]])
+    lines += [""] + table(["forward at 3x32x32", "MAC reduction", "measured speed-up (the blog: +20%)", "efficiency",
+                           "fastest forms (original / decomposed)"],
+                          ([f"batch {b}", f"x{s.macs_reduction:.2f}",
+                            f"{s.speedup:.2f}x ({(s.speedup - 1) * 100:+.0f}%){noisy_mark(s.noisy)}",
+                            f"{s.efficiency:.2f}", f"{s.original_best} / {s.compressed_best}"]
+                           for b, s in blog.speeds.items()))
     lines.append("")
     return "\n".join(lines)
 
 
-EXPERIMENTS = {"lebedev_cp": lebedev_cp, "blog_spatial_svd": blog_spatial_svd,
-               "sedky_rrdbnet": sedky_rrdbnet, "li_operating_points": li_operating_points}
+BLOG = Section("blog_spatial_svd", "The blog: 6-conv network, 5x5 layers 1 and 3 by spatial SVD (Tai et al.) at ranks "
+               "10 and 20, then 5 epochs of fine-tuning", measure_blog, render_blog)
+
+
+# ----------------------------------------------------------------------------- the section
+#: name -> the experiment, a :class:`Section` whose Markdown is a ``###`` subsection
+EXPERIMENTS = {e.name: e for e in (LEBEDEV, BLOG, SEDKY, LI)}
 NAMES = list(EXPERIMENTS)
 
 
 def run_one(name: str, quick: bool = False) -> str:
+    """One experiment's Markdown (a ``###`` subsection)."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; known: {', '.join(NAMES)}")
-    return EXPERIMENTS[name](quick=quick)
+    return EXPERIMENTS[name].run(quick)
 
 
-def run(quick: bool = False) -> str:
-    parts = [f"## {TITLE}", "",
+def measure(quick: bool = False) -> dict[str, tuple[object, float]]:
+    """name -> (the experiment's data, seconds it took)."""
+    out = {}
+    for name, experiment in EXPERIMENTS.items():
+        t0 = time.perf_counter()
+        out[name] = (experiment.measure(quick), time.perf_counter() - t0)
+    return out
+
+
+def render(results: dict[str, tuple[object, float]]) -> str:
+    parts = [*heading(TITLE),
              "Each subsection is produced by `convfactor bench --experiment NAME` (names: "
              + ", ".join(f"`{n}`" for n in NAMES) + ").", ""]
-    for name in NAMES:
-        t0 = time.perf_counter()
-        parts.append(run_one(name, quick=quick))
-        parts.append(f"_({name}: {time.perf_counter() - t0:.1f} s)_\n")
+    for name, (data, seconds) in results.items():
+        parts.append(EXPERIMENTS[name].render(data))
+        parts.append(f"_({name}: {seconds:.1f} s)_\n")
     return "\n".join(parts)
+
+
+SECTION = Section("experiments", TITLE, measure, render)

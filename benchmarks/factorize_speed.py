@@ -9,6 +9,19 @@ is that of :func:`convfactor.factorize` (fit + building the replacement), summed
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from convfactor import factorize
+from convfactor.measure.latency import environment
+from convfactor.methods import registry
+from convfactor.spec.convspec import ConvSpec, UnsupportedLayer
+from convfactor.utils import torch_threads
+
+from .markdown import heading, table
+from .section import Section
 
 TITLE = "Whole-network factorization time (ResNet-50 shapes)"
 
@@ -40,8 +53,7 @@ BUDGET_S = 120.0
 
 
 def _methods(quick: bool) -> list[str]:
-    from convfactor.methods import registry
-    names = [m for m in registry.available() if 2 in getattr(registry.get(m), "supported_dims", ())
+    names = [m for m in registry.available() if 2 in registry.get(m).supported_dims
              and m not in ("linear_svd", "tt", "lowrank_sparse")]   # ADMM on responses: its own section
     return [m for m in names if m in TARGETS] if quick else names
 
@@ -50,86 +62,111 @@ def _methods(quick: bool) -> list[str]:
 EXTRA = [("cp", {"n_iter": 25})]
 
 
-def time_method(method: str, layers: list, sizes: list, budget_s: float = BUDGET_S, **options) -> dict:
+@dataclass
+class Timing:
+    """One method's pass over the layers (:func:`time_method`)."""
+    seconds: float = 0.0
+    layers: int = 0
+    skipped: int = 0
+    fallback: int = 0                   # layers where macs_ratio=0.5 is unreachable: half the full rank
+    slowest: tuple[float, str] = (0.0, "")
+    stopped: bool = False               # the running total passed the budget
+
+
+def _target(m, spec: ConvSpec, layer: nn.Module, size: tuple) -> tuple[dict, bool]:
+    """``(factorize target, fell back)``: macs_ratio=0.5 at the layer's input size, else half the full rank."""
+    try:
+        m.resolve_ranks(spec, layer.weight, macs_ratio=0.5, input_size=size)
+    except ValueError:
+        return {"rank": m.scaled_ranks(spec, 0.5)}, True
+    return {"macs_ratio": 0.5, "input_size": size}, False
+
+
+def time_method(method: str, layers: list, sizes: list, budget_s: float = BUDGET_S, **options) -> Timing:
     """Sum of :func:`convfactor.factorize` wall times over ``layers`` for one method."""
-    import torch
-    from convfactor import factorize
-    from convfactor.spec.convspec import ConvSpec, UnsupportedLayer
-    from convfactor.methods import registry
-    m = registry.get(method)
-    total, done, skipped, fallback, slowest, stopped = 0.0, 0, 0, 0, (0.0, ""), False
+    m = registry.get(method, **options)
+    t = Timing()
     for (name, layer), size in zip(layers, sizes):
-        if total > budget_s:
-            stopped = True
+        if t.seconds > budget_s:
+            t.stopped = True
             break
         spec = ConvSpec.from_module(layer)
         try:
             m.check(spec)
         except UnsupportedLayer:
-            skipped += 1
+            t.skipped += 1
             continue
-        target = {"macs_ratio": 0.5, "input_size": size}
-        try:
-            m.resolve_ranks(spec, layer.weight, macs_ratio=0.5, input_size=size)
-        except ValueError:
-            target = {"rank": m.scaled_ranks(spec, 0.5)}
-            fallback += 1
+        target, fell_back = _target(m, spec, layer, size)
+        t.fallback += fell_back
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
-                factorize(layer, method, **target, **options)
+                factorize(layer, m, **target)
         except (ValueError, UnsupportedLayer, NotImplementedError):
-            skipped += 1
+            t.skipped += 1
             continue
         dt = time.perf_counter() - t0
-        total += dt
-        done += 1
-        slowest = max(slowest, (dt, name))
-    return {"seconds": total, "layers": done, "skipped": skipped, "fallback": fallback, "slowest": slowest,
-            "stopped": stopped}
+        t.seconds += dt
+        t.layers += 1
+        t.slowest = max(t.slowest, (dt, name))
+    return t
 
 
-def run(quick: bool = False, threads: int | None = None) -> str:
-    import torch
-    from torch import nn
-    from convfactor.measure.latency import environment
-    threads = threads or (1 if quick else 2)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        shapes = resnet50_convs()
-        if quick:
-            shapes = shapes[:5]
-        g = torch.Generator().manual_seed(0)
-        layers, sizes = [], []
-        for s in shapes:
-            layer = nn.Conv2d(s["cin"], s["cout"], s["k"], stride=s["stride"], padding=s["padding"], bias=False)
-            with torch.no_grad():
-                fan_in = s["cin"] * s["k"] ** 2
-                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-            layers.append((s["name"], layer))
-            sizes.append((s["hw"], s["hw"]))
-        rows = []
+def resnet50_layers(quick: bool) -> tuple[list[tuple[str, nn.Conv2d]], list[tuple[int, int]]]:
+    """``([(name, conv with seeded He-normal weights)], [input size])`` of ResNet-50 (its first 5, quick)."""
+    shapes = resnet50_convs()[:5] if quick else resnet50_convs()
+    g = torch.Generator().manual_seed(0)
+    layers, sizes = [], []
+    for s in shapes:
+        layer = nn.Conv2d(s["cin"], s["cout"], s["k"], stride=s["stride"], padding=s["padding"], bias=False)
+        with torch.no_grad():
+            fan_in = s["cin"] * s["k"] ** 2
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+        layers.append((s["name"], layer))
+        sizes.append((s["hw"], s["hw"]))
+    return layers, sizes
+
+
+@dataclass
+class Results:
+    quick: bool
+    kernels: int
+    timings: list[tuple[str, str, Timing]]     # (method, row label, timing)
+    env: dict
+
+
+def measure(quick: bool = False) -> Results:
+    threads = 1 if quick else 2
+    with torch_threads(threads):
+        layers, sizes = resnet50_layers(quick)
         runs = [(m, {}) for m in _methods(quick)] + [(m, o) for m, o in EXTRA if m in _methods(quick)]
-        for method, options in runs:
-            r = time_method(method, layers, sizes, **options)
-            target = TARGETS.get(method)
-            label = method + "".join(f", {k}={v}" for k, v in options.items())
-            verdict = "-" if target is None or quick else ("yes" if r["seconds"] <= target and not r["stopped"] else "no")
-            total = f"{r['seconds']:.2f}" + (f" (stopped past {BUDGET_S:.0f} s)" if r["stopped"] else "")
-            rows.append(f"| {label} | {r['layers']} | {r['skipped']} | {r['fallback']} | {total} | "
-                        f"{r['slowest'][1]} ({r['slowest'][0]:.2f} s) | {target if target else '-'} | {verdict} |")
+        timings = [(method, method + "".join(f", {k}={v}" for k, v in options.items()),
+                    time_method(method, layers, sizes, **options)) for method, options in runs]
         env = environment(threads, dtype="float32 weights", batch="n/a", input="224x224 (layer input sizes)")
-    finally:
-        torch.set_num_threads(previous)
-    out = [f"## {TITLE}", "",
-           f"{len(shapes)} conv kernels of ResNet-50 (random weights), each factorized at macs_ratio=0.5 "
+    return Results(quick, len(layers), timings, env)
+
+
+def _row(method: str, label: str, t: Timing, quick: bool) -> list:
+    target = TARGETS.get(method)
+    verdict = "-" if target is None or quick else ("yes" if t.seconds <= target and not t.stopped else "no")
+    total = f"{t.seconds:.2f}" + (f" (stopped past {BUDGET_S:.0f} s)" if t.stopped else "")
+    return [label, t.layers, t.skipped, t.fallback, total, f"{t.slowest[1]} ({t.slowest[0]:.2f} s)",
+            target if target else "-", verdict]
+
+
+def render(results: Results) -> str:
+    out = [*heading(TITLE),
+           f"{results.kernels} conv kernels of ResNet-50 (random weights), each factorized at macs_ratio=0.5 "
            "(half the full rank where 0.5 is unreachable: 'fallback'); time of `convfactor.factorize` "
            "(fit + build), summed. Methods with their default options; a method stops once its total passes "
            f"{BUDGET_S:.0f} s.", "",
-           "| method | layers | skipped | fallback | total (s) | slowest layer | target (s) | met |",
-           "|---|---|---|---|---|---|---|---|", *rows, "", f"Environment: {env}", ""]
-    if quick:
+           *table(["method", "layers", "skipped", "fallback", "total (s)", "slowest layer", "target (s)", "met"],
+                  (_row(*timing, results.quick) for timing in results.timings)),
+           "", f"Environment: {results.env}", ""]
+    if results.quick:
         out.insert(2, "_Quick smoke configuration (first 5 kernels, methods with a target, 1 thread): "
                       "not the reported figures._\n")
     return "\n".join(out)
+
+
+SECTION = Section("factorize_speed", TITLE, measure, render)

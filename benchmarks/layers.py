@@ -15,9 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from convfactor.spec.convspec import ConvSpec
 from convfactor.measure.latency import burn_in, environment, measure_latency
 from convfactor.methods import registry
+from convfactor.spec.convspec import ConvSpec
+
+from .markdown import heading, table
+from .section import Section
 
 TITLE = "Layer speed-ups of each method vs the fastest dense conv"
 
@@ -25,6 +28,8 @@ FULL_SHAPES = [(64, 64, 3, 128), (128, 128, 3, 64), (256, 256, 3, 28), (512, 512
 QUICK_SHAPES = [(16, 16, 3, 16)]
 METHODS = ["channel_svd", "spatial_svd", "tucker2", "cp", "depthwise"]
 FORMATS = ("contiguous", "channels_last")
+THREADS = 2
+ROUND_TO = 8            # full mode: ranks rounded down to a multiple of 8
 
 
 @dataclass
@@ -48,6 +53,13 @@ class Row:
         return self.speedup / self.mac_reduction
 
 
+@dataclass
+class Results:
+    rows: list[Row]
+    env: dict
+    ratios: tuple
+
+
 def round_ranks(ranks: tuple, full: tuple, multiple: int) -> tuple:
     """Round each rank down to a multiple (at least ``multiple``, at most full)."""
     if multiple <= 1:
@@ -63,20 +75,14 @@ def _time(module: nn.Module, x: torch.Tensor, threads: int, quick: bool) -> dict
 
 def variants(method_name: str, spec: ConvSpec, ranks: tuple) -> dict[str, nn.Module]:
     """The module forms to try for a method (random weights: timing does not depend on values)."""
-    method = registry.get(method_name)
     forms = {"": {}}
     if method_name == "cp":
         forms = {"separable": {"form": "separable"}, "folded": {"form": "folded"}}
-    out = {}
-    for label, options in forms.items():
-        try:
-            out[label] = method.build(spec, ranks, None, **options).eval()
-        except TypeError:
-            out[label] = method.build(spec, ranks, None).eval()
-    return out
+    return {label: registry.get(method_name, **options).build(spec, ranks, None).eval()
+            for label, options in forms.items()}
 
 
-def measure(shapes, ratios, methods, threads: int, quick: bool, round_to: int) -> list[Row]:
+def measure_rows(shapes, ratios, methods, threads: int, quick: bool, round_to: int) -> list[Row]:
     rows = []
     torch.manual_seed(0)
     for cin, cout, k, hw in shapes:
@@ -104,39 +110,47 @@ def measure(shapes, ratios, methods, threads: int, quick: bool, round_to: int) -
     return rows
 
 
-def to_markdown(rows: list[Row], env: dict, ratios) -> str:
-    lines = [f"## {TITLE}", "",
-             f"Environment: {env}", "",
+def render(results: Results) -> str:
+    rows, ratios = results.rows, results.ratios
+    lines = [*heading(TITLE),
+             f"Environment: {results.env}", "",
              "Speed-up = dense time (fastest of NCHW / channels_last) ÷ factorized time (fastest variant); "
              "efficiency = speed-up ÷ MAC reduction of the ranks used (1.0 = the theory delivered). "
-             "MAC reductions are MACs, not time.", "",
-             "| method | layer | nominal | ranks | MAC reduction | dense ms (layout) | factorized ms (variant) | speed-up | efficiency |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.method} | {r.shape} | {r.nominal:g}x | {','.join(map(str, r.ranks))} | {r.mac_reduction:.2f}x | "
-                     f"{r.dense_ms:.3f} ({r.dense_format}) | {r.ms:.3f} ({r.variant}) | {r.speedup:.2f}x | {r.efficiency:.2f} |")
-    lines += ["", "### Median efficiency per method (over shapes)", "",
-              "| method | " + " | ".join(f"{q:g}x" for q in ratios) + " |", "|---|" + "---|" * len(ratios)]
-    for m in dict.fromkeys(r.method for r in rows):
-        cells = []
-        for q in ratios:
-            effs = [r.efficiency for r in rows if r.method == m and r.nominal == q]
-            cells.append(f"{statistics.median(effs):.2f}" if effs else "-")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "### Best method per shape at 4x", "", "| layer | best method | speed-up | efficiency |", "|---|---|---|---|"]
-    for shape in dict.fromkeys(r.shape for r in rows):
-        cands = [r for r in rows if r.shape == shape and r.nominal == 4]
-        if cands:
-            b = max(cands, key=lambda r: r.efficiency)
-            lines.append(f"| {shape} | {b.method} ({b.variant}) | {b.speedup:.2f}x | {b.efficiency:.2f} |")
+             "MAC reductions are MACs, not time.", ""]
+    lines += table(["method", "layer", "nominal", "ranks", "MAC reduction", "dense ms (layout)",
+                    "factorized ms (variant)", "speed-up", "efficiency"],
+                   ([r.method, r.shape, f"{r.nominal:g}x", ",".join(map(str, r.ranks)), f"{r.mac_reduction:.2f}x",
+                     f"{r.dense_ms:.3f} ({r.dense_format})", f"{r.ms:.3f} ({r.variant})", f"{r.speedup:.2f}x",
+                     f"{r.efficiency:.2f}"] for r in rows))
+    lines += ["", "### Median efficiency per method (over shapes)", ""]
+    lines += table(["method", *(f"{q:g}x" for q in ratios)],
+                   ([m, *(_median_efficiency(rows, m, q) for q in ratios)] for m in dict.fromkeys(r.method for r in rows)))
+    lines += ["", "### Best method per shape at 4x", ""]
+    best = [max(c, key=lambda r: r.efficiency) for c in _by_shape(rows, nominal=4)]
+    lines += table(["layer", "best method", "speed-up", "efficiency"],
+                   ([b.shape, f"{b.method} ({b.variant})", f"{b.speedup:.2f}x", f"{b.efficiency:.2f}"] for b in best))
     return "\n".join(lines) + "\n"
 
 
-def run(quick: bool = False, threads: int = 2, round_to: int = 8) -> str:
+def _median_efficiency(rows: list[Row], method: str, nominal: float) -> str:
+    effs = [r.efficiency for r in rows if r.method == method and r.nominal == nominal]
+    return f"{statistics.median(effs):.2f}" if effs else "-"
+
+
+def _by_shape(rows: list[Row], nominal: float) -> list[list[Row]]:
+    """The rows at ``nominal`` grouped by shape (shapes in order, those without such rows left out)."""
+    groups = [[r for r in rows if r.shape == shape and r.nominal == nominal] for shape in dict.fromkeys(r.shape for r in rows)]
+    return [g for g in groups if g]
+
+
+def measure(quick: bool = False) -> Results:
     shapes = QUICK_SHAPES if quick else FULL_SHAPES
     ratios = (2, 4) if quick else (2, 4, 8)
     methods = [m for m in METHODS if m in registry.available()]
-    env = environment(threads, batch=1, dtype="float32", round_ranks_to=round_to)
-    burn_in(0.5 if quick else 3.0, threads)
-    rows = measure(shapes, ratios, methods, threads, quick, round_to if not quick else 1)
-    return to_markdown(rows, env, ratios)
+    env = environment(THREADS, batch=1, dtype="float32", round_ranks_to=ROUND_TO)
+    burn_in(0.5 if quick else 3.0, THREADS)
+    rows = measure_rows(shapes, ratios, methods, THREADS, quick, ROUND_TO if not quick else 1)
+    return Results(rows, env, ratios)
+
+
+SECTION = Section("layers", TITLE, measure, render)

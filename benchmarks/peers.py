@@ -6,16 +6,26 @@
   speed-up against the dense layer's fastest form, and output error, next to
   ``convfactor.factorize(conv, 'cp', rank=r)``.
 
-The peers are bench-only extras (``pip install convfactor[bench]``); a missing peer or method is
-reported as such instead of failing the section.
+The peers are bench-only extras (``pip install convfactor[bench]``); a missing peer is reported
+as such instead of failing the section.
 """
 from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from convfactor.compression.api import factorize
+from convfactor.measure.compare import compare_speed
+from convfactor.measure.latency import burn_in, environment
+from convfactor.methods import registry
+from convfactor.spec.convspec import ConvSpec
+
+from .markdown import NOISY_NOTE, heading, noisy_mark, table
+from .section import Section
 
 TITLE = "Peers: TensorLy and TensorLy-Torch vs convfactor"
 
@@ -29,14 +39,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def _ours(name: str):
-    from convfactor.methods import registry
-    try:
-        return registry.get(name), None
-    except Exception as exc:  # noqa: BLE001 - a method another issue provides may be absent
-        return None, f"n/a ({name}: {exc})"
-
-
 def structured_kernel(shape, terms: int, generator: torch.Generator) -> torch.Tensor:
     """A kernel with a decaying spectrum: ``sum_i 0.97^i a_i o b_i o h_i o v_i`` (unit factors) + 1% noise."""
     n, c, kh, kw = shape
@@ -48,9 +50,48 @@ def structured_kernel(shape, terms: int, generator: torch.Generator) -> torch.Te
     return (w / w.norm() * (n * c * kh * kw) ** 0.5 / (c * kh * kw) ** 0.5).float()
 
 
+def _timed(fn, *args, **kwargs):
+    """``(fn(*args, **kwargs), seconds)``."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def _tensorly_rows(w: torch.Tensor, cfg: dict) -> list[dict]:
+    """TensorLy ``parafac`` and ``partial_tucker`` (torch backend) of ``w``: time and kernel error, or why not."""
+    r, rt = cfg["cp_rank"], cfg["tucker_rank"]
+    try:
+        import tensorly as tl
+        from tensorly.decomposition import parafac, partial_tucker
+    except ImportError as exc:
+        missing = f"n/a (tensorly not installed: {exc})"
+        return [{"what": "TensorLy parafac (pytorch)", "rank": r, "note": missing},
+                {"what": "TensorLy partial_tucker", "rank": f"{rt},{rt}", "note": missing}]
+    # the numpy backend is 2-3x slower (shared/README.md); cp_peers has both
+    with tl.backend_context("pytorch"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # the layer's own float32, as a user would
+        cp, cp_s = _timed(parafac, tl.tensor(w.clone()), r, n_iter_max=cfg["n_iter"], init="svd", tol=0)
+        cp_rec = torch.as_tensor(tl.to_numpy(tl.cp_to_tensor(cp)))
+        res, tucker_s = _timed(partial_tucker, tl.tensor(w.clone()), rank=[rt, rt], modes=[0, 1],
+                               n_iter_max=cfg["n_iter"])
+        core, factors = res[0] if isinstance(res[0], (tuple, list)) else res
+        tucker_rec = tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1])
+    return [{"what": f"TensorLy parafac (pytorch), {cfg['n_iter']} iterations", "rank": r, "seconds": cp_s,
+             "error": _rel(cp_rec, w)},
+            {"what": "TensorLy partial_tucker (pytorch)", "rank": f"{rt},{rt}", "seconds": tucker_s,
+             "error": _rel(torch.as_tensor(tucker_rec), w)}]
+
+
+def _ours_row(name: str, w: torch.Tensor, spec: ConvSpec, rank: int, label) -> dict:
+    """convfactor's ``name`` at ``rank``: time and kernel error."""
+    method = registry.get(name)
+    factors, seconds = _timed(method.factorize, w.double(), spec, method.expand_rank(spec, rank))
+    return {"what": f"convfactor {name}", "rank": label, "seconds": seconds, "error": _rel(method.reconstruct(factors, spec), w)}
+
+
 def kernel_rows(cfg: dict) -> list[dict]:
     """Time and kernel error of CP and Tucker-2 at equal rank: TensorLy vs convfactor."""
-    from convfactor.spec.convspec import ConvSpec
     g = torch.Generator().manual_seed(0)
     n, c, kh, kw = cfg["kernel"]
     conv = nn.Conv2d(c, n, (kh, kw), padding=(kh // 2, kw // 2), bias=False)
@@ -58,82 +99,18 @@ def kernel_rows(cfg: dict) -> list[dict]:
         conv.weight.copy_(structured_kernel((n, c, kh, kw), 4 * cfg["cp_rank"], g))
     w = conv.weight.detach()
     spec = ConvSpec.from_module(conv)
-    rows = []
-    try:
-        import tensorly as tl
-        from tensorly.decomposition import parafac, partial_tucker
-    except ImportError as exc:
-        tl = None
-        missing = f"n/a (tensorly not installed: {exc})"
     r, rt = cfg["cp_rank"], cfg["tucker_rank"]
-    for backend in ("pytorch",):           # the numpy backend is 2-3x slower (shared/README.md); cp_peers has both
-        if tl is None:
-            rows.append({"what": f"TensorLy parafac ({backend})", "rank": r, "note": missing})
-            continue
-        with tl.backend_context(backend), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            t = w.clone() if backend == "pytorch" else w.numpy()      # the layer's own float32, as a user would
-            t0 = time.perf_counter()
-            cp = parafac(tl.tensor(t), r, n_iter_max=cfg["n_iter"], init="svd", tol=0)
-            took = time.perf_counter() - t0
-            rec = torch.as_tensor(tl.to_numpy(tl.cp_to_tensor(cp)))
-        rows.append({"what": f"TensorLy parafac ({backend}), {cfg['n_iter']} iterations", "rank": r,
-                     "seconds": took, "error": _rel(rec, w)})
-    cp_ours, why = _ours("cp")
-    if cp_ours is None:
-        rows.append({"what": "convfactor cp", "rank": r, "note": why})
-    else:
-        t0 = time.perf_counter()
-        f = cp_ours.factorize(w.double(), spec, cp_ours.expand_rank(spec, r))
-        took = time.perf_counter() - t0
-        rows.append({"what": "convfactor cp", "rank": r, "seconds": took, "error": _rel(cp_ours.reconstruct(f, spec), w)})
-    if tl is not None:
-        with tl.backend_context("pytorch"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            t0 = time.perf_counter()
-            res = partial_tucker(tl.tensor(w.clone()), rank=[rt, rt], modes=[0, 1], n_iter_max=cfg["n_iter"])
-            took = time.perf_counter() - t0
-            core, factors = res[0] if isinstance(res[0], (tuple, list)) else res
-            rec = tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1])
-        rows.append({"what": "TensorLy partial_tucker (pytorch)", "rank": f"{rt},{rt}", "seconds": took,
-                     "error": _rel(torch.as_tensor(rec), w)})
-    else:
-        rows.append({"what": "TensorLy partial_tucker", "rank": f"{rt},{rt}", "note": missing})
-    tk, why = _ours("tucker2")
-    if tk is None:
-        rows.append({"what": "convfactor tucker2", "rank": f"{rt},{rt}", "note": why})
-    else:
-        t0 = time.perf_counter()
-        f = tk.factorize(w.double(), spec, tk.expand_rank(spec, rt))
-        took = time.perf_counter() - t0
-        rows.append({"what": "convfactor tucker2", "rank": f"{rt},{rt}", "seconds": took,
-                     "error": _rel(tk.reconstruct(f, spec), w)})
-    t0 = time.perf_counter()
-    s = torch.linalg.svdvals(w.reshape(n, -1))
-    rows.append({"what": "reference: truncated SVD (channel_svd) of the same kernel", "rank": r,
-                 "seconds": time.perf_counter() - t0,
+    tl_cp, tl_tucker = _tensorly_rows(w, cfg)
+    rows = [tl_cp, _ours_row("cp", w, spec, r, r), tl_tucker, _ours_row("tucker2", w, spec, rt, f"{rt},{rt}")]
+    s, seconds = _timed(torch.linalg.svdvals, w.reshape(n, -1))
+    rows.append({"what": "reference: truncated SVD (channel_svd) of the same kernel", "rank": r, "seconds": seconds,
                  "error": (s[r:].pow(2).sum() / s.pow(2).sum()).sqrt().item()})
     return rows
 
 
-def layer_rows(cfg: dict) -> list[dict]:
-    """TensorLy-Torch FactorizedConv vs convfactor's CP as layers: init time, speed-up, output error."""
-    from convfactor.compression.api import factorize
-    from convfactor.measure.compare import compare_speed
-    ch, size = cfg["layer"]
-    r = cfg["layer_rank"]
-    torch.manual_seed(0)
-    conv = nn.Conv2d(ch, ch, 3, padding=1).eval()
-    with torch.no_grad():
-        conv.weight.copy_(structured_kernel((ch, ch, 3, 3), 4 * r, torch.Generator().manual_seed(1)))
-    x = torch.randn(1, ch, size, size)
-    with torch.no_grad():
-        ref = conv(x)
-    rows = []
-    candidates = []
-    if cfg is not QUICK:
-        from convfactor.measure.latency import burn_in
-        burn_in(3.0)
+def _layer_candidates(conv: nn.Conv2d, r: int) -> tuple[list, list[dict]]:
+    """``([(label, make the layer)], [rows of peers not installed])``: TensorLy-Torch's CP conv and ours."""
+    candidates, missing = [], []
     try:
         import tltorch
 
@@ -143,15 +120,28 @@ def layer_rows(cfg: dict) -> list[dict]:
                 return tltorch.FactorizedConv.from_conv(conv, rank=r, factorization="cp", implementation="factorized")
         candidates.append(("TensorLy-Torch FactorizedConv.from_conv (CP, 'factorized')", make_tltorch))
     except ImportError as exc:
-        rows.append({"what": "TensorLy-Torch FactorizedConv", "rank": r, "note": f"n/a (tltorch not installed: {exc})"})
-    if _ours("cp")[0] is not None:
-        candidates.append(("convfactor factorize(conv, 'cp')", lambda: factorize(conv, "cp", rank=r)))
-    else:
-        rows.append({"what": "convfactor cp", "rank": r, "note": _ours("cp")[1]})
+        missing.append({"what": "TensorLy-Torch FactorizedConv", "rank": r, "note": f"n/a (tltorch not installed: {exc})"})
+    candidates.append(("convfactor factorize(conv, 'cp')", lambda: factorize(conv, "cp", rank=r)))
+    return candidates, missing
+
+
+def layer_rows(cfg: dict) -> list[dict]:
+    """TensorLy-Torch FactorizedConv vs convfactor's CP as layers: init time, speed-up, output error."""
+    ch, size = cfg["layer"]
+    r = cfg["layer_rank"]
+    torch.manual_seed(0)
+    conv = nn.Conv2d(ch, ch, 3, padding=1).eval()
+    with torch.no_grad():
+        conv.weight.copy_(structured_kernel((ch, ch, 3, 3), 4 * r, torch.Generator().manual_seed(1)))
+    x = torch.randn(1, ch, size, size)
+    with torch.no_grad():
+        ref = conv(x)
+    if cfg is not QUICK:
+        burn_in(3.0)
+    candidates, rows = _layer_candidates(conv, r)
     for label, make in candidates:
-        t0 = time.perf_counter()
-        layer = make().eval()
-        init = time.perf_counter() - t0
+        layer, init = _timed(make)
+        layer.eval()
         with torch.no_grad():
             err = _rel(layer(x), ref)
             res = compare_speed(conv, layer, x, repeats=cfg["repeats"], rounds=3)
@@ -161,43 +151,52 @@ def layer_rows(cfg: dict) -> list[dict]:
     return rows
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+@dataclass
+class Results:
+    cfg: dict
+    env: dict
+    kernel: list[dict]          # :func:`kernel_rows`
+    layer: list[dict]           # :func:`layer_rows`
 
 
-def run(quick: bool = False) -> str:
-    from convfactor.measure.latency import environment
+def measure(quick: bool = False) -> Results:
     cfg = QUICK if quick else FULL
     env = environment(torch.get_num_threads())
-    krows = kernel_rows(cfg)
-    lrows = layer_rows(cfg)
+    return Results(cfg, env, kernel_rows(cfg), layer_rows(cfg))
+
+
+def _kernel_cells(row: dict) -> list:
+    if "note" in row:
+        return [row["what"], row["rank"], row["note"], ""]
+    return [row["what"], row["rank"], f"{row['seconds']:.3f}", f"{row['error']:.4f}"]
+
+
+def _layer_cells(row: dict, dense_params: int) -> list:
+    if "note" in row:
+        return [row["what"], row["note"], "", "", ""]
+    return [row["what"], f"{row['seconds']:.2f}", f"{row['speedup']:.2f}x{noisy_mark(row['noisy'])} ({row['forms']})",
+            f"{row['error']:.4f}", f"{row['params']} (dense {dense_params})"]
+
+
+def render(results: Results) -> str:
+    cfg, env = results.cfg, results.env
     n, c, kh, kw = cfg["kernel"]
     ch, size = cfg["layer"]
-    lines = [f"## {TITLE}", "",
+    lines = [*heading(TITLE),
              f"{env['threads']} threads, {env['cpu']}, torch {env['torch']}. Same process, same inputs.", "",
              f"### Decomposing one {n}x{c}x{kh}x{kw} kernel at equal rank", "",
-             "| implementation | rank | seconds | relative kernel error |", "|---|---|---|---|"]
-    for row in krows:
-        if "note" in row:
-            lines.append(f"| {row['what']} | {row['rank']} | {row['note']} | |")
-        else:
-            lines.append(f"| {row['what']} | {row['rank']} | {row['seconds']:.3f} | {row['error']:.4f} |")
-    lines += ["", f"The kernel is synthetic with a decaying spectrum (a sum of {4 * cfg['cp_rank']} seeded random "
-              "rank-1 terms with weights 0.97^i, plus 1% noise); no trained weights ship offline. Equal rank, "
-              "equal data, one process.", "",
-              f"### As a layer: {ch}->{ch} 3x3 @{size}x{size}, batch 1, CP rank {cfg['layer_rank']}", "",
-              "| implementation | init seconds | speed-up vs dense (fastest forms: dense / factorized) | "
-              "output rel. error | params |", "|---|---|---|---|---|"]
-    dense_params = ch * ch * 9 + ch
-    for row in lrows:
-        if "note" in row:
-            lines.append(f"| {row['what']} | {row['note']} | | | |")
-        else:
-            lines.append(f"| {row['what']} | {row['seconds']:.2f} | {row['speedup']:.2f}x{' †' if row['noisy'] else ''} "
-                         f"({row['forms']}) | "
-                         f"{row['error']:.4f} | {row['params']} (dense {dense_params}) |")
-    if any(row.get("noisy") for row in lrows):
-        lines += ["", "† noisy: the IQR of a fastest form exceeded 25% of its median (a busy machine); re-run on a "
-                  "quiet machine before quoting."]
+             *table(["implementation", "rank", "seconds", "relative kernel error"], map(_kernel_cells, results.kernel)),
+             "", f"The kernel is synthetic with a decaying spectrum (a sum of {4 * cfg['cp_rank']} seeded random "
+             "rank-1 terms with weights 0.97^i, plus 1% noise); no trained weights ship offline. Equal rank, "
+             "equal data, one process.", "",
+             f"### As a layer: {ch}->{ch} 3x3 @{size}x{size}, batch 1, CP rank {cfg['layer_rank']}", "",
+             *table(["implementation", "init seconds", "speed-up vs dense (fastest forms: dense / factorized)",
+                     "output rel. error", "params"],
+                    (_layer_cells(row, ch * ch * 9 + ch) for row in results.layer))]
+    if any(row.get("noisy") for row in results.layer):
+        lines += ["", NOISY_NOTE]
     lines.append("")
     return "\n".join(lines)
+
+
+SECTION = Section("peers", TITLE, measure, render)

@@ -10,9 +10,15 @@ import re
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from convfactor.commands.common import apply_malloc
-
+import benchmarks as bench
+from benchmarks import experiments
+from convfactor.io import atomic_write, check_writable
+from convfactor.measure.allocator import set_malloc
+from convfactor.measure.latency import environment
+from convfactor.utils import torch_threads
 
 #: a section's closing stamp (older files have only the seconds)
 STAMP = re.compile(r"^_\(section `(?P<name>[\w:]+)`: .*\)_[ \t]*$", re.M)
@@ -23,7 +29,6 @@ def _now() -> str:
 
 
 def stamp(name: str, seconds: float) -> str:
-    from convfactor.measure.latency import environment
     return f"_(section `{name}`: {seconds:.1f} s; {_now()}; {environment()['cpu']})_"
 
 
@@ -39,7 +44,6 @@ def split_sections(doc: str) -> dict[str, str]:
 
 
 def header(quick: bool, threads: int, sections: list[str], updated: list[str] | None = None) -> str:
-    from convfactor.measure.latency import environment
     env = environment(threads)
     when = _now()
     written = (f"Sections {', '.join(updated)} re-run by `convfactor bench --update` on {when}; the others are "
@@ -58,84 +62,99 @@ def header(quick: bool, threads: int, sections: list[str], updated: list[str] | 
     return "\n".join(lines)
 
 
-def run(args) -> int:
-    apply_malloc(args)
-    import torch
+@dataclass
+class Outcome:
+    """What one ``convfactor bench`` call produced: stamped Markdown per section name."""
 
-    import benchmarks as bench
-    from convfactor.io import atomic_write, check_writable
+    parts: dict[str, str] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+
+
+def run(args) -> int:
+    """``convfactor bench``: write the sections (or one experiment, or ``--update`` some) to ``-o``."""
+    set_malloc(args.malloc)
     if args.output:
         check_writable(args.output)                     # fail before any work
-    kept: dict[str, str] = {}
-    if args.update:
-        from pathlib import Path
-        if not args.output or not Path(args.output).is_file():
-            raise ValueError("--update needs -o FILE naming an existing benchmarks file")
-        if not args.sections:
-            raise ValueError("--update needs --sections (the ones to re-run)")
-        if args.experiment:
-            raise ValueError("--update re-runs sections; --experiment writes a file of its own (drop one of them)")
-        old = Path(args.output).read_text()
-        kept = {n: _dated(t, old) for n, t in split_sections(old).items()}
-        if not kept:
-            raise ValueError(f"{args.output}: no section stamps found; was it written by 'convfactor bench'?")
+    kept = _kept_sections(args) if args.update else {}
     if args.list:
         print("sections:", " ".join(bench.available()))
-        from benchmarks import experiments
         print("experiments:", " ".join(experiments.NAMES))
         return 0
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        if args.experiment:
-            from benchmarks import experiments
-            if args.experiment not in experiments.NAMES:
-                raise ValueError(f"unknown experiment {args.experiment!r}; known: {', '.join(experiments.NAMES)}")
-            names, parts = [f"experiments:{args.experiment}"], []
-            t0 = time.perf_counter()
-            parts.append(experiments.run_one(args.experiment, quick=args.quick))
-            parts.append(f"{stamp(names[0], time.perf_counter() - t0)}\n")
-            failed = []
-        else:
-            available = bench.available()
-            names = available if args.sections is None else args.sections
-            unknown = [n for n in names if n not in available]
-            if unknown:
-                raise ValueError(f"no such section(s): {', '.join(unknown)}; available: {', '.join(available)}")
-            parts, failed = [], []
-            for name in names:
-                module = bench.load_section(name)
-                t0 = time.perf_counter()
-                print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-                try:
-                    text = module.run(quick=args.quick)
-                except Exception:  # noqa: BLE001 - one broken section must not lose the others' results
-                    failed.append(name)
-                    text = f"## {getattr(module, 'TITLE', name)}\n\n**This section failed:**\n\n```\n" \
-                           f"{traceback.format_exc(limit=6)}```\n"
-                    print(text, file=sys.stderr)
-                took = time.perf_counter() - t0
-                print(f"[bench] {name}: {took:.1f} s", file=sys.stderr, flush=True)
-                parts.append(text.rstrip() + f"\n\n{stamp(name, took)}\n")
-                if args.output and len(parts) < len(names):   # an interrupted run keeps the finished sections
-                    pending = ", ".join(names[len(parts):])
-                    if args.update:
-                        atomic_write(args.output, _merged(args, kept, dict(zip(names, parts))))
-                    else:
-                        atomic_write(args.output, header(args.quick, args.threads, names) + "\n" + "\n".join(parts)
-                                     + f"\n> **Incomplete run**: still to come: {pending}.\n")
-    finally:
-        torch.set_num_threads(previous)
-    if args.update:
-        doc = _merged(args, kept, dict(zip(names, parts)))
-    else:
-        doc = header(args.quick, args.threads, names) + "\n" + "\n".join(parts)
+    with torch_threads(args.threads):
+        result = _run_experiment(args) if args.experiment else _run_sections(args, kept)
+    doc = _document(args, kept, result.parts)
     if args.output:
         atomic_write(args.output, doc)
-        print(f"wrote {args.output}" + (f" ({len(failed)} section(s) failed: {', '.join(failed)})" if failed else ""))
+        print(f"wrote {args.output}" + (f" ({len(result.failed)} section(s) failed: {', '.join(result.failed)})"
+                                        if result.failed else ""))
     else:
         print(doc)
-    return 1 if failed else 0
+    return 1 if result.failed else 0
+
+
+def _kept_sections(args) -> dict[str, str]:
+    """``--update``: the sections of the existing ``-o`` file, each stamp dated; checks the flags first."""
+    if not args.output or not Path(args.output).is_file():
+        raise ValueError("--update needs -o FILE naming an existing benchmarks file")
+    if not args.sections:
+        raise ValueError("--update needs --sections (the ones to re-run)")
+    if args.experiment:
+        raise ValueError("--update re-runs sections; --experiment writes a file of its own (drop one of them)")
+    old = Path(args.output).read_text()
+    kept = {n: _dated(t, old) for n, t in split_sections(old).items()}
+    if not kept:
+        raise ValueError(f"{args.output}: no section stamps found; was it written by 'convfactor bench'?")
+    return kept
+
+
+def _run_experiment(args) -> Outcome:
+    """``--experiment NAME``: one of the seeds' experiments, stamped as ``experiments:NAME``."""
+    if args.experiment not in experiments.NAMES:
+        raise ValueError(f"unknown experiment {args.experiment!r}; known: {', '.join(experiments.NAMES)}")
+    name = f"experiments:{args.experiment}"
+    t0 = time.perf_counter()
+    text = experiments.run_one(args.experiment, quick=args.quick)
+    return Outcome(parts={name: f"{text}\n{stamp(name, time.perf_counter() - t0)}\n"})
+
+
+def _run_sections(args, kept: dict[str, str]) -> Outcome:
+    """Run ``--sections`` (default: all) in order; after each, an interrupted run's file is written."""
+    available = bench.available()
+    names = available if args.sections is None else args.sections
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"no such section(s): {', '.join(unknown)}; available: {', '.join(available)}")
+    result = Outcome()
+    for i, name in enumerate(names):
+        t0 = time.perf_counter()
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        text = _section_text(name, args.quick, result.failed)
+        took = time.perf_counter() - t0
+        print(f"[bench] {name}: {took:.1f} s", file=sys.stderr, flush=True)
+        result.parts[name] = text.rstrip() + f"\n\n{stamp(name, took)}\n"
+        if args.output and i + 1 < len(names):      # an interrupted run keeps the finished sections
+            pending = f"\n> **Incomplete run**: still to come: {', '.join(names[i + 1:])}.\n"
+            atomic_write(args.output, _document(args, kept, result.parts) + ("" if args.update else pending))
+    return result
+
+
+def _section_text(name: str, quick: bool, failed: list[str]) -> str:
+    """The section's Markdown, or, when it raises, its heading and the traceback (``name`` joins ``failed``)."""
+    section = bench.load_section(name)
+    try:
+        return section.run(quick)
+    except Exception:  # noqa: BLE001 - one broken section must not lose the others' results
+        failed.append(name)
+        text = f"## {section.title}\n\n**This section failed:**\n\n```\n{traceback.format_exc(limit=6)}```\n"
+        print(text, file=sys.stderr)
+        return text
+
+
+def _document(args, kept: dict[str, str], parts: dict[str, str]) -> str:
+    """The whole file: a fresh header and ``parts``, or with ``--update`` the kept sections merged in."""
+    if args.update:
+        return _merged(args, kept, parts)
+    return header(args.quick, args.threads, list(parts)) + "\n" + "\n".join(parts.values())
 
 
 def _dated(section: str, doc: str) -> str:
@@ -152,7 +171,6 @@ def _dated(section: str, doc: str) -> str:
 
 def _merged(args, kept: dict[str, str], new: dict[str, str]) -> str:
     """The kept sections with ``new`` ones in their place, in BENCHMARKS.md order."""
-    import benchmarks as bench
     order = [n for n in bench.SECTIONS if n in kept or n in new] + [n for n in kept if n not in bench.SECTIONS]
     body = [new.get(n, kept.get(n, "")) for n in order]
     return header(args.quick, args.threads, order, updated=list(new)) + "\n" + "\n".join(b.rstrip() + "\n" for b in body)

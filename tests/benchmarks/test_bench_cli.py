@@ -33,8 +33,7 @@ def test_bench_selected_sections_and_errors(tmp_path, capsys):
 
 
 def test_failing_section_is_recorded_and_fails_the_run(tmp_path, monkeypatch):
-    import types
-    broken = types.SimpleNamespace(TITLE="Broken", run=lambda quick=False: 1 / 0)
+    broken = bench.Section("broken", "Broken", measure=lambda quick: 1 / 0, render=str)
     monkeypatch.setattr(bench, "available", lambda: ["broken"])
     monkeypatch.setattr(bench, "load_section", lambda name: broken)
     out = tmp_path / "b.md"
@@ -62,14 +61,13 @@ def test_digits_data_is_seeded_and_split():
 
 
 def test_update_replaces_only_the_named_sections(tmp_path, monkeypatch):
-    import types
     runs = {"alpha": 0, "beta": 0}
 
     def section(name):
-        def run(quick=False):
+        def measure(quick):
             runs[name] += 1
-            return f"## {name.title()}\n\n{name} run {runs[name]}\n"
-        return types.SimpleNamespace(TITLE=name.title(), run=run)
+            return runs[name]
+        return bench.Section(name, name.title(), measure, lambda n: f"## {name.title()}\n\n{name} run {n}\n")
     fakes = {n: section(n) for n in runs}
     monkeypatch.setattr(bench, "SECTIONS", ["alpha", "beta"])
     monkeypatch.setattr(bench, "available", lambda: ["alpha", "beta"])

@@ -9,8 +9,8 @@ def _tables(md: str) -> list[str]:
 
 
 def test_cp_peers_quick():
-    assert load_section("cp_peers") is cp_peers
-    md = cp_peers.run(quick=True)
+    assert load_section("cp_peers") is cp_peers.SECTION
+    md = cp_peers.SECTION.run(quick=True)
     assert md.startswith(f"## {cp_peers.TITLE}")
     rows = _tables(md)
     assert any("convfactor cp" in r for r in rows) and any("TensorLy parafac" in r for r in rows)
@@ -23,8 +23,8 @@ def test_cp_peers_quick():
 
 
 def test_factorize_speed_quick():
-    assert load_section("factorize_speed") is factorize_speed
-    md = factorize_speed.run(quick=True)
+    assert load_section("factorize_speed") is factorize_speed.SECTION
+    md = factorize_speed.SECTION.run(quick=True)
     assert md.startswith(f"## {factorize_speed.TITLE}")
     rows = [r for r in _tables(md) if re.match(r"\| (channel_svd|cp|cp, n_iter=25) \|", r)]
     assert len(rows) == 3

@@ -7,10 +7,10 @@ from benchmarks import SECTIONS, load_section
 @pytest.mark.parametrize("name", ["tt", "data_aware", "lowrank_sparse"])
 def test_quick_section_runs(name):
     assert name in SECTIONS
-    module = load_section(name)
-    assert module.TITLE
-    text = module.run(quick=True)
-    assert text.startswith(f"## {module.TITLE}")
+    section = load_section(name)
+    assert section.title
+    text = section.run(quick=True)
+    assert text.startswith(f"## {section.title}")
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
     assert len(rows) >= 2                      # a header and at least one measured row
     assert "nan" not in text.lower()

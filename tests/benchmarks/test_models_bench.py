@@ -6,7 +6,7 @@ from benchmarks import models as section
 
 
 def test_quick_models_section_has_a_measured_row():
-    text = section.run(quick=True)
+    text = section.SECTION.run(quick=True)
     assert text.startswith(f"## {section.TITLE}")
     assert "edsr_baseline_x2" in models.pretrained_names()
     row = next(line for line in text.splitlines() if line.startswith("| edsr_baseline_x2 |"))

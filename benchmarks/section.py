@@ -1,0 +1,29 @@
+"""The contract of a benchmark section: ``measure`` the numbers, then ``render`` them as Markdown.
+
+A section is a :class:`Section`: ``measure(quick)`` runs the experiment and returns plain data
+(dataclasses, lists of dicts), ``render(data)`` writes that data as a Markdown section starting
+with ``## {title}`` (tables and prose).  ``quick=True`` is the seconds-long smoke configuration the
+tests use; the full run is what BENCHMARKS.md holds.  Each section module defines ``SECTION``; the
+seeds' experiments (:mod:`benchmarks.experiments`) are Sections too, whose Markdown is a ``###``
+subsection of the ``experiments`` section.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = ["Section"]
+
+
+@dataclass(frozen=True)
+class Section:
+    """One BENCHMARKS.md section: its ``name`` (as in ``--sections``), heading and two steps."""
+
+    name: str
+    title: str
+    measure: Callable[[bool], Any]     # quick -> the measured data
+    render: Callable[[Any], str]       # data -> Markdown, starting with "## {title}"
+
+    def run(self, quick: bool = False) -> str:
+        """Measure, then render: the section's Markdown."""
+        return self.render(self.measure(quick))
