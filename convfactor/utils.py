@@ -6,12 +6,12 @@ would otherwise be written out at every timing, capture and evaluation site.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["torch_threads", "eval_mode", "UnknownName"]
+__all__ = ["torch_threads", "eval_mode", "UnknownName", "plain_data"]
 
 
 class UnknownName(KeyError):
@@ -50,3 +50,20 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
         for flags in saved:
             for module, training in flags:
                 module.training = training
+
+
+def plain_data(value: Any, *, nan: Any = float("nan")) -> Any:
+    """``value`` as plain Python for JSON/YAML writers: dict keys as str, tuples as lists, tensors
+    and numpy arrays as (nested) lists, numpy/torch scalars as numbers, and NaN floats as ``nan``
+    (kept by default; YAML's safe_dump callers pass ``nan=None``)."""
+    if isinstance(value, dict):
+        return {str(k): plain_data(v, nan=nan) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v, nan=nan) for v in value]
+    if hasattr(value, "tolist") and getattr(value, "ndim", 0) > 0:
+        return plain_data(value.tolist(), nan=nan)
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return nan
+    return value

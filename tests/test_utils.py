@@ -28,3 +28,20 @@ def test_eval_mode_restores_mixed_flags():
     with eval_mode(model):
         assert not any(m.training for m in model.modules())
     assert [m.training for m in model.modules()] == [True, True, False, True]
+
+
+def test_plain_data_is_json_and_yaml_ready():
+    import json
+
+    import numpy as np
+    import yaml
+
+    from convfactor.utils import plain_data
+    value = {1: (torch.tensor([1.5, 2.0]), np.float32(0.25)), "n": np.int64(3), "t": torch.tensor(4),
+             "a": np.arange(2), "nan": float("nan"), "inf": float("inf")}
+    out = plain_data(value)
+    assert out["1"] == [[1.5, 2.0], 0.25] and out["n"] == 3 and type(out["n"]) is int
+    assert out["t"] == 4 and out["a"] == [0, 1] and out["nan"] != out["nan"] and out["inf"] == float("inf")
+    assert json.loads(json.dumps(out))["1"] == [[1.5, 2.0], 0.25]
+    safe = plain_data(value, nan=None)
+    assert safe["nan"] is None and yaml.safe_load(yaml.safe_dump(safe))["n"] == 3

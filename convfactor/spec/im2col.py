@@ -6,7 +6,7 @@ convolution becomes one matrix product per group,
 
     out[b, g] = W_g @ cols[b, g],   W_g: (N/g, C/g*kh*kw),   cols[b, g]: (C/g*kh*kw, Ho*Wo).
 
-It materializes ``kh*kw`` copies of the input, which is why it costs memory; :mod:`convfactor.bench.im2col`
+It materializes ``kh*kw`` copies of the input, which is why it costs memory; the ``im2col`` section of ``benchmarks/``
 measures how much and how fast against the native convolution.
 
 :class:`Im2ColConv2d` is a drop-in ``nn.Conv2d`` subclass using it (same parameters, same
