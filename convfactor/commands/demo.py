@@ -10,7 +10,7 @@ import torch
 from ..data.denoise import denoise_eval_images, eval_noisy
 from ..data.images import builtin_images
 from ..data.sr import bicubic_upscale, sr_eval_pairs
-from ..io import check_writable
+from ..io import check_writable, save
 from ..measure import quality
 from ..recipes.pipeline import PipelineConfig, PipelineResult, compress_finetune_measure, summary_rows
 from ..report import collect, image_panel, latency_rows, write_report
@@ -76,10 +76,19 @@ def run(args) -> int:
     data = build_report_data(result, rows, quick=args.quick)
     paths = write_report(out_dir, data)
     (out_dir / "demo.json").write_text(json.dumps(data["demo"], indent=2, default=str))
+    model_dir = save(result.shipped_model, out_dir / "model", metadata={"model": result.config.model,
+                                                                        "input_shape": list(result.example.shape)})
     print()
     print(format_summary(result, rows))
     print(f"\nreport: {paths['html']}  ({paths['md'].name}, {paths['json'].name}, demo.json)")
-    return 0
+    print(f"model: {model_dir}  (the {result.shipped} model; convfactor export {model_dir} -o model.onnx)")
+    return 0 if args.quick else EXIT_CODES[result.verdict.kind]      # --quick's numbers mean nothing
+
+
+#: the demo's exit status by verdict: 0 only when the requested speed-up is confirmed by its interval;
+#: 1 when the compressed model is slower with confidence (the original is shipped); 3 when the target is
+#: missed or cannot be confirmed on a busy machine (the compressed model is shipped, and the line says so)
+EXIT_CODES = {"met": 0, "slower": 1, "missed": 3, "unconfirmed": 3}
 
 
 def format_summary(result: PipelineResult, rows: list[dict]) -> str:
@@ -95,6 +104,9 @@ def format_summary(result: PipelineResult, rows: list[dict]) -> str:
                  f"{s.compressed_best}); MACs / {result.macs.original / result.macs.compressed:.2f}; "
                  f"{q} loss {loss:.3f} dB after {result.timings_s.finetune / 60:.1f} min of fine-tuning")
     lines.append(f"plan: {result.plan_kind}")
+    if result.plan_message:
+        lines.append(f"planner: {result.plan_message}")
+    lines.append(result.verdict.line + ("; shipping the ORIGINAL model" if result.shipped == "original" else ""))
     return "\n".join(lines)
 
 
@@ -124,11 +136,19 @@ def image_crops(result: PipelineResult, side: int = 64) -> list[dict]:
     return [dict(r, label=f"{name}: {r['label']}") for r in rows]
 
 
+def report_headline(result: PipelineResult) -> str:
+    """The report title's claim, as loud about a miss as about a success."""
+    s, request = result.speed, result.config.speedup
+    return {"met": f"{s.speedup:.2f}x measured, {request:g}x target met",
+            "missed": f"target missed: {s.speedup:.2f}x measured against {request:g}x",
+            "unconfirmed": f"target not confirmed: {s.speedup:.2f}x measured against {request:g}x on a noisy machine",
+            "slower": f"slower than the original ({s.speedup:.2f}x); the original is shipped"}[result.verdict.kind]
+
+
 def build_report_data(result: PipelineResult, rows: list[dict], quick: bool = False) -> dict:
     """The report's data (:func:`convfactor.report.write_report`), with the demo's own figures under ``"demo"``."""
     cfg, s = result.config, result.speed
-    title = (f"convfactor demo: {cfg.model} at a measured {cfg.speedup:g}x target"
-             + (" (QUICK smoke run)" if quick else ""))
+    title = f"convfactor demo: {cfg.model}, {report_headline(result)}" + (" (QUICK smoke run)" if quick else "")
     data = collect(result.original, result.compressed, result.example, compression_report=result.compression_report,
                    threads=cfg.threads, title=title, model_name=cfg.model)
     data["speed"] = s.to_dict()
@@ -141,5 +161,7 @@ def build_report_data(result: PipelineResult, rows: list[dict], quick: bool = Fa
     figures = result.to_dict()
     data["demo"] = {"summary": rows, **{k: figures[k] for k in ("plan_kind", "plan", "quality", "timings_s", "config",
                                                                  "params", "macs")},
-                    "speedup": s.speedup, "finetune_loss": [h["loss"] for h in result.finetune_history]}
+                    "speedup": s.speedup, "finetune_loss": [h["loss"] for h in result.finetune_history],
+                    "verdict": figures["verdict"], "shipped": result.shipped, "plan_message": result.plan_message}
+    data["warnings"] = [w for w in (result.plan_message, None if result.verdict.ok else result.verdict.line) if w]
     return data

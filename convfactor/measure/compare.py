@@ -27,7 +27,24 @@ from .backends import FORMS, CompileBackend, EagerBackend, Runnable, TimingBacke
 from .count import count
 from .latency import environment, latency_of
 
-__all__ = ["compare_speed", "SpeedComparison", "TimingConfig", "prepare_forms", "compare_in_fresh_process"]
+__all__ = ["compare_speed", "SpeedComparison", "TimingConfig", "Verdict", "prepare_forms", "compare_in_fresh_process"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A measured speed-up judged against a request, in one plain line.
+
+    ``kind``: ``"met"`` (the interval's lower edge clears the request), ``"missed"`` (its upper edge is
+    below the request), ``"unconfirmed"`` (the interval straddles the request: a busy machine or a
+    close call), or ``"slower"`` (its upper edge is below 1: slower than the original, with confidence).
+    """
+
+    kind: str
+    line: str
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == "met"
 
 
 @dataclass
@@ -100,6 +117,20 @@ class SpeedComparison:
         d = asdict(self)
         d.update(macs_reduction=self.macs_reduction, efficiency=self.efficiency, noisy=self.noisy)
         return d
+
+    def verdict(self, request: float = 1.0) -> Verdict:
+        """This speed-up judged against ``request`` (x) by its 95% interval, never by the median alone."""
+        lo, hi = self.interval or (self.speedup, self.speedup)
+        figure = f"{self.speedup:.2f}x measured (95% interval {lo:.2f}-{hi:.2f}x, {self.rounds} rounds)"
+        why = f"; {'; '.join(self.noise)}" if self.noise else ""
+        if hi < 1.0:
+            return Verdict("slower", f"SLOWER THAN THE ORIGINAL: {figure}{why}")
+        if lo >= request:
+            return Verdict("met", f"target met: {figure} against a {request:g}x request")
+        if hi < request:
+            return Verdict("missed", f"TARGET MISSED: {figure} against a {request:g}x request{why}")
+        return Verdict("unconfirmed", f"NOT CONFIRMED: {figure} does not clear the {request:g}x request "
+                                      f"with confidence{why}")
 
     def summary(self) -> str:
         eff = f", efficiency {self.efficiency:.2f}" if self.efficiency is not None else ""

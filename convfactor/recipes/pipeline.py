@@ -20,7 +20,7 @@ from torch import nn
 from .. import models
 from ..compression.api import CompressionReport, compress
 from ..data.images import builtin_images
-from ..measure.compare import SpeedComparison, compare_speed
+from ..measure.compare import SpeedComparison, Verdict, compare_speed
 from ..measure.count import count
 from ..measure.quality import evaluate
 from ..rank import LatencyConfig, Target, plan
@@ -57,6 +57,8 @@ class PipelineConfig:
     plan_max_iter: int = 4
     plan_margin: float = 0.12             # aim at speedup * (1 + m); accept speedup * [1 + m/2, 1 + 3m/2] (SpeedupBand.at_least)
     speed_repeats: int = 9
+    speed_max_rounds: int = 12            # the final timing adds rounds (up to this) until its interval is +-5%
+    timer: Callable | None = None         # ``(module, inputs) -> seconds`` replaces every clock (tests only)
     seed: int = 0
     progress: bool = True
     pretrained: bool = True
@@ -82,10 +84,12 @@ def plan_for_speedup(model: nn.Module, example: torch.Tensor, cfg: PipelineConfi
     if exclude:
         log(f"  keeping the image-facing layers dense: {', '.join(exclude)}")
     if cfg.planner == "latency":
-        timing = LatencyConfig(threads=cfg.threads, repeats=cfg.plan_repeats, e2e_rounds=cfg.plan_e2e_rounds,
+        timing = LatencyConfig(threads=cfg.threads, timer=cfg.timer, repeats=cfg.plan_repeats, e2e_rounds=cfg.plan_e2e_rounds,
                                e2e_repeats=cfg.plan_e2e_repeats, max_iter=cfg.plan_max_iter, margin=cfg.plan_margin)
         p = plan(model, example, target=Target("speedup", cfg.speedup), criterion="latency", exclude=exclude or None,
                  latency=timing, model_name=cfg.model, progress=cfg.progress)
+        if p.summary.message:
+            log(f"  PLANNER: {p.summary.message}")
         return p, (f"latency planner (measured speed-up of at least {cfg.speedup:g}x, "
                    f"aimed at {p.summary.aimed_speedup:.3g}x)")
     if cfg.planner == "budget":
@@ -143,6 +147,21 @@ class PipelineResult:
     params: Counts
     macs: Counts                          # at ``example``
     timings_s: StageTimes = field(default_factory=StageTimes)
+    plan_message: str | None = None       # the planner's own warning (e.g. the target is unreachable here)
+
+    @property
+    def verdict(self) -> Verdict:
+        """The final measured speed-up judged against the request by its interval."""
+        return self.speed.verdict(self.config.speedup)
+
+    @property
+    def shipped(self) -> str:
+        """``"compressed"``, or ``"original"`` when the compressed model is slower with confidence."""
+        return "original" if self.verdict.kind == "slower" else "compressed"
+
+    @property
+    def shipped_model(self) -> nn.Module:
+        return self.original if self.shipped == "original" else self.compressed
 
     @property
     def baseline(self) -> str:
@@ -151,11 +170,14 @@ class PipelineResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able figures (no models, no tensors)."""
-        return {"config": dataclasses.asdict(self.config), "task": self.task, "scale": self.scale,
+        config = dict(dataclasses.asdict(self.config), timer="injected" if self.config.timer else None)
+        return {"config": config, "task": self.task, "scale": self.scale,
                 "input_shape": list(self.example.shape), "plan_kind": self.plan_kind, "plan": self.plan,
                 "compression_report": self.compression_report.to_dict(), "finetune_history": self.finetune_history,
                 "quality": self.quality, "speed": self.speed.to_dict(), "params": dataclasses.asdict(self.params),
-                "macs": dataclasses.asdict(self.macs), "timings_s": dataclasses.asdict(self.timings_s)}
+                "macs": dataclasses.asdict(self.macs), "timings_s": dataclasses.asdict(self.timings_s),
+                "plan_message": self.plan_message, "verdict": dataclasses.asdict(self.verdict),
+                "shipped": self.shipped}
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -226,7 +248,8 @@ def _speed(original: nn.Module, compressed: nn.Module, example: torch.Tensor,
            cfg: PipelineConfig) -> tuple[SpeedComparison, Counts, Counts]:
     """End-to-end speed-up (both memory formats, same process), and params / MACs at ``example``."""
     with torch.no_grad():
-        speed = compare_speed(original, compressed, example, threads=cfg.threads, repeats=cfg.speed_repeats, rounds=3)
+        speed = compare_speed(original, compressed, example, threads=cfg.threads, repeats=cfg.speed_repeats, rounds=3,
+                              max_rounds=max(3, cfg.speed_max_rounds), timer=cfg.timer)
     c0, c1 = count(original, example), count(compressed, example)
     return speed, Counts(c0["params"], c1["params"]), Counts(c0["macs"], c1["macs"])
 
@@ -254,10 +277,15 @@ def compress_finetune_measure(cfg: PipelineConfig, log: Callable = print) -> Pip
         quality, times.quality = _timed(_quality, stages, info, cfg)
         log(f"[5/5] timing original vs compressed end to end ({cfg.threads} threads, both memory formats)")
         (speed, params, macs), times.speed = _timed(_speed, original, compressed, example, cfg)
-    return PipelineResult(config=cfg, task=info["task"], scale=info.get("scale"), example=example, original=original,
-                          before_finetune=before_ft, compressed=compressed, plan_kind=how, plan=plan_dict,
-                          compression_report=report, finetune_history=history, quality=quality, speed=speed,
-                          params=params, macs=macs, timings_s=times)
+    result = PipelineResult(config=cfg, task=info["task"], scale=info.get("scale"), example=example, original=original,
+                            before_finetune=before_ft, compressed=compressed, plan_kind=how, plan=plan_dict,
+                            compression_report=report, finetune_history=history, quality=quality, speed=speed,
+                            params=params, macs=macs, timings_s=times,
+                            plan_message=plan_dict.get("summary", {}).get("message"))
+    log(f"  {result.verdict.line}")
+    if result.shipped == "original":
+        log("  falling back to the original model: the compressed one is slower with confidence")
+    return result
 
 
 def summary_rows(result: PipelineResult) -> list[dict]:

@@ -5,6 +5,7 @@
 rendered only when its data is present::
 
     title, model, input_shape, env            what was measured, on what
+    warnings                                  lines shown first, loudly (a missed target, a slower model)
     totals      {params_before, params_after, macs_before, macs_after}
     layers      [LayerReport dicts]           (CompressionReport.to_dict()["layers"])
     spectra     {layer: {singular_values, kappa, rank}} and kappa_threshold
@@ -158,6 +159,7 @@ def render_markdown(data: dict, figure_files: dict[str, str] | None = None) -> s
         lines += [f"Model: `{data['model']}`", ""]
     if data.get("env"):
         lines += [f"Measured on: {_env_line(data)}", ""]
+    lines += [f"> **Warning:** {w}" for w in data.get("warnings") or []] + ([""] if data.get("warnings") else [])
     lines += ["MACs are multiply-accumulates (FLOPs / 2) counted at the stated input size; they are not time.", ""]
     for sid, title, heads, fields, rows in _tables(data):
         lines += [f"## {title}", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
@@ -171,7 +173,8 @@ def render_markdown(data: dict, figure_files: dict[str, str] | None = None) -> s
 _STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
           "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}"
           "td.num{text-align:right;font-variant-numeric:tabular-nums}figure{margin:1.5em 0}img{max-width:100%}"
-          "figcaption{color:#555;font-size:13px}.env{color:#555;font-size:12px}")
+          "figcaption{color:#555;font-size:13px}.env{color:#555;font-size:12px}"
+          ".warning{background:#fde8e8;border-left:4px solid #c00;padding:6px 10px}")
 
 
 def render_html(data: dict, figures_png: dict[str, bytes]) -> str:
@@ -184,6 +187,8 @@ def render_html(data: dict, figures_png: dict[str, bytes]) -> str:
         out.append(f"<p>Model: <code>{e(str(data['model']))}</code></p>")
     if data.get("env"):
         out.append(f"<p class='env'>Measured on: {e(_env_line(data))}</p>")
+    out += [f"<p class='warning' data-warning='{i}'><strong>Warning:</strong> {e(w)}</p>"
+            for i, w in enumerate(data.get("warnings") or [])]
     out.append("<p>MACs are multiply-accumulates (FLOPs / 2) counted at the stated input size; they are not time.</p>")
     for sid, title, heads, fields, rows in _tables(data):
         out.append(f"<section id='{sid}'><h2>{e(title)}</h2><table data-table='{sid}'><thead><tr>"
