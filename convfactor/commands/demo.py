@@ -13,7 +13,7 @@ from ..data.sr import bicubic_upscale, sr_eval_pairs
 from ..io import check_writable, save
 from ..measure import quality
 from ..recipes.pipeline import PipelineConfig, PipelineResult, compress_finetune_measure, summary_rows
-from ..report import collect, image_panel, latency_rows, write_report
+from ..report import backend_rows, collect, image_panel, latency_rows, write_report
 from ..utils import eval_mode
 from .common import add_malloc_argument, apply_malloc
 
@@ -40,6 +40,11 @@ def add_arguments(p) -> None:
                    help="latency: the measured speed-up planner (default); budget: a MACs budget of 1/speedup; "
                         "fixed: channel SVD at per-layer MACs 1/speedup (the last two are MACs targets, not speed); "
                         "--quick defaults to budget")
+    p.add_argument("--backend", choices=["torch", "compile", "onnxruntime"], default="torch",
+                   help="timing back-end the plan is made and judged on (default: torch, eager)")
+    p.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"],
+                   help="back-ends the final models are also timed on, side by side in the report "
+                        "(default: torch onnxruntime; add compile for torch.compile)")
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long smoke run (tiny input, 3 steps, small crops); its numbers mean nothing")
 
@@ -55,7 +60,8 @@ def pipeline_config(args) -> PipelineConfig:
     """The :class:`PipelineConfig` of the command line (after ``--quick``'s overrides)."""
     cfg = PipelineConfig(model=args.model, speedup=args.speedup, input_size=args.input_size, threads=args.threads,
                          steps=args.steps, batch_size=args.batch_size, patch_size=args.patch_size, lr=args.lr,
-                         eval_side=args.eval_side or None, eval_limit=args.eval_images or None, planner=args.planner)
+                         eval_side=args.eval_side or None, eval_limit=args.eval_images or None, planner=args.planner,
+                         backend=args.backend, report_backends=tuple(args.backends))
     if args.quick:
         cfg.plan_repeats, cfg.plan_e2e_repeats, cfg.plan_max_iter, cfg.speed_repeats = 2, 2, 1, 3
         cfg.train_side = 64
@@ -152,6 +158,7 @@ def build_report_data(result: PipelineResult, rows: list[dict], quick: bool = Fa
     data = collect(result.original, result.compressed, result.example, compression_report=result.compression_report,
                    threads=cfg.threads, title=title, model_name=cfg.model)
     data["speed"] = s.to_dict()
+    data["backends"] = backend_rows(result.speeds)
     data["latency"] = latency_rows(s)
     q = "PSNR-Y (dB)" if result.task == "sr" else "PSNR (dB)"
     data["quality_name"] = q + " on held-out built-in photos"

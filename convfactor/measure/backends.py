@@ -31,7 +31,8 @@ from torch import nn
 from ..utils import torch_threads
 
 __all__ = ["Runnable", "TimingBackend", "EagerBackend", "CompileBackend", "OnnxRuntimeBackend", "TimerBackend",
-           "BACKENDS", "get_backend", "to_memory_format", "sample_ms", "no_grad_call", "FORMS"]
+           "BACKENDS", "get_backend", "to_memory_format", "sample_ms", "no_grad_call", "FORMS", "prepare_one",
+           "form_name"]
 
 #: the memory formats tried when looking for a model's fastest form
 FORMS = ("contiguous", "channels_last")
@@ -227,6 +228,31 @@ class TimerBackend(TimingBackend):
 
     def time(self, runnable, *, repeats, warmup, threads=None, min_run_time=0.0):
         return [float(self.timer(runnable.module, runnable.inputs)) * 1e3 for _ in range(repeats)]
+
+
+def form_name(backend: TimingBackend, memory_format: str) -> str:
+    """The form key ``backend.prepare`` gives a model in ``memory_format``."""
+    kind = backend.inner if isinstance(backend, TimerBackend) else backend
+    if isinstance(kind, OnnxRuntimeBackend):
+        return "onnxruntime"
+    return f"compiled/{memory_format}" if isinstance(kind, CompileBackend) else memory_format
+
+
+def prepare_one(backend: TimingBackend, module: nn.Module, inputs: tuple, memory_format: str = "contiguous"
+                ) -> Runnable:
+    """``module`` prepared by ``backend`` in one memory format (onnxruntime has only its own form);
+    raises ValueError with the reason when that form cannot run.  A channels-last request on inputs that
+    have no channels-last layout (not 4-D) times the contiguous form, as converting them would."""
+    if memory_format == "channels_last" and not all(t.dim() == 4 for t in inputs if isinstance(t, torch.Tensor)):
+        memory_format = "contiguous"
+    kind = backend.inner if isinstance(backend, TimerBackend) else backend
+    if isinstance(kind, (EagerBackend, CompileBackend)):
+        kind = replace(kind, memory_formats=(memory_format,))
+    target = TimerBackend(backend.timer, kind) if isinstance(backend, TimerBackend) else kind
+    form = target.prepare(module, inputs)[form_name(backend, memory_format)]
+    if isinstance(form, str):
+        raise ValueError(f"cannot time {type(module).__name__} with the {backend.name} back-end: {form}")
+    return form
 
 
 BACKENDS: dict[str, type[TimingBackend]] = {"torch": EagerBackend, "compile": CompileBackend,

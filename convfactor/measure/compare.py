@@ -66,6 +66,7 @@ class TimingConfig:
     rel_halfwidth: float = 0.05
     max_seconds: float = 300.0
     drift_limit: float = 0.25               # the original's per-round medians may differ by this much
+    count_macs: bool = True                 # also count both models' MACs (a FlopCounterMode forward each)
 
     def __post_init__(self):
         if self.rounds < 1 or self.repeats < 1 or (self.max_rounds is not None and self.max_rounds < self.rounds):
@@ -223,7 +224,8 @@ def compare_speed(original: nn.Module, compressed: nn.Module, example_input, con
     result.env = environment(threads, batch=int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None,
                              input_shape=list(inputs[0].shape), dtype=str(inputs[0].dtype),
                              device=str(inputs[0].device), backend=backends[0].name, **env_extra)
-    result.macs_original, result.macs_compressed = _macs(original, inputs), _macs(compressed, inputs)
+    if cfg.count_macs:
+        result.macs_original, result.macs_compressed = _macs(original, inputs), _macs(compressed, inputs)
     result.setup_s = {f"{which}/{k}": v.setup_s for which in forms for k, v in forms[which].items()
                       if isinstance(v, Runnable) and v.setup_s}
     result.noise = _noise(result, rounds, cfg)

@@ -18,6 +18,7 @@ import copy
 import functools
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,15 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..measure.latency import environment, measure_latency
+from ..measure.allocator import malloc_setting
+from ..measure.backends import TimingBackend, get_backend, prepare_one
+from ..measure.compare import SpeedComparison, compare_speed
+from ..measure.latency import environment
+from ..utils import torch_threads
 from .target import SpeedupBand
 
 __all__ = ["LatencyCache", "LatencyConfig", "LayerTimer", "Option", "choose", "compare_models", "env_key",
-           "DEFAULT_RATIOS", "MEMORY_FORMATS"]
+           "DEFAULT_RATIOS", "MEMORY_FORMATS", "default_cache_path"]
 
 Timer = Callable[[nn.Module, tuple], float]
 #: per-layer MACs ratios tried as latency candidates
@@ -39,15 +44,20 @@ MEMORY_FORMATS = ("contiguous", "channels_last", "channels_last_3d")
 
 
 @functools.lru_cache(maxsize=None)
-def _machine(threads: int | None) -> tuple:
+def _machine(threads: int | None, malloc: str) -> tuple:
     env = environment(threads)
-    return tuple((k, env[k]) for k in ("device", "cpu", "threads", "torch", "cuda_device") if k in env)
+    keys = ("device", "cpu", "threads", "torch", "cuda_device")
+    return tuple((k, env[k]) for k in keys if k in env) + (("malloc", malloc),)
 
 
-def env_key(threads: int | None, dtype, input_shape: Sequence[int], memory_format: str, timer=None) -> dict:
-    """What a timing depends on besides the module: machine, threads, dtype, input shape, format."""
-    key = dict(_machine(threads or torch.get_num_threads()))
+def env_key(threads: int | None, dtype, input_shape: Sequence[int], memory_format: str, timer=None,
+            backend: str = "torch") -> dict:
+    """What a timing depends on besides the module: machine, threads, allocator, back-end, dtype, input
+    shape, memory format."""
+    key = dict(_machine(threads or torch.get_num_threads(), malloc_setting()))
     key.update(dtype=str(dtype), input_shape=list(input_shape), memory_format=memory_format)
+    if backend != "torch":
+        key["backend"] = backend
     if timer is not None:
         # an injected timer: its own ``cache_tag`` (or its repr) keeps differently set-up fakes apart
         key["timer"] = str(getattr(timer, "cache_tag", None) or repr(timer))
@@ -95,15 +105,22 @@ class LatencyConfig:
     ``(module, inputs) -> seconds`` (deterministic tests); ``cache``: a :class:`LatencyCache` or a
     JSON path reused across runs; ``formats``: memory formats tried; ``ratios``: per-layer MACs ratios
     tried as candidates; ``repeats``/``min_run_time``: per-layer timing; ``e2e_rounds``/``e2e_repeats``:
-    the interleaved end-to-end checks; ``max_iter``: tries; ``min_gain``: a candidate must beat the
-    dense layer by this fraction.  Accepted band: ``request * [1 - band, 1 + band]``, or with
+    the interleaved end-to-end checks, which add rounds up to ``e2e_max_rounds`` until the speed-up's
+    95% interval is within ``±rel_halfwidth``; ``max_iter``: tries; ``min_gain``: a candidate must beat
+    the dense layer by this fraction; ``max_aim_factor``: the aim never exceeds this multiple of the
+    first aim, so a noisy check cannot push the plan to far more MACs reduction than needed.
+    ``backend``: ``torch`` (eager), ``compile`` (layers timed eagerly, since compiling every
+    candidate costs seconds each; the end-to-end checks compiled) or ``onnxruntime`` (layers and
+    checks in ONNX Runtime).  ``cache``: ``"auto"`` keeps layer timings in
+    :func:`default_cache_path` across runs (not with an injected timer), None keeps them in memory.  Accepted band: ``request * [1 - band, 1 + band]``, or with
     ``margin`` the band of :meth:`SpeedupBand.at_least` (plans that must measure at least the request).
     """
 
     threads: int | None = None
     timer: Timer | None = None
-    cache: LatencyCache | str | Path | None = None
+    cache: LatencyCache | str | Path | None = "auto"
     formats: tuple[str, ...] = ("contiguous", "channels_last")
+    backend: str = "torch"
     ratios: tuple[float, ...] = DEFAULT_RATIOS
     repeats: int = 15
     min_run_time: float = 0.0
@@ -113,6 +130,9 @@ class LatencyConfig:
     band: float = 0.10
     margin: float | None = None
     min_gain: float = 0.02
+    e2e_max_rounds: int = 9
+    rel_halfwidth: float = 0.05
+    max_aim_factor: float = 2.0
 
     def __post_init__(self):
         object.__setattr__(self, "formats", tuple(self.formats))
@@ -124,6 +144,9 @@ class LatencyConfig:
             raise ValueError(f"band must be in [0, 1), got {self.band}")
         if self.margin is not None and not 0 <= self.margin < 1:
             raise ValueError(f"plan margin must be in [0, 1), got {self.margin}")
+        get_backend(self.backend) if self.backend != "onnxruntime" else None   # an unknown name fails here
+        if self.e2e_max_rounds < self.e2e_rounds or self.max_aim_factor < 1:
+            raise ValueError("need e2e_max_rounds >= e2e_rounds and max_aim_factor >= 1")
         for name in ("repeats", "e2e_rounds", "e2e_repeats", "max_iter"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -138,25 +161,45 @@ class LatencyConfig:
         """The timing cache: the given one, one read from the given path, or a fresh in-memory one."""
         if isinstance(self.cache, LatencyCache):
             return self.cache
+        if self.cache == "auto":
+            return LatencyCache(None if self.timer is not None else default_cache_path())
         return LatencyCache(self.cache)
 
     def formats_for(self, example: torch.Tensor) -> list[str]:
-        """The formats to try for an input like ``example`` (only 4-D/5-D inputs have channels-last forms)."""
+        """The formats to try for an input like ``example`` (only 4-D/5-D inputs have channels-last forms;
+        ONNX Runtime has its own layout)."""
+        if self.backend == "onnxruntime":
+            return ["contiguous"]
         return list(self.formats) if example.dim() in (4, 5) else ["contiguous"]
+
+    @property
+    def layer_backend(self) -> str:
+        """The back-end of the per-layer table (compile's per-layer compilations would cost seconds each)."""
+        return "torch" if self.backend == "compile" else self.backend
 
     def layer_timer(self, cache: "LatencyCache") -> "LayerTimer":
         return LayerTimer(threads=self.threads, timer=self.timer, repeats=self.repeats,
-                          min_run_time=self.min_run_time, cache=cache)
+                          min_run_time=self.min_run_time, cache=cache, backend=self.layer_backend)
 
     def compare(self, models: dict[str, tuple[nn.Module, str]], example_input) -> dict[str, float]:
-        """:func:`compare_models` with the end-to-end settings."""
+        """:func:`compare_models` with the end-to-end settings (the original in each form, step 1)."""
         return compare_models(models, example_input, threads=self.threads, timer=self.timer,
-                              rounds=self.e2e_rounds, repeats=self.e2e_repeats, min_run_time=self.min_run_time)
+                              rounds=self.e2e_rounds, repeats=self.e2e_repeats, min_run_time=self.min_run_time,
+                              backend=self.backend)
+
+    def verify(self, original: nn.Module, candidate: nn.Module, example_input, formats: Sequence[str]
+               ) -> SpeedComparison:
+        """The end-to-end check of a try: both models interleaved in ``formats`` on the chosen back-end,
+        adding rounds until the speed-up's 95% interval is tight (or ``e2e_max_rounds``)."""
+        return compare_speed(original, candidate, example_input, threads=self.threads, backend=self.backend,
+                             memory_formats=tuple(dict.fromkeys(formats)), repeats=self.e2e_rounds * self.e2e_repeats,
+                             rounds=self.e2e_rounds, max_rounds=self.e2e_max_rounds, warmup=2,
+                             rel_halfwidth=self.rel_halfwidth, timer=self.timer, count_macs=False)
 
 
 @dataclass
 class LayerTimer:
-    """Times single layers on their real input shape, through a :class:`LatencyCache`."""
+    """Times single layers on their real input shape through a timing back-end and a :class:`LatencyCache`."""
 
     threads: int | None = None
     timer: Timer | None = None
@@ -164,22 +207,13 @@ class LayerTimer:
     warmup: int = 3
     min_run_time: float = 0.0
     cache: LatencyCache = field(default_factory=LatencyCache)
+    backend: str = "torch"
 
     def time(self, module: nn.Module, input_shape: Sequence[int], signature: str, *, dtype=torch.float32,
              memory_format: str = "contiguous") -> float:
         """Median milliseconds of ``module`` on a random input of ``input_shape``."""
-        env = env_key(self.threads, dtype, input_shape, memory_format, self.timer)
-        key = self.cache.key(env, signature)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
-        x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-        module = copy.deepcopy(module)          # measure_latency converts the memory format in place
-        lat = measure_latency(module, x, threads=self.threads, repeats=self.repeats, warmup=self.warmup,
-                              min_run_time=self.min_run_time, memory_format=memory_format, timer=self.timer)
-        self.cache.put(key, lat.median_ms)
-        return lat.median_ms
-
+        return self.time_group([(module, signature)], input_shape, dtype=dtype, memory_format=memory_format,
+                               rounds=1)[0]
 
     def time_group(self, items: list[tuple[nn.Module, str]], input_shape: Sequence[int], *, dtype=torch.float32,
                    memory_format: str = "contiguous", rounds: int = 3) -> list[float]:
@@ -189,44 +223,69 @@ class LayerTimer:
         ``repeats / rounds`` each, median of all), so a load spike on a shared machine hits them
         alike and their ratios hold.  Cached entries are not re-timed.
         """
-        env = env_key(self.threads, dtype, input_shape, memory_format, self.timer)
+        env = env_key(self.threads, dtype, input_shape, memory_format, self.timer, self.backend)
         keys = [self.cache.key(env, sig) for _, sig in items]
         out: list[float | None] = [self.cache.get(k) for k in keys]
         todo = [i for i, v in enumerate(out) if v is None]
         if todo:
             x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-            modules = {i: copy.deepcopy(items[i][0]) for i in todo}
-            samples: dict[int, list[float]] = {i: [] for i in todo}
-            rounds = max(1, min(rounds, self.repeats))
-            for r in range(rounds):
-                for i in todo:
-                    lat = measure_latency(modules[i], x, threads=self.threads, repeats=max(1, self.repeats // rounds),
-                                          warmup=self.warmup if r == 0 else 1, min_run_time=self.min_run_time,
-                                          memory_format=memory_format, timer=self.timer)
-                    samples[i].extend(lat.times_ms)
+            samples = _round_robin({i: items[i][0] for i in todo}, (x,), memory_format, self._settings(rounds))
             for i in todo:
                 out[i] = statistics.median(samples[i])
                 self.cache.put(keys[i], out[i])
         return [float(v) for v in out]
 
+    def _settings(self, rounds: int) -> "_RoundRobin":
+        rounds = max(1, min(rounds, self.repeats))
+        return _RoundRobin(get_backend(self.backend, timer=self.timer), rounds, max(1, self.repeats // rounds),
+                           self.warmup, self.threads, self.min_run_time)
+
+
+@dataclass(frozen=True)
+class _RoundRobin:
+    backend: TimingBackend
+    rounds: int
+    per_round: int
+    warmup: int
+    threads: int | None
+    min_run_time: float
+
+
+def _round_robin(modules: dict, inputs: tuple, memory_format: str, how: _RoundRobin) -> dict[object, list[float]]:
+    """Samples (ms) of each module, prepared once by the back-end, timed interleaved over the rounds."""
+    with torch_threads(how.threads):
+        runnables = {k: prepare_one(how.backend, copy.deepcopy(m).eval(), inputs, memory_format)
+                     for k, m in modules.items()}
+    samples: dict[object, list[float]] = {k: [] for k in modules}
+    for r in range(how.rounds):
+        for k, runnable in runnables.items():
+            samples[k] += how.backend.time(runnable, repeats=how.per_round, warmup=how.warmup if r == 0 else 1,
+                                           threads=how.threads, min_run_time=how.min_run_time)
+    return samples
+
 
 def compare_models(models: dict[str, tuple[nn.Module, str]], example_input, *, threads: int | None = None,
                    timer: Timer | None = None, rounds: int = 5, repeats: int = 5, warmup: int = 2,
-                   min_run_time: float = 0.0) -> dict[str, float]:
+                   min_run_time: float = 0.0, backend: str = "torch") -> dict[str, float]:
     """Median ms of each ``name -> (model, memory_format)``, measured interleaved (round-robin).
 
     Interleaving puts slow drifts of a shared machine on every model alike, so the ratios hold
     even when absolute times wander.  The models are deep-copied (formats are set on the copies).
     """
-    copies = {name: (copy.deepcopy(m).eval(), fmt) for name, (m, fmt) in models.items()}
-    results: dict[str, list[float]] = {name: [] for name in copies}
-    for r in range(max(1, rounds)):
-        for name, (m, fmt) in copies.items():
-            lat = measure_latency(m, example_input, threads=threads, repeats=repeats,
-                                  warmup=warmup if r == 0 else 1, min_run_time=min_run_time,
-                                  memory_format=fmt, timer=timer)
-            results[name].append(lat.median_ms)
-    return {name: statistics.median(v) for name, v in results.items()}
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    how = _RoundRobin(get_backend(backend, timer=timer), max(1, rounds), repeats, warmup, threads, min_run_time)
+    out = {}
+    for fmt in dict.fromkeys(f for _, f in models.values()):
+        group = {name: m for name, (m, f) in models.items() if f == fmt}
+        out.update({name: statistics.median(t) for name, t in _round_robin(group, inputs, fmt, how).items()})
+    return out
+
+
+def default_cache_path() -> Path:
+    """Where layer timings persist across runs: ``$CONVFACTOR_CACHE_DIR`` or ``~/.cache/convfactor``,
+    file ``latency.json`` (entries are keyed by machine, threads, allocator and back-end)."""
+    root = os.environ.get("CONVFACTOR_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "convfactor")
+    return Path(root) / "latency.json"
 
 
 @dataclass

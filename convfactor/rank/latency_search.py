@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
@@ -56,12 +57,26 @@ class Trial:
     plan_ms: float
     predicted_ms: float = field(repr=False)
     layers: dict[str, LayerPlan] = field(repr=False, default_factory=dict)
+    interval: tuple[float, float] | None = None     # 95% interval of ``measured_speedup``
+    noise: list[str] = field(default_factory=list)  # why the check is not trustworthy, if it is not
 
     def record(self) -> dict:
         """The plan file's history entry."""
         out = asdict(self)
         del out["layers"], out["predicted_ms"]
         return out
+
+    def lands_in(self, band: SpeedupBand) -> bool:
+        """The median is inside ``band`` and the interval's lower edge clears the band's floor (the request
+        for an at-least band): accepted on the confident figure, not on one noisy median."""
+        low = self.interval[0] if self.interval else self.measured_speedup
+        return self.measured_speedup in band and low >= min(band.low, band.request)
+
+    def line(self) -> str:
+        ci = f" (95% {self.interval[0]:.2f}-{self.interval[1]:.2f}x)" if self.interval else ""
+        aim = f"aimed {self.aimed_speedup:.2f}x, " if self.aimed_speedup else ""
+        return (f"check {self.iteration + 1}: {aim}predicted {self.predicted_speedup:.2f}x, measured "
+                f"{self.measured_speedup:.2f}x{ci} in {self.memory_format}" + (" [noisy]" if self.noise else ""))
 
 
 @dataclass
@@ -206,21 +221,24 @@ def _measure(table: TimingTable, model: nn.Module, example_input, choice: Choice
     layers = table.layer_plans(choice)
     trial = Plan(layers=list(layers.values()))
     t_ref = t_plan = table.reference_ms
+    interval, noise = (1.0, 1.0), []
     if trial.compressed:
         compressed, _ = trial.apply(model)
-        t = cfg.compare({"ref": (model, table.reference_format), "plan": (compressed, choice.memory_format)},
-                        example_input)
-        t_ref, t_plan = t["ref"], t["plan"]
+        check = cfg.verify(model, compressed, example_input, (table.reference_format, choice.memory_format))
+        t_ref = check.original[check.original_best]["median_ms"]
+        t_plan = check.compressed[check.compressed_best]["median_ms"]
+        interval, noise = check.interval, check.noise
     return Trial(iteration=iteration, memory_format=choice.memory_format, aimed_speedup=aim,
                  predicted_speedup=table.reference_ms / choice.predicted_ms, measured_speedup=t_ref / t_plan,
                  rms_kernel_error=math.sqrt(choice.squared_error / max(1, len(table.layers))),
                  feasible=choice.feasible, reference_ms=t_ref, plan_ms=t_plan, predicted_ms=choice.predicted_ms,
-                 layers=layers)
+                 layers=layers, interval=interval, noise=noise)
 
 
 def search(table: TimingTable, model: nn.Module, example_input, target: Target, band: SpeedupBand | None,
-           cfg: LatencyConfig) -> list[Trial]:
-    """Step 3: measured tries, each aimed from the ones before, until one lands in ``band``."""
+           cfg: LatencyConfig, log=None) -> list[Trial]:
+    """Step 3: measured tries, each aimed from the ones before, until one lands in ``band`` (judged by
+    :meth:`Trial.lands_in`).  The aim never exceeds ``cfg.max_aim_factor`` x the first aim."""
     trials: list[Trial] = []
     seen = set()
     aim = band.aim if band else None
@@ -231,11 +249,14 @@ def search(table: TimingTable, model: nn.Module, example_input, target: Target, 
         seen.add((choice.memory_format, choice.indices))
         trial = _measure(table, model, example_input, choice, cfg, iteration, aim)
         trials.append(trial)
-        if band is None or trial.measured_speedup in band:
+        if log:
+            log(trial.line())
+        if band is None or trial.lands_in(band):
             break
         if not choice.feasible and trial.measured_speedup < band.low:
             break               # even the fastest candidates everywhere miss: nothing tighter to try
-        aim = _next_aim([t.record() for t in trials], band.aim, aim, trial.measured_speedup)
+        aim = min(_next_aim([t.record() for t in trials], band.aim, aim, trial.measured_speedup),
+                  cfg.max_aim_factor * band.aim)
     return trials
 
 
@@ -244,13 +265,20 @@ def pick(trials: list[Trial], band: SpeedupBand | None) -> tuple[Trial, bool]:
     above it; else the fastest.  Without a band (an error budget) the last try."""
     if band is None:
         return trials[-1], True
-    inside = [t for t in trials if t.measured_speedup in band]
+    inside = [t for t in trials if t.lands_in(band)]
     above = [t for t in trials if t.measured_speedup > band.high]
     if inside:
         return min(inside, key=lambda t: t.rms_kernel_error), True
     if above:      # faster than asked: the least lossy of those
         return min(above, key=lambda t: t.rms_kernel_error), False
     return max(trials, key=lambda t: t.measured_speedup), False
+
+
+def _logger(progress: bool):
+    """Where the end-to-end checks report as they go: stderr when ``progress``, else nowhere."""
+    if not progress:
+        return None
+    return lambda line: print(f"  {line}", file=sys.stderr, flush=True)
 
 
 def _dense_fallback(layers: list[LayerFacts]) -> dict[str, LayerPlan]:
@@ -293,13 +321,14 @@ class LatencyCriterion(Criterion):
                            context.config.round_to, context.progress)
         cache.save()
         band = cfg.speedup_band(target.value) if target.kind == "speedup" else None
-        trials = search(table, context.model, example, target, band, cfg)
+        trials = search(table, context.model, example, target, band, cfg, log=_logger(context.progress))
         trial, reachable = pick(trials, band)
         outcome = _outcome(trial, reachable, band, table)
         result = context.plan
         result.memory_format = outcome.pop("memory_format")
         result.environment = {**environment(cfg.threads), "dtype": str(x0.dtype), "input_shape": list(x0.shape),
-                              "timer": "injected" if cfg.timer is not None else "torch.utils.benchmark"}
+                              "timer": "injected" if cfg.timer is not None else "torch.utils.benchmark",
+                              "backend": cfg.backend, "layer_backend": cfg.layer_backend}
         result.summary.update(
             **outcome, requested_speedup=band.request if band else None, aimed_speedup=band.aim if band else None,
             speedup_band=(band.low, band.high) if band else None,

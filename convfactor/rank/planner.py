@@ -48,7 +48,7 @@ DEFAULT_CRITERION = {None: "vbmf", "speedup": "latency", "error": "latency", "ma
 def plan(model: nn.Module, example_input, target=None, criterion: str | Criterion | None = None, *,
          method: str | None = None, methods: Sequence[str] | None = None, op_names: Sequence[str] | None = None,
          exclude: Sequence[str] | None = None, config: RankConfig | None = None,
-         latency: LatencyConfig | None = None, model_name: str | None = None, progress: bool = False) -> Plan:
+         latency: LatencyConfig | None = None, model_name: str | None = None, progress: bool | None = None) -> Plan:
     """Plan the compression of ``model`` for ``example_input`` (see the module docstring).
 
     ``target``: a :class:`Target`, ``'macs=40%'``, ``'params=3x'``, ``'speedup=3x'``, ``'error=0.2'``,
@@ -56,7 +56,9 @@ def plan(model: nn.Module, example_input, target=None, criterion: str | Criterio
     :class:`Criterion`; by default from the target (speedup/error -> latency, macs/params -> budget,
     energy -> energy, rank -> rank; none -> vbmf).  ``method``/``methods``: the factorizations to use
     (the latency criterion tries several).  ``config``: rounding, kappa marking, energy, weakening,
-    budget tolerance; ``latency``: how the latency criterion measures.  ``model`` is not modified.
+    budget tolerance; ``latency``: how the latency criterion measures.  ``progress``: progress bars and
+    one line per end-to-end check on stderr (default: on for the latency criterion, which takes
+    minutes).  ``model`` is not modified.
     """
     goal = Target.parse(target)
     chooser = _criterion(criterion, goal)
@@ -71,6 +73,7 @@ def plan(model: nn.Module, example_input, target=None, criterion: str | Criterio
         result.summary.update(kappa_threshold=config.kappa_threshold,
                               round_to=int(config.round_to) if config.round_to else None)
         active, dense_notes = _mark(layers, config.kappa_threshold)
+        progress = chooser.name == "latency" if progress is None else progress
         context = PlanContext(model, example_input, goal, config, latency, totals, result, progress)
         chosen = chooser(active, context)
         result.layers = [chosen.get(f.name) or f.layer_plan(None, None, chooser.name, note=dense_notes.get(f.name))

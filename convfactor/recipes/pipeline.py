@@ -59,6 +59,8 @@ class PipelineConfig:
     speed_repeats: int = 9
     speed_max_rounds: int = 12            # the final timing adds rounds (up to this) until its interval is +-5%
     timer: Callable | None = None         # ``(module, inputs) -> seconds`` replaces every clock (tests only)
+    backend: str = "torch"                # the back-end the plan and the verdict are measured on
+    report_backends: tuple[str, ...] = ("torch", "onnxruntime")   # final models also timed on these, side by side
     seed: int = 0
     progress: bool = True
     pretrained: bool = True
@@ -84,7 +86,8 @@ def plan_for_speedup(model: nn.Module, example: torch.Tensor, cfg: PipelineConfi
     if exclude:
         log(f"  keeping the image-facing layers dense: {', '.join(exclude)}")
     if cfg.planner == "latency":
-        timing = LatencyConfig(threads=cfg.threads, timer=cfg.timer, repeats=cfg.plan_repeats, e2e_rounds=cfg.plan_e2e_rounds,
+        timing = LatencyConfig(threads=cfg.threads, timer=cfg.timer, backend=cfg.backend, repeats=cfg.plan_repeats,
+                               e2e_rounds=cfg.plan_e2e_rounds,
                                e2e_repeats=cfg.plan_e2e_repeats, max_iter=cfg.plan_max_iter, margin=cfg.plan_margin)
         p = plan(model, example, target=Target("speedup", cfg.speedup), criterion="latency", exclude=exclude or None,
                  latency=timing, model_name=cfg.model, progress=cfg.progress)
@@ -143,11 +146,12 @@ class PipelineResult:
     compression_report: CompressionReport
     finetune_history: list[dict]          # {"step", "loss", "lr", "time_s"} per fine-tuning step
     quality: dict[str, dict]              # QUALITY_STAGES -> measure.quality.evaluate_sr/evaluate_denoise result
-    speed: SpeedComparison                # original vs fine-tuned compressed, end to end
+    speed: SpeedComparison                # original vs fine-tuned compressed, end to end, on ``config.backend``
     params: Counts
     macs: Counts                          # at ``example``
     timings_s: StageTimes = field(default_factory=StageTimes)
     plan_message: str | None = None       # the planner's own warning (e.g. the target is unreachable here)
+    speeds: dict[str, SpeedComparison] = field(default_factory=dict)   # every back-end timed, side by side
 
     @property
     def verdict(self) -> Verdict:
@@ -177,6 +181,7 @@ class PipelineResult:
                 "quality": self.quality, "speed": self.speed.to_dict(), "params": dataclasses.asdict(self.params),
                 "macs": dataclasses.asdict(self.macs), "timings_s": dataclasses.asdict(self.timings_s),
                 "plan_message": self.plan_message, "verdict": dataclasses.asdict(self.verdict),
+                "speeds": {k: v.to_dict() for k, v in self.speeds.items()},
                 "shipped": self.shipped}
 
 
@@ -244,14 +249,26 @@ def _quality(stages: dict[str, nn.Module], info: dict, cfg: PipelineConfig) -> d
             for stage, model in stages.items()}
 
 
-def _speed(original: nn.Module, compressed: nn.Module, example: torch.Tensor,
-           cfg: PipelineConfig) -> tuple[SpeedComparison, Counts, Counts]:
-    """End-to-end speed-up (both memory formats, same process), and params / MACs at ``example``."""
-    with torch.no_grad():
-        speed = compare_speed(original, compressed, example, threads=cfg.threads, repeats=cfg.speed_repeats, rounds=3,
-                              max_rounds=max(3, cfg.speed_max_rounds), timer=cfg.timer)
+def _speed(original: nn.Module, compressed: nn.Module, example: torch.Tensor, cfg: PipelineConfig,
+           log: Callable) -> tuple[dict[str, SpeedComparison], Counts, Counts]:
+    """End-to-end speed-ups on ``cfg.backend`` and every report back-end (each against its own fastest
+    dense form, same process), and params / MACs at ``example``.  A back-end that cannot run here (its
+    package is missing, export fails) is left out with a line saying why."""
+    speeds = {}
+    for backend in dict.fromkeys((cfg.backend, *cfg.report_backends)):
+        try:
+            with torch.no_grad():
+                speeds[backend] = compare_speed(original, compressed, example, threads=cfg.threads, backend=backend,
+                                                repeats=cfg.speed_repeats, rounds=3, timer=cfg.timer,
+                                                max_rounds=max(3, cfg.speed_max_rounds))
+        except (ValueError, RuntimeError) as exc:
+            if backend == cfg.backend:
+                raise
+            log(f"  {backend}: not timed ({str(exc).splitlines()[0][:160]})")
+            continue
+        log(f"  {backend}: {speeds[backend].speedup:.2f}x")
     c0, c1 = count(original, example), count(compressed, example)
-    return speed, Counts(c0["params"], c1["params"]), Counts(c0["macs"], c1["macs"])
+    return speeds, Counts(c0["params"], c1["params"]), Counts(c0["macs"], c1["macs"])
 
 
 # ---------------------------------------------------------------------------------------------- the workflow
@@ -275,12 +292,13 @@ def compress_finetune_measure(cfg: PipelineConfig, log: Callable = print) -> Pip
             + (f" (centre crops of {cfg.eval_side} px)" if cfg.eval_side else " (full images)"))
         stages = dict(zip(QUALITY_STAGES, (original, before_ft, compressed)))
         quality, times.quality = _timed(_quality, stages, info, cfg)
-        log(f"[5/5] timing original vs compressed end to end ({cfg.threads} threads, both memory formats)")
-        (speed, params, macs), times.speed = _timed(_speed, original, compressed, example, cfg)
+        log(f"[5/5] timing original vs compressed end to end ({cfg.threads} threads, both memory formats; "
+            f"back-ends: {', '.join(dict.fromkeys((cfg.backend, *cfg.report_backends)))})")
+        (speeds, params, macs), times.speed = _timed(_speed, original, compressed, example, cfg, log)
     result = PipelineResult(config=cfg, task=info["task"], scale=info.get("scale"), example=example, original=original,
                             before_finetune=before_ft, compressed=compressed, plan_kind=how, plan=plan_dict,
-                            compression_report=report, finetune_history=history, quality=quality, speed=speed,
-                            params=params, macs=macs, timings_s=times,
+                            compression_report=report, finetune_history=history, quality=quality,
+                            speed=speeds[cfg.backend], speeds=speeds, params=params, macs=macs, timings_s=times,
                             plan_message=plan_dict.get("summary", {}).get("message"))
     log(f"  {result.verdict.line}")
     if result.shipped == "original":

@@ -110,6 +110,12 @@ def _tables(data: dict) -> list[tuple[str, str, list[str], list[str], list[dict]
         tables.append(("speed", "Speed-up against the original's fastest form (same process)",
                        ["speed-up", "original fastest as", "compressed fastest as", "MAC reduction", "efficiency"],
                        list(row), [row]))
+    if data.get("backends"):
+        tables.append(("backends", "Speed-up per back-end, each against its own fastest dense form",
+                       ["back-end", "original ms", "compressed ms", "speed-up", "95% interval", "efficiency",
+                        "setup s", "noisy"],
+                       ["backend", "original_ms", "compressed_ms", "speedup", "interval", "efficiency", "setup_s",
+                        "noise"], data["backends"]))
     if data.get("images"):
         rows = [{k: im.get(k) for k in ("label", "psnr", "ssim")} for im in data["images"]]
         tables.append(("quality", "Image quality", ["image", "PSNR (dB)", "SSIM"], ["label", "psnr", "ssim"], rows))
@@ -319,6 +325,19 @@ def _spectra(original: nn.Module, layers: list[dict]) -> dict[str, dict]:
         out[L["name"]] = {"singular_values": facts["singular_values"], "kappa": facts["kappa"],
                           "rank": (L.get("ranks") or [None])[0]}
     return out
+
+
+def backend_rows(speeds: dict[str, SpeedComparison]) -> list[dict]:
+    """One row per timing back-end: fastest forms' medians, the speed-up with its interval, efficiency,
+    the compile/export seconds (not in the timings) and the noise reasons."""
+    rows = []
+    for name, s in speeds.items():
+        rows.append({"backend": name, "original_ms": s.original[s.original_best]["median_ms"],
+                     "compressed_ms": s.compressed[s.compressed_best]["median_ms"], "speedup": s.speedup,
+                     "interval": f"{s.interval[0]:.2f}-{s.interval[1]:.2f}x" if s.interval else None,
+                     "efficiency": s.efficiency, "setup_s": sum(s.setup_s.values()) or None,
+                     "noise": "; ".join(s.noise) or "no"})
+    return rows
 
 
 def latency_rows(result: SpeedComparison) -> list[dict]:
