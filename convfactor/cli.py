@@ -11,7 +11,7 @@ import sys
 
 from .utils import UnknownName
 
-COMMANDS = ["inspect", "compress", "plan", "finetune", "evaluate", "demo", "report", "bench", "export"]
+COMMANDS = ["inspect", "compress", "plan", "finetune", "evaluate", "demo", "report", "bench", "export", "compare"]
 
 
 def build_parser() -> argparse.ArgumentParser:

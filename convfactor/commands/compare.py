@@ -1,0 +1,50 @@
+"""convfactor compare ORIGINAL COMPRESSED [--backend torch onnxruntime compile] [--input-size 1x3x256x256].
+
+Times two models side by side on each timing back-end (each against that back-end's own fastest
+form of the original), with a 95% interval per speed-up and the reasons a figure is noisy.  The
+library call behind it is :func:`convfactor.measure.compare.compare_speed`.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..measure.compare import compare_speed
+from .common import add_malloc_argument, apply_malloc, load_model
+
+HELP = "time an original and a compressed model side by side on each back-end (speed-up with its interval)"
+
+
+def add_arguments(p) -> None:
+    add_malloc_argument(p)
+    p.add_argument("original", help="the original model (a built-in name, torchvision:NAME, package.module:factory, ...)")
+    p.add_argument("compressed", help="a directory written by 'convfactor compress' (or another model spec)")
+    p.add_argument("--weights", help="the original's weights (.safetensors or a plain state dict)")
+    p.add_argument("--pretrained", action="store_true", help="the original with its shipped weights")
+    p.add_argument("--input-size", help="example input shape, e.g. 1x3x256x256 (default: the recorded one)")
+    p.add_argument("--backend", nargs="+", default=["torch"], choices=["torch", "compile", "onnxruntime"],
+                   help="timing back-ends, side by side (default: torch)")
+    p.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime threads (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds at least (default 3)")
+    p.add_argument("--max-rounds", type=int, default=12,
+                   help="more rounds, up to this many, until the 95%% interval is within +-5%% (default 12)")
+
+
+def _load(spec: str, args, weights: str | None = None, pretrained: bool = False):
+    ns = argparse.Namespace(model=spec, weights=weights, pretrained=pretrained, trust_pickle=False,
+                            input_size=args.input_size)
+    return load_model(ns)
+
+
+def run(args) -> int:
+    apply_malloc(args)
+    if args.max_rounds < args.rounds or args.rounds < 1:
+        raise ValueError("--rounds must be >= 1 and --max-rounds >= --rounds")
+    compressed, example = _load(args.compressed, args)
+    original, _ = _load(args.original, args, args.weights, args.pretrained)
+    print(f"input {tuple(example.shape)}, {args.threads} threads, malloc={args.malloc}")
+    for backend in args.backend:
+        res = compare_speed(original, compressed, example, threads=args.threads, backend=backend,
+                            rounds=args.rounds, max_rounds=args.max_rounds, repeats=3 * args.rounds)
+        print(f"{backend:12s} {res.summary()}")
+        print(f"{'':12s} {res.verdict(1.0).line}")
+    return 0
