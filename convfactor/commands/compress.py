@@ -51,6 +51,8 @@ def run(args) -> int:
     model, example = load_model(args)
     if args.plan:
         plan = Plan.load(args.plan)
+        if plan.summary.message:
+            print(f"WARNING: the plan {args.plan} says: {plan.summary.message}")
         compressed, report = plan.apply(model, example)
     else:
         compressed, report = compress(model, rules_from_args(args), example, progress=True)

@@ -31,7 +31,11 @@ def add_arguments(p) -> None:
     p.add_argument("--formats", nargs="*", default=["contiguous", "channels_last"],
                    help="memory formats the latency planner may use")
     p.add_argument("--repeats", type=int, default=15, help="timed repeats per layer candidate")
-    p.add_argument("--cache", help="a JSON file caching layer timings across runs")
+    p.add_argument("--cache", default="auto",
+                   help="a JSON file caching layer timings across runs (default: ~/.cache/convfactor/latency.json, "
+                        "or $CONVFACTOR_CACHE_DIR; 'none' keeps them in memory)")
+    p.add_argument("--backend", choices=["torch", "compile", "onnxruntime"], default="torch",
+                   help="timing back-end the latency planner measures on (default: torch, eager)")
     p.add_argument("-o", "--output", required=True, help="plan file to write (.yaml/.yml or .json)")
 
 
@@ -43,7 +47,8 @@ def run(args) -> int:
     target = Target.parse(args.target)
     config = RankConfig(round_to=args.round_to, kappa_threshold=args.kappa_threshold, energy=args.energy,
                         weakening=args.weakening)
-    timing = LatencyConfig(threads=args.threads, formats=tuple(args.formats), repeats=args.repeats, cache=args.cache)
+    timing = LatencyConfig(threads=args.threads, formats=tuple(args.formats), repeats=args.repeats,
+                           cache=None if args.cache == "none" else args.cache, backend=args.backend)
     model, example = load_model(args)
     p = plan(model, example, target=target, criterion=args.criterion, methods=args.methods, op_names=args.op_names,
              exclude=args.exclude, config=config, latency=timing,
@@ -51,6 +56,6 @@ def run(args) -> int:
     p.save(out)
     print(p.table())
     if p.summary.message:
-        print(f"note: {p.summary.message}")
+        print(f"WARNING: {p.summary.message}")
     print(f"wrote {out}")
     return 0
