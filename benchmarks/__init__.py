@@ -21,6 +21,7 @@ SECTIONS = [
     "basis",             # filter basis forward implementations and efficiency (issue 3)
     "planner",           # requested vs measured end-to-end speed-ups (issue 4)
     "models",            # quality / speed of compressed zoo models (issue 5)
+    "runtimes",          # the same compressed model on eager / ONNX Runtime / torch.compile (issue 13)
     "peers",             # TensorLy / TensorLy-Torch side by side (issue 6)
     "im2col",            # im2col + GEMM vs native conv (issue 6)
     "experiments",       # the seeds' headline experiments in miniature (issue 6)

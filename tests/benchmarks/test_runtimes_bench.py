@@ -1,0 +1,19 @@
+"""Smoke run of the runtimes section (issue 13): every back-end timed side by side, planning cold/warm."""
+import pytest
+
+from benchmarks import load_section
+
+
+def test_runtimes_quick_renders_every_backend_row():
+    pytest.importorskip("onnxruntime")
+    section = load_section("runtimes")
+    data = section.measure(True)
+    text = section.render(data)
+    assert text.startswith("## Runtimes") and "| planned on | timed on |" in text
+    row = data.rows[0]
+    assert set(row.speeds) == {"torch", "onnxruntime"}
+    for s in row.speeds.values():
+        lo, hi = s.interval
+        assert lo <= s.speedup <= hi
+    assert data.planning_s["warm"] < data.planning_s["cold"]       # the layer table came from the disk cache
+    assert "no CUDA row" in text or data.gpu
