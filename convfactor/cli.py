@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from .measure.allocator import reexec_with_fast_allocator
 from .utils import UnknownName
 
 COMMANDS = ["inspect", "compress", "plan", "finetune", "evaluate", "demo", "report", "bench", "export", "compare"]
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    if argv is None and getattr(args, "malloc", None) == "auto":    # a real command line, not a library call
+        reexec_with_fast_allocator()
     try:
         return int(args._run(args) or 0)
     except (ValueError, UnknownName, OSError) as exc:      # a user's mistake; other errors are bugs

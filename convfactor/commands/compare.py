@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..measure.allocator import malloc_description
 from ..measure.compare import compare_speed
 from .common import add_malloc_argument, apply_malloc, load_model
 
@@ -41,7 +42,7 @@ def run(args) -> int:
         raise ValueError("--rounds must be >= 1 and --max-rounds >= --rounds")
     compressed, example = _load(args.compressed, args)
     original, _ = _load(args.original, args, args.weights, args.pretrained)
-    print(f"input {tuple(example.shape)}, {args.threads} threads, malloc={args.malloc}")
+    print(f"input {tuple(example.shape)}, {args.threads} threads, allocator: {malloc_description()}")
     for backend in args.backend:
         res = compare_speed(original, compressed, example, threads=args.threads, backend=backend,
                             rounds=args.rounds, max_rounds=args.max_rounds, repeats=3 * args.rounds)

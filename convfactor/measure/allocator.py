@@ -16,6 +16,13 @@ library cannot do.  :func:`set_malloc` (``"retain"``) gets the same effect insid
 with two ``mallopt`` calls: no ``mmap`` for large blocks and no trimming, so freed activations are
 reused.  Hand-written because no maintained Python package exposes ``mallopt``.
 
+A preloaded jemalloc or tcmalloc is better still, and the CLI arranges it for the user:
+``--malloc auto`` (the default of ``bench``, ``demo``, ``plan`` and ``compare``) re-executes the
+command once with ``LD_PRELOAD`` set to the first of :data:`FAST_ALLOCATORS` installed on the
+machine (Debian's ``libjemalloc2`` / ``libtcmalloc-minimal4``; ``make setup`` installs jemalloc when
+apt is available), and falls back to ``retain`` when none is.  :func:`malloc_setting` then reports
+``jemalloc``/``tcmalloc``, read from the process's own memory map, so every figure records it.
+
 It is process-wide, so nothing here runs at import.  The commands that time models (``bench``,
 ``demo``, ``plan``) call it explicitly (``--malloc default`` opts out), and
 :func:`convfactor.measure.latency.environment` records the setting with every figure.  Both models
@@ -26,10 +33,21 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import sys
+from pathlib import Path
 
-__all__ = ["set_malloc", "malloc_setting", "malloc_description", "MODES"]
+__all__ = ["set_malloc", "malloc_setting", "malloc_description", "MODES", "FAST_ALLOCATORS", "preloaded_allocator",
+           "fast_allocator", "reexec_with_fast_allocator"]
 
 MODES = ("default", "retain")
+#: shared libraries a process can preload for a faster allocator, in order of preference
+FAST_ALLOCATORS = {"jemalloc": ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                                "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2"),
+                   "tcmalloc": ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                                "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4")}
+#: set in the re-executed process, so it never re-executes twice
+_REEXEC_GUARD = "CONVFACTOR_ALLOCATOR_REEXEC"
 
 # mallopt parameter numbers from glibc's <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -82,10 +100,45 @@ def set_malloc(mode: str) -> str:
 
 
 def malloc_setting() -> str:
-    """``'retain'`` or ``'default'``, as set through this module (recorded with every latency figure)."""
-    return _state["mode"]
+    """``'jemalloc'``/``'tcmalloc'`` when one is preloaded in this process, else ``'retain'`` or
+    ``'default'`` as set through this module (recorded with every latency figure)."""
+    return preloaded_allocator() or _state["mode"]
+
+
+def preloaded_allocator() -> str | None:
+    """``'jemalloc'`` or ``'tcmalloc'`` when that library is mapped into this process, else None."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    return next((name for name in FAST_ALLOCATORS if f"lib{name}" in maps), None)
+
+
+def fast_allocator() -> tuple[str, str] | None:
+    """``(name, path)`` of the first installed library of :data:`FAST_ALLOCATORS`, or None."""
+    for name, paths in FAST_ALLOCATORS.items():
+        for path in paths:
+            if os.path.isfile(path):
+                return name, path
+    return None
+
+
+def reexec_with_fast_allocator() -> None:
+    """Replace this process by the same command line (``sys.orig_argv``) with a fast allocator
+    preloaded, when one is installed and none is loaded yet; returns (doing nothing) otherwise.
+    Only for a command-line entry point, never from a library call."""
+    found = fast_allocator()
+    if found is None or preloaded_allocator() or os.environ.get(_REEXEC_GUARD):
+        return
+    env = dict(os.environ, **{_REEXEC_GUARD: "1"})
+    env["LD_PRELOAD"] = ":".join(p for p in (found[1], env.get("LD_PRELOAD")) if p)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def malloc_description() -> str:
     """The setting and why it is what it is, e.g. ``'default (mallopt not available (not glibc): ...)'``."""
+    if preloaded_allocator():
+        return f"{preloaded_allocator()} (preloaded with LD_PRELOAD)"
     return f"{_state['mode']} ({_state['why']})"

@@ -66,3 +66,21 @@ def test_environment_records_the_setting():
 
 def test_description_names_the_recorded_setting():
     assert allocator.malloc_description().startswith(allocator.malloc_setting() + " (")
+
+
+def _compare_allocator_line(*extra):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "convfactor.cli", "compare", "resnet20", "resnet20", "--threads", "1",
+                          "--rounds", "1", "--max-rounds", "1", *extra], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return next(line for line in out.stdout.splitlines() if "allocator:" in line)
+
+
+def test_the_cli_preloads_an_installed_fast_allocator_by_itself():
+    from convfactor.measure.allocator import fast_allocator
+    found = fast_allocator()
+    if found is None:
+        pytest.skip("neither jemalloc nor tcmalloc is installed here (make setup installs jemalloc where apt works)")
+    assert f"allocator: {found[0]} (preloaded" in _compare_allocator_line()
+    assert "allocator: retain" in _compare_allocator_line("--malloc", "retain")        # opting out is honoured
