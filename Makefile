@@ -3,25 +3,42 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.convfactor-installed
+ALLOC_STAMP := $(VENV)/.allocator-checked
 
 .PHONY: setup demo test bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(ALLOC_STAMP)
 
 # torch is pinned and installed first: here `torch==2.13.0` is a CPU wheel on local disk,
-# while an unpinned `torch` would pull a multi-GB CUDA build.
+# while an unpinned `torch` would pull a multi-GB CUDA build. TORCHVISION pins the release built
+# for that torch (the `thirdparty` extra itself is unpinned for users); it keeps the CPU torch.
+TORCH       := torch==2.13.0
+TORCHVISION := torchvision==0.28.0
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test,bench,thirdparty]' '$(TORCHVISION)' '$(TORCH)'
 	touch $(STAMP)
+
+# A fast allocator for timing: the CLI preloads jemalloc by itself when it is installed (--malloc auto;
+# convfactor/measure/allocator.py). Debian's libjemalloc2 where apt works as root; skipped with a message
+# elsewhere, and timings then use the 'retain' mallopt mode.
+$(ALLOC_STAMP): | $(STAMP)
+	@if ls /usr/lib/*/libjemalloc.so.2 /usr/lib*/libjemalloc.so.2 >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 300 \
+	   apt-get install -y -qq --no-install-recommends libjemalloc2) >/dev/null 2>&1 \
+	  || echo "setup: libjemalloc2 could not be installed; timings use the retain allocator mode"; \
+	else echo "setup: apt is not available (or not root): jemalloc not installed; timings use the retain allocator mode"; fi
+	@touch $@
 
 demo: setup
 	$(VENV)/bin/convfactor demo
 
+# --dist loadgroup: the compatibility matrix's cells of one model run on one worker (built once)
 test: setup
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 bench: setup
 	$(VENV)/bin/convfactor bench -o BENCHMARKS.md

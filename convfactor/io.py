@@ -9,6 +9,12 @@ and rebuilt from the original architecture: :func:`load` deep-copies ``base_mode
 replacements built from the recipe, then loads the tensors.  No pickle is involved, so loading
 never executes code.  Writes are atomic (a temporary sibling, then ``os.replace``), and nothing is
 written when validation fails.
+
+Outputs are never replaced by surprise: :func:`check_output` refuses an existing output unless the
+caller asks to overwrite it, and writing into an existing directory replaces only the files
+convfactor writes there (a user's other files are kept).  Inputs fail with one line naming the file:
+a corrupt safetensors file, weights of another architecture (:func:`load_weights`), a malformed
+YAML/JSON file (:func:`read_structured`, with the line and column).
 """
 from __future__ import annotations
 
@@ -18,20 +24,26 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .spec.convspec import ConvSpec
+from .compression.batchnorm import folded_of, restore_folds
 from .compression.surgery import set_submodule
 from .methods import registry
 from .methods.base import Factorized
 
-__all__ = ["save", "load", "load_weights", "recipe_of", "atomic_write", "check_writable"]
+__all__ = ["save", "load", "load_weights", "recipe_of", "atomic_write", "check_writable", "check_output",
+           "check_model_output", "read_structured", "read_safetensors", "nonfinite_parameters"]
 
 FORMAT = "convfactor"
 VERSION = 1
+#: the files :func:`save` writes into a model directory (the only ones it ever replaces there)
+MODEL_FILES = ("model.safetensors", "recipe.json")
 
 
 def recipe_of(model: nn.Module) -> dict:
@@ -49,9 +61,44 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write a file via a temporary sibling and ``os.replace``."""
+def check_output(path: str | os.PathLike, *, overwrite: bool = False, directory: bool = False) -> Path:
+    """Fail before any work when writing ``path`` would replace something the caller did not agree to.
+
+    A file output (``directory=False``) that exists is replaced only with ``overwrite``; a directory
+    in its place never is.  A directory output that exists and is not empty needs ``overwrite``, and
+    then only the files convfactor writes there are replaced (the others are kept); a file in its
+    place never is.  Also checks that the parent directory exists and is writable.
+    """
     path = check_writable(path)
+    if not path.exists():
+        return path
+    if directory and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory; refusing to replace it")
+    if not directory and path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file name")
+    if directory and not any(path.iterdir()):
+        return path
+    if not overwrite:
+        what = "is a directory that is not empty" if directory else "exists"
+        raise FileExistsError(f"{path} {what}; pass --overwrite (overwrite=True) to replace "
+                              + ("the files convfactor writes there (other files are kept)" if directory else "it"))
+    return path
+
+
+def check_model_output(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """:func:`check_output` for a model directory (:func:`save`): a non-empty directory must also be a
+    convfactor model directory (hold a ``recipe.json``), whatever ``overwrite`` says."""
+    path = check_output(path, overwrite=overwrite, directory=True)
+    if path.exists() and any(path.iterdir()) and not (path / "recipe.json").is_file():
+        raise FileExistsError(f"{path} exists and is not a convfactor model directory; refusing to write into it")
+    return path
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write a file via a temporary sibling and ``os.replace`` (no temporary is left on failure)."""
+    path = check_writable(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a directory")
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -80,28 +127,29 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
-    """Write ``model`` (compressed or not) to the directory ``path`` atomically; returns the path."""
-    path = check_writable(path)
-    if path.exists() and not (path / "recipe.json").exists():
-        raise FileExistsError(f"{path} exists and is not a convfactor model directory; refusing to overwrite")
+def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = None,
+         overwrite: bool = True) -> Path:
+    """Write ``model`` (compressed or not) to the directory ``path``; returns the path.
+
+    A new directory appears whole (built as a temporary sibling, then renamed).  An existing
+    convfactor model directory is written into only with ``overwrite``: :data:`MODEL_FILES` are
+    replaced one by one (each atomically, the recipe last) and every other file there is kept.  A
+    non-empty directory that is not a convfactor model directory is never written into.
+    """
+    path = check_model_output(path, overwrite=overwrite)
     recipe = {"format": FORMAT, "version": VERSION, "layers": recipe_of(model), "metadata": metadata or {},
-              "shared": _shared_names(model)}
+              "shared": _shared_names(model), "folded_bn": folded_of(model)}
     tmp = Path(tempfile.mkdtemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         save_file(_unique_state(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True))
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            for name in MODEL_FILES:                    # the recipe last: it names what the tensors are
+                os.replace(tmp / name, path / name)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -122,6 +170,7 @@ def load(path: str | os.PathLike, base_model: nn.Module) -> nn.Module:
     if recipe.get("format") != FORMAT:
         raise ValueError(f"{path}/recipe.json is not a convfactor recipe")
     model = copy.deepcopy(base_model)
+    restore_folds(model, recipe.get("folded_bn", {}))          # BatchNorms folded away by compress
     for name, entry in sorted(recipe["layers"].items(), key=lambda kv: kv[0].count(".")):
         try:
             original = model.get_submodule(name)
@@ -132,7 +181,7 @@ def load(path: str | os.PathLike, base_model: nn.Module) -> nn.Module:
             raise ValueError(f"layer {name!r} of the base model does not match the recipe's spec")
         set_submodule(model, name, _empty_layer(entry, spec, original))
     _tie(model, recipe.get("shared", []))
-    state = load_file(str(path / "model.safetensors"))
+    state = read_safetensors(path / "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
     aliased = {n for group in recipe.get("shared", []) for n in group[1:]}
     missing = [m for m in missing if m not in aliased]
@@ -163,32 +212,131 @@ def _tie(model: nn.Module, shared: list[list[str]]) -> None:
             setattr(model.get_submodule(owner), attr, param)
 
 
-def load_weights(model: nn.Module, file: str | os.PathLike, *, trust_pickle: bool = False) -> nn.Module:
+def read_safetensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing, truncated or corrupt file is one ValueError line."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist")
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types (and OSError, ...)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ValueError(f"{file} is not a valid safetensors file ({reason})") from None
+
+
+def read_structured(path: str | os.PathLike, what: str = "file") -> Any:
+    """The data of a YAML file (JSON for ``.json``); an unreadable, empty or malformed file is one
+    ValueError line naming it (with the line and column of a syntax error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not a text file") from None
+    if not text.strip():
+        raise ValueError(f"{what} {path} is empty")
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{what} {path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{what} {path}: invalid YAML{where}: {problem}") from None
+
+
+def _read_state(file: Path, trust_pickle: bool) -> dict:
+    """The state dict stored in ``file`` (safetensors, a plain state dict, or with ``trust_pickle`` a
+    pickled model or checkpoint holding one)."""
+    if file.suffix == ".safetensors":
+        return read_safetensors(file)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError subclasses, RuntimeError, ...
+        if "weights only load failed" not in str(exc).lower():
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ValueError(f"{file} is not a PyTorch weights file ({reason})") from None
+        if not trust_pickle:
+            raise ValueError(f"{file} is not a plain state dict (it needs pickle to load, which can run "
+                             f"arbitrary code); pass --trust-pickle (trust_pickle=True) only for files "
+                             f"you trust") from exc
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{file} does not hold a state dict (it holds a {type(state).__name__})")
+    return state
+
+
+def _names(keys: list[str], limit: int = 3) -> str:
+    return ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
+
+
+def fit_problems(model: nn.Module, state: dict) -> str | None:
+    """One line summarising why ``state`` does not load into ``model`` (missing keys, unexpected keys,
+    shape mismatches), or None when it fits exactly."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and (not isinstance(state[k], torch.Tensor)
+                                                    or tuple(state[k].shape) != tuple(own[k].shape))]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({_names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
+    if mismatched:
+        k = mismatched[0]
+        got = tuple(state[k].shape) if isinstance(state[k], torch.Tensor) else type(state[k]).__name__
+        parts.append(f"{len(mismatched)} shape mismatches (first: {k} is {got} in the file, "
+                     f"{tuple(own[k].shape)} in the model)")
+    return ", ".join(parts) or None
+
+
+def nonfinite_parameters(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Names of the parameters holding NaN or infinite values, and of the floating buffers holding NaN
+    (a buffer may hold -inf on purpose, e.g. an attention mask); of ``state`` if given, else of ``model``."""
+    state = model.state_dict() if state is None else state
+    params = {n for n, _ in model.named_parameters()}
+
+    def bad(name: str, t: torch.Tensor) -> bool:
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            return False
+        return not bool(torch.isfinite(t).all()) if name in params else bool(torch.isnan(t).any())
+    return [n for n, t in state.items() if bad(n, t)]
+
+
+def load_weights(model: nn.Module, file: str | os.PathLike, *, trust_pickle: bool = False,
+                 name: str | None = None) -> nn.Module:
     """Load original (uncompressed) weights into ``model`` in place and return it.
 
     ``.safetensors`` files and plain state dicts (``torch.load(weights_only=True)``) are accepted.
     A pickled full model executes code when loaded, so it is refused unless ``trust_pickle``.
-    A convfactor directory (``recipe.json``) is loaded with :func:`load` instead.
+    A convfactor directory (``recipe.json``) is loaded with :func:`load` instead.  Weights that do not
+    fit (another architecture: ``name`` names the model in the message), a corrupt file and NaN or
+    infinite weights are each one ValueError line, and ``model`` is left unchanged.
     """
     file = Path(file)
     if file.is_dir():
         return load(file, model)
     if not file.is_file():
         raise FileNotFoundError(f"weights file {file} does not exist")
-    if file.suffix == ".safetensors":
-        state = load_file(str(file))
-    else:
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError subclasses
-            if not trust_pickle:
-                raise ValueError(f"{file} is not a plain state dict (it needs pickle to load, which can run "
-                                 f"arbitrary code); pass --trust-pickle (trust_pickle=True) only for files "
-                                 f"you trust") from exc
-            state = torch.load(file, map_location="cpu", weights_only=False)
-        if isinstance(state, nn.Module):
-            state = state.state_dict()
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
+    state = _read_state(file, trust_pickle)
+    if state and all(k.startswith("module.") for k in state):          # saved from DataParallel / DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    problems = fit_problems(model, state)
+    if problems:
+        raise ValueError(f"weights in {file.name} do not fit {name or type(model).__name__}: {problems}")
+    bad = nonfinite_parameters(model, state)
+    if bad:
+        raise ValueError(f"weights in {file.name} hold NaN or infinite values in {_names(bad, 2)} "
+                         f"({len(bad)} tensors); convfactor needs finite weights")
     model.load_state_dict(state)
     return model

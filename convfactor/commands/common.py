@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 
 import torch
 from torch import nn
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a built-in model name (e.g. resnet20, edsr_baseline_x2), 'package.module:factory', "
+    p.add_argument("model", help="a built-in model name (e.g. resnet20, edsr_baseline_x2), torchvision:NAME, timm:NAME "
+                                 "(random init, seeded; load your weights with --weights), 'package.module:factory', "
                                  "or a directory written by 'convfactor compress'")
     p.add_argument("--weights", help="weights to load: .safetensors, a plain state dict (.pt/.pth) or a convfactor directory")
     p.add_argument("--pretrained", action="store_true", help="load the shipped weights of a built-in model")
@@ -18,16 +18,18 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_malloc_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--malloc", choices=["retain", "default"], default="retain",
-                   help="CPU allocator for timing: 'retain' reuses freed activations instead of re-faulting them in "
-                        "(like preloading jemalloc; see convfactor.measure.allocator), 'default' leaves glibc as it "
-                        "is; recorded with every figure (default: retain)")
+    p.add_argument("--malloc", choices=["auto", "retain", "default"], default="auto",
+                   help="CPU allocator for timing: 'auto' re-runs the command with jemalloc or tcmalloc preloaded "
+                        "when one is installed, else 'retain'; 'retain' reuses freed activations instead of "
+                        "re-faulting them in (mallopt); 'default' leaves glibc as it is. Recorded with every figure "
+                        "(default: auto; see convfactor.measure.allocator)")
 
 
 def apply_malloc(args) -> None:
-    """Set the allocator mode the command's timings run under (both models of every comparison alike)."""
+    """Set the allocator mode the command's timings run under (both models of every comparison alike);
+    ``auto`` keeps a preloaded jemalloc/tcmalloc (see :func:`convfactor.cli.main`), else retains."""
     from ..measure.allocator import set_malloc
-    set_malloc(getattr(args, "malloc", "retain"))
+    set_malloc(getattr(args, "malloc", "auto"))
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -40,14 +42,13 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def build_model(name: str) -> tuple[nn.Module, tuple[int, ...] | None]:
-    """A model from a zoo name or ``package.module:factory``; also its default input shape."""
+def build_model(name: str, pretrained: bool = False) -> tuple[nn.Module, tuple[int, ...] | None]:
+    """The model of a zoo name or a spec (``torchvision:NAME``, ``timm:NAME``, ``package.module:factory``;
+    see :func:`convfactor.models.get`), and its default input shape with a batch axis (None if unknown)."""
     from .. import models
-    if ":" in name:
-        module_name, factory = name.split(":", 1)
-        model = getattr(importlib.import_module(module_name), factory)()
-        return model, None
-    return models.get(name), (1, *models.info(name)["input_shape"])
+    model = models.get(name, pretrained=pretrained)
+    shape = models.info(name)["input_shape"]
+    return model, (1, *shape) if shape else None
 
 
 def load_model(args) -> tuple[nn.Module, torch.Tensor]:
@@ -62,18 +63,17 @@ def load_model(args) -> tuple[nn.Module, torch.Tensor]:
             raise ValueError(f"{source} does not record its base model; pass it as MODEL with --weights {source}")
         base, shape = build_model(meta["model"])
         model = io.load(source, base)
+        shape = tuple(meta.get("input_shape") or ()) or shape
     else:
-        model, shape = build_model(args.model)
-        if getattr(args, "pretrained", False):
-            model = models.get(args.model, pretrained=True)
-        if args.weights:
-            io.load_weights(model, args.weights, trust_pickle=args.trust_pickle) if not Path(args.weights).is_dir() \
-                else None
-            if Path(args.weights).is_dir():
-                model = io.load(args.weights, model)
+        model, shape = build_model(args.model, pretrained=getattr(args, "pretrained", False))
+        if args.weights and Path(args.weights).is_dir():
+            model = io.load(args.weights, model)
+        elif args.weights:
+            io.load_weights(model, args.weights, trust_pickle=args.trust_pickle)
     if args.input_size:
         shape = parse_shape(args.input_size)
     if shape is None:
-        raise ValueError("--input-size is needed for a model given as package.module:factory")
+        raise ValueError(f"--input-size is needed for {args.model} (its library states no input size)")
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    models.check_input(model, example)
     return model.eval(), example

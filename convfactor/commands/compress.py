@@ -1,4 +1,8 @@
-"""convfactor compress MODEL (--method M (--rank|--macs-ratio|--energy) | --rules FILE | --plan FILE) -o OUT."""
+"""convfactor compress MODEL (--method M (--rank|--macs-ratio|--energy) | --rules FILE | --plan FILE) -o OUT.
+
+OUT is a directory (model.safetensors, recipe.json, report.*).  An existing, non-empty OUT is written
+into only with ``--overwrite``, and then only convfactor's own files there are replaced.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,12 +27,13 @@ def add_arguments(p) -> None:
     p.add_argument("--rules", help="a JSON/YAML file with a list of NNI-style rules (overrides --method etc.)")
     p.add_argument("--plan", help="a plan file written by 'convfactor plan'")
     p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing OUT: replace the files convfactor writes there, keep the others")
 
 
 def rules_from_args(args) -> list[dict]:
     if args.rules:
-        import yaml
-        return yaml.safe_load(Path(args.rules).read_text())
+        return read_rules(args.rules)
     if not args.method:
         raise ValueError("give --method with one of --rank/--macs-ratio/--energy, or --rules, or --plan")
     target = {"rank": args.rank} if args.rank is not None else (
@@ -44,24 +49,38 @@ def rules_from_args(args) -> list[dict]:
     return [rule]
 
 
+def read_rules(path) -> list[dict]:
+    """The rules of a YAML/JSON rules file: a list of mappings (a malformed file is one error line)."""
+    from ..io import read_structured
+    rules = read_structured(path, "rules file")
+    if isinstance(rules, dict) and isinstance(rules.get("rules"), list):
+        rules = rules["rules"]
+    if not isinstance(rules, list) or not rules or not all(isinstance(r, dict) for r in rules):
+        raise ValueError(f"rules file {path} must hold a non-empty list of rules (mappings such as "
+                         f"{{op_types: [Conv2d], method: channel_svd, macs_ratio: 0.5}}), got {type(rules).__name__}")
+    return rules
+
+
 def run(args) -> int:
     from .. import io
     from ..compression.api import compress
-    io.check_writable(args.output)            # fail before any work
+    io.check_model_output(args.output, overwrite=args.overwrite)     # fail before any work
+    plan = Plan.load(args.plan) if args.plan else None
+    rules = None if plan is not None else rules_from_args(args)                # bad files fail before work too
     model, example = load_model(args)
-    if args.plan:
-        plan = Plan.load(args.plan)
+    if plan is not None:
         if plan.summary.message:
             print(f"WARNING: the plan {args.plan} says: {plan.summary.message}")
         compressed, report = plan.apply(model, example)
     else:
-        compressed, report = compress(model, rules_from_args(args), example, progress=True)
+        compressed, report = compress(model, rules, example, progress=True)
     meta = {"model": args.model if ":" in args.model or not Path(args.model).exists() else None,
             "input_shape": list(example.shape)}
-    io.save(compressed, args.output, metadata={k: v for k, v in meta.items() if v is not None})
+    io.save(compressed, args.output, metadata={k: v for k, v in meta.items() if v is not None},
+            overwrite=args.overwrite)
     from ..report import collect, write_report
     write_report(args.output, collect(model, compressed, example, compression_report=report,
                                       model_name=args.model, title=f"convfactor compress {args.model}"))
-    print(report.table())
+    print(report.table())                     # ends with "warning: nothing was compressed ..." when so
     print(f"wrote {args.output}")
     return 0

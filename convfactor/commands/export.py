@@ -1,17 +1,19 @@
-"""convfactor export MODEL_DIR --format onnx|torchscript -o FILE.
+"""convfactor export MODEL_DIR --format onnx|torchscript -o FILE [--opset N] [--overwrite].
 
 The library calls behind it are :func:`convfactor.export.export_model` and
-:func:`convfactor.export.check_onnx` (the file is checked in onnxruntime against PyTorch's output).
+:func:`convfactor.export.check_onnx` (the file is checked in onnxruntime against PyTorch's output,
+every tensor of it).  The example input is the one recorded by ``convfactor compress`` unless
+``--input-size`` is given.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import argparse
+import sys
 
 import torch
 
-from ..export import check_onnx, export_model
-from ..io import check_writable
+from ..export import DEFAULT_OPSET, check_onnx, export_model
+from ..io import check_output
 from ..measure.count import count_params
 from .common import load_model
 
@@ -22,29 +24,60 @@ def add_arguments(p) -> None:
     p.add_argument("model", help="a directory written by 'convfactor compress' (or a built-in model name)")
     p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     p.add_argument("-o", "--output", required=True, help="file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     p.add_argument("--input-size", help="example input shape, e.g. 1x3x256x256 (default: the recorded one)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset written (default: {DEFAULT_OPSET}); the dynamo exporter writes 18 and newer, "
+                        f"the TorchScript exporter older ones too")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
 
 
+def _check(path, model, example) -> int:
+    """Compare the ONNX file with PyTorch in onnxruntime; 0 when they agree."""
+    try:
+        res = check_onnx(path, model, example)
+    except ImportError:
+        print("convfactor export: error: onnxruntime is not installed, so the file was not checked "
+              "(pip install onnxruntime, or pass --no-check)", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors (e.g. no float64 kernel for an op)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        print(f"convfactor export: error: onnxruntime could not run {path}, so it was not checked: {reason}",
+              file=sys.stderr)
+        return 1
+    outputs = f" (worst of {res['outputs']} outputs)" if res["outputs"] > 1 else ""
+    print(f"onnxruntime output vs PyTorch: relative error {res['rel_error']:.2e}{outputs}, "
+          f"{res['params_in_file']} weights stored in the file")
+    if res["rel_error"] > 1e-4:
+        print("convfactor export: error: the ONNX output does not match PyTorch's", file=sys.stderr)
+        return 1
+    _check_other_batch(path, model, example)
+    return 0
+
+
+def _check_other_batch(path, model, example) -> None:
+    """Warn when the file is wrong or refused at another batch size: an exporter may trace the batch
+    axis as a constant (seen with ConvNeXt-style reshapes and window attention)."""
+    other = torch.cat([example] * (2 if example.shape[0] == 1 else 1) + [example[:1]])
+    try:
+        err = check_onnx(path, model, other)["rel_error"]
+        problem = None if err <= 1e-4 else f"its output differs from PyTorch's by {err:.2e}"
+    except Exception:  # noqa: BLE001 - onnxruntime refuses a static batch axis
+        problem = "onnxruntime refuses it"
+    if problem:
+        print(f"WARNING: the file is correct at batch {example.shape[0]} only: at batch {other.shape[0]} {problem} "
+              f"(the exporter fixed the batch axis); run it at batch {example.shape[0]}", file=sys.stderr)
+
+
 def run(args) -> int:
-    check_writable(args.output)
-    ns = type("A", (), {"model": args.model, "weights": None, "pretrained": False, "trust_pickle": False,
-                        "input_size": args.input_size})()
-    model, example = load_model(ns)
-    source = Path(args.model)
-    if args.input_size is None and (source / "recipe.json").is_file():
-        shape = json.loads((source / "recipe.json").read_text()).get("metadata", {}).get("input_shape")
-        if shape:
-            example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    path = export_model(model, example, args.output, args.format, opset=args.opset)
+    check_output(args.output, overwrite=args.overwrite)             # before any work
+    source = argparse.Namespace(model=args.model, weights=None, pretrained=False, trust_pickle=False,
+                                input_size=args.input_size)
+    model, example = load_model(source)
+    path = export_model(model, example, args.output, args.format, opset=args.opset, overwrite=args.overwrite,
+                        log=lambda line: print(f"note: {line}"))
     size = path.stat().st_size
     print(f"wrote {path} ({size / 2**20:.2f} MiB; model has {count_params(model)} parameters)")
     if args.format == "onnx" and not args.no_check:
-        res = check_onnx(path, model, example)
-        print(f"onnxruntime output vs PyTorch: relative error {res['rel_error']:.2e}, "
-              f"{res['params_in_file']} weights stored in the file")
-        if res["rel_error"] > 1e-4:
-            print("convfactor export: error: the ONNX output does not match PyTorch's", flush=True)
-            return 1
+        return _check(path, model, example)
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..io import check_output
 from ..rank import LatencyConfig, RankConfig, Target, plan
 from ..rank.planner import CRITERIA
 from .common import add_malloc_argument, add_model_arguments, apply_malloc, load_model
@@ -37,6 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", choices=["torch", "compile", "onnxruntime"], default="torch",
                    help="timing back-end the latency planner measures on (default: torch, eager)")
     p.add_argument("-o", "--output", required=True, help="plan file to write (.yaml/.yml or .json)")
+    p.add_argument("--overwrite", action="store_true", help="replace the plan file if it exists")
 
 
 def run(args) -> int:
@@ -44,6 +46,7 @@ def run(args) -> int:
     out = Path(args.output)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"directory {out.parent} does not exist")
+    check_output(out, overwrite=args.overwrite)                      # before any work
     target = Target.parse(args.target)
     config = RankConfig(round_to=args.round_to, kappa_threshold=args.kappa_threshold, energy=args.energy,
                         weakening=args.weakening)
@@ -53,7 +56,7 @@ def run(args) -> int:
     p = plan(model, example, target=target, criterion=args.criterion, methods=args.methods, op_names=args.op_names,
              exclude=args.exclude, config=config, latency=timing,
              model_name=args.model if not Path(args.model).exists() else None, progress=True)
-    p.save(out)
+    p.save(out, overwrite=args.overwrite)
     print(p.table())
     if p.summary.message:
         print(f"WARNING: {p.summary.message}")

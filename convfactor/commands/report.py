@@ -1,4 +1,8 @@
-"""convfactor report RUN_DIR: (re)write report.md and a self-contained report.html from a run directory."""
+"""convfactor report RUN_DIR: (re)write report.md and a self-contained report.html from a run directory.
+
+It re-renders the report files convfactor wrote there (report.json beside them says so); a report.md
+or report.html of someone else's (no report.json) is replaced only with ``--overwrite``.
+"""
 from __future__ import annotations
 
 import json
@@ -23,12 +27,26 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="threads for --measure (default: torch's current)")
     p.add_argument("--kappa-threshold", type=float, default=None, help="condition-number threshold drawn in the figure")
     p.add_argument("--title", default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a report.md / report.html in RUN_DIR that convfactor did not write")
+
+
+def check_report_files(run_dir: Path, overwrite: bool) -> None:
+    """Refuse (before any work) to replace report files that convfactor did not write: they are its
+    own when the report.json it writes with them is there."""
+    if overwrite or (run_dir / "report.json").is_file():
+        return
+    foreign = [name for name in ("report.md", "report.html") if (run_dir / name).exists()]
+    if foreign:
+        raise FileExistsError(f"{run_dir / foreign[0]} exists and was not written by convfactor (no report.json "
+                              f"beside it); pass --overwrite to replace it")
 
 
 def run(args) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} is not a directory")
+    check_report_files(run_dir, args.overwrite)
     data_file = run_dir / "report.json"
     data = json.loads(data_file.read_text()) if data_file.is_file() else {}
     recipe_file = run_dir / "recipe.json"

@@ -1,8 +1,16 @@
-"""The high-level API: :func:`factorize` one layer, :func:`compress` a model by rules."""
+"""The high-level API: :func:`factorize` one layer, :func:`compress` a model by rules.
+
+:func:`compress` never aborts a model because of one layer: a layer that cannot be handled -- its
+method does not support it, its parent reads its parameters (:mod:`.safety`), a whole-model target
+is out of its reach, or its method raises -- is left dense and reported with the reason.  Bad
+input (rules, NaN weights) and explicit per-layer requests that cannot be met
+(:func:`~convfactor.compression.surgery.is_explicit`) still raise a ValueError.
+"""
 from __future__ import annotations
 
 import copy
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -11,10 +19,13 @@ from torch import nn
 
 from ..methods.base import Cost, Factorized, Method, Ranks
 from ..methods.data_aware import DataAwareSettings, factorize_data_aware
-from ..spec.convspec import ConvSpec, UnsupportedLayer
+from ..spec.convspec import ConvSpec, SamePad, UnsupportedLayer
 from ..utils import eval_mode
-from .calibration import collect_inputs
-from .surgery import Rule, configure, parse_rules, select, set_submodule
+from .batchnorm import accepted_layers, check_fold_mode, fold_batchnorm
+from .calibration import clone_tree, collect_inputs
+from .safety import seeded, unsafe_layers
+from .surgery import Rule, configure, is_explicit, layer_problems, own_problem, parse_rules, select, set_submodule
+from .timing import WARN_SECONDS, estimate_seconds
 
 __all__ = ["factorize", "compress", "LayerReport", "CompressionReport", "check_finite", "relative_error",
            "capture_layer_io"]
@@ -45,17 +56,24 @@ def factorize(layer: nn.Module, method: str | Method, *, rank=None, macs_ratio: 
     ``calibration=`` (the layer's inputs) the layer is fitted to its responses, and ``options`` may
     also hold :class:`~convfactor.methods.data_aware.DataAwareSettings` keys.
 
-    The original layer is not modified; the replacement has its dtype and device.
+    The original layer is not modified; the replacement has its dtype and device.  A layer that
+    cannot be replaced exactly (:func:`~convfactor.compression.surgery.own_problem`, e.g. timm's
+    ``StdConv2d``) raises :class:`~convfactor.spec.convspec.UnsupportedLayer`.
     """
     m, settings = configure(method, options, data_aware=calibration is not None)
     if m.joint:
         raise ValueError(f"{m.name}: share= groups several layers; give it in a compress rule, not to factorize()")
     spec = ConvSpec.from_module(layer)
+    problem = own_problem(layer)
+    if problem:
+        raise UnsupportedLayer(problem)
     m.check(spec)
     _check_layer(layer, "weight")
     ranks = m.resolve_ranks(spec, layer.weight.detach(), rank=rank, macs_ratio=macs_ratio, energy=energy,
                             input_size=input_size)
-    return _replacement(layer, m, spec, ranks, calibration, settings)
+    new = _replacement(layer, m, spec, ranks, calibration, settings)
+    _check_replacement(spec, new, m.name)
+    return new
 
 
 def _check_layer(layer: nn.Module, what: str) -> None:
@@ -97,8 +115,13 @@ class LayerReport:
 
 @dataclass
 class CompressionReport:
+    """Per selected layer: what was done, or why it was skipped.  MACs are per sample at
+    ``input_shape`` (a Linear's once per token: its input's numel / in_features, per sample).
+    ``notes``: what the caller should know about the run (a check that could not run, a long wait)."""
+
     layers: list[LayerReport] = field(default_factory=list)
     input_shape: tuple[int, ...] | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def compressed(self) -> list[LayerReport]:
@@ -108,13 +131,23 @@ class CompressionReport:
     def skipped(self) -> list[LayerReport]:
         return [layer for layer in self.layers if layer.skipped is not None]
 
+    @property
+    def warning(self) -> str | None:
+        """A one-line warning when the rules selected layers but none was compressed, else None."""
+        if self.compressed:
+            return None
+        return (f"nothing was compressed: all {len(self.layers)} selected layers were skipped "
+                f"(e.g. {self.layers[0].name}: {self.layers[0].skipped})" if self.layers else
+                "nothing was compressed: no layer was selected")
+
     def totals(self) -> dict[str, int]:
         keys = ("params_before", "params_after", "macs_before", "macs_after")
         return {k: sum(getattr(layer, k) for layer in self.layers) for k in keys}
 
     def to_dict(self) -> dict[str, Any]:
         return {"input_shape": list(self.input_shape) if self.input_shape else None,
-                "layers": [asdict(layer) for layer in self.layers], "totals": self.totals()}
+                "layers": [asdict(layer) for layer in self.layers], "totals": self.totals(),
+                "notes": list(self.notes), "warning": self.warning}
 
     def table(self) -> str:
         """A plain-text per-layer table (MACs are multiply-accumulates at ``input_shape``)."""
@@ -133,6 +166,7 @@ class CompressionReport:
         lines.append(f"{'total (selected layers)':<52} {_si(t['params_before'])}->{_si(t['params_after'])} "
                      f"({t['params_after'] / max(1, t['params_before']):.3f})   MACs "
                      f"{_si(t['macs_before'])}->{_si(t['macs_after'])} ({t['macs_after'] / max(1, t['macs_before']):.3f})")
+        lines += [f"note: {note}" for note in self.notes] + ([f"warning: {self.warning}"] if self.warning else [])
         return "\n".join(lines)
 
 
@@ -148,28 +182,39 @@ def _as_tuple_input(example_input) -> tuple:
 
 
 @torch.no_grad()
-def capture_layer_io(model: nn.Module, names: Iterable[str], example_input) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Run ``model`` once (in eval mode) and return ``name -> (input, output)`` of each named layer."""
+def _capture(model: nn.Module, names: Iterable[str], example_input) -> tuple[dict, Any]:
+    """Run ``model`` once in eval mode on a copy of ``example_input`` -> (``{name: (input, output)}``
+    of each named layer's first call, copied; the model's output)."""
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for name in names:
         layer = model.get_submodule(name)
 
         def hook(mod, args, out, name=name):
-            captured.setdefault(name, (args[0].detach(), out.detach()))
+            if name not in captured and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                captured[name] = (args[0].detach().clone(), out.detach().clone())
         handles.append(layer.register_forward_hook(hook))
     try:
-        with eval_mode(model):
-            model(*_as_tuple_input(example_input))
+        with eval_mode(model), seeded():
+            output = model(*clone_tree(_as_tuple_input(example_input)))
     finally:
         for h in handles:
             h.remove()
-    return captured
+    return captured, output
+
+
+def capture_layer_io(model: nn.Module, names: Iterable[str], example_input) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Run ``model`` once (in eval mode, on a copy of ``example_input``, which is never modified) and
+    return ``name -> (input, output)`` of each named layer (copies of its first call)."""
+    return _capture(model, names, example_input)[0]
 
 
 @dataclass
 class _LayerPlan:
-    """One selected layer with its rule, its spatial input size and its resolved ranks."""
+    """One selected layer with its rule, its spatial input size, its token count and resolved ranks.
+
+    ``tokens``: how many times per sample a Linear is applied (its input's numel / in_features per
+    sample, e.g. H*W for ConvNeXt's MLP on (B, H, W, C)); 1 for convs, whose ``size`` counts."""
 
     name: str
     rule: Rule
@@ -177,70 +222,159 @@ class _LayerPlan:
     spec: ConvSpec
     size: tuple[int, ...]
     ranks: Ranks
+    tokens: int = 1
 
     @property
     def method(self) -> Method:
         return self.rule.method
 
 
-def compress(model: nn.Module, rules: list[dict] | dict, example_input=None, *, calibration=None,
-             progress: bool = False) -> tuple[nn.Module, CompressionReport]:
+def compress(model: nn.Module, rules, example_input=None, *, calibration=None,
+             progress: bool | None = None, fold_bn: bool | str = True) -> tuple[nn.Module, CompressionReport]:
     """Factorize the layers selected by ``rules`` in a deep copy of ``model``.
 
     ``rules`` (NNI style, see :mod:`convfactor.compression.surgery`) pick layers and give each a method
-    and one target.  ``example_input`` (a tensor or a tuple of them) sets the spatial sizes for
-    MACs and ``macs_ratio`` targets, and gives each layer's relative output error.  Layers no rule
-    selects, and layers skipped with a reason, stay bit-identical.  ``model`` is never modified.
+    and one target; a plan (:class:`convfactor.rank.Plan`, or any object with ``.rules()``, see
+    :func:`~convfactor.compression.surgery.rules_of`) works too.  ``example_input`` (a tensor or a
+    tuple of them; never modified) sets the spatial sizes for MACs and ``macs_ratio`` targets, gives
+    each layer's relative output error and lets the parent check of :mod:`.safety` run.  Layers no
+    rule selects, and layers skipped with a reason, stay bit-identical.  ``model`` is never modified.
+
+    Raises a ValueError for bad rules, when no layer is selected, and for an explicit request that
+    cannot be met; when layers were selected but all skipped, ``report.warning`` says so.
 
     ``calibration``: batches of model inputs for rules with ``data_aware: true``.
     Rules with ``share`` (``basis``: ``'block' | 'group' | 'network' | [[names...], ...]``) factorize
     their layers jointly, one shared tensor per group (see :mod:`convfactor.methods.basis`).
+    ``progress``: a per-layer progress bar on stderr (None: only when stderr is a terminal).
+    ``fold_bn``: fold each eval-mode BatchNorm into the selected layer it follows before factorizing
+    (``True`` = ``"keep"``: the BN stays after the factorized layer, identity-initialised, so it can be
+    trained again; ``"remove"``: it becomes an identity; ``False``: no folding), see
+    :mod:`convfactor.compression.batchnorm`; ``report.notes`` says what was folded and why a BN was not.
     """
+    check_fold_mode(fold_bn)
     parsed = parse_rules(rules)
     work = copy.deepcopy(model)
     chosen = select(work, parsed)
-    io = capture_layer_io(work, chosen, example_input) if example_input is not None else {}
     report = CompressionReport(input_shape=tuple(_as_tuple_input(example_input)[0].shape)
                                if example_input is not None else None)
-    # Every layer's ranks first: a bad target fails before any factorization.
+    problems = layer_problems(work, {n: work.get_submodule(n) for n in chosen})
+    kept = {n: r for n, r in chosen.items() if n not in problems}
+    folds = fold_batchnorm(work, example_input, layers=accepted_layers(work, kept), mode=fold_bn)
+    report.notes += folds.notes()
+    io, output = _capture(work, chosen, example_input) if example_input is not None else ({}, None)
+    _report_skipped(work, chosen, problems, io, report)
+    chosen = _skip_unsafe(work, kept, example_input, output, io, report)
+    # Every layer's ranks first: a bad explicit target fails before any factorization.
     plans = _plan_layers(work, chosen, io, report)
     calibration_inputs = _calibration_inputs(work, plans, calibration)
-    shared = _factorize_shared(plans)
-    counted: set[int] = set()
-    for plan in _progress(plans, progress):
-        if plan.name in shared:
-            new = shared[plan.name]
-        else:
-            new = _replacement(plan.layer, plan.method, plan.spec, plan.ranks, calibration_inputs.get(plan.name),
-                               plan.rule.data_aware)
-        set_submodule(work, plan.name, new)
-        report.layers.append(_layer_report(plan, new, io.get(plan.name), counted if plan.name in shared else None))
+    _warn_if_slow(plans, report)
+    _factorize_layers(work, plans, io, calibration_inputs, report, progress)
     order = {name: i for i, (name, _) in enumerate(work.named_modules())}
     report.layers.sort(key=lambda L: order.get(L.name, math.inf))
     return work, report
 
 
+def _skipped(name: str, rule: Rule, layer: nn.Module, reason: str, size=(), tokens: int = 1) -> LayerReport:
+    """The report of a layer left dense (its dense params and MACs on both sides)."""
+    try:
+        spec = ConvSpec.from_module(layer)
+        params, macs = spec.dense_params(), spec.dense_macs(size) * tokens
+    except (ValueError, TypeError, AttributeError):
+        params, macs = sum(p.numel() for p in layer.parameters()), 0
+    return LayerReport(name, rule.method.name if rule.method else None, None, params, params, macs, macs,
+                       skipped=reason)
+
+
+def _report_skipped(work: nn.Module, chosen: dict[str, Rule], reasons: dict[str, str], io: dict,
+                    report: CompressionReport) -> None:
+    """Add the layers of ``reasons`` to ``report`` as skipped, with their MACs at the captured sizes."""
+    batch = report.input_shape[0] if report.input_shape else 1
+    for name, reason in reasons.items():
+        layer = work.get_submodule(name)
+        size, tokens = (), 1
+        if name in io:
+            try:
+                spec = ConvSpec.from_module(layer)
+                size = () if spec.is_linear else tuple(io[name][0].shape[2:])
+                tokens = _tokens(spec, io[name], batch)
+            except (ValueError, TypeError, AttributeError):
+                pass
+        report.layers.append(_skipped(name, chosen[name], layer, reason, size, tokens))
+
+
+def _skip_unsafe(work: nn.Module, chosen: dict[str, Rule], example_input, output, io: dict,
+                 report: CompressionReport) -> dict[str, Rule]:
+    """Drop (and report) the layers whose parent would break once they are replaced (:mod:`.safety`)."""
+    if not chosen:
+        return chosen
+    if example_input is None:
+        report.notes.append("the parent check did not run (no example input): only layers known up front "
+                            "(nn.MultiheadAttention's out_proj) were skipped for being read by their parent")
+        return chosen
+    unsafe = unsafe_layers(work, list(chosen), _as_tuple_input(example_input), output)
+    _report_skipped(work, chosen, unsafe, io, report)
+    return {n: r for n, r in chosen.items() if n not in unsafe}
+
+
+def _tokens(spec: ConvSpec, io_pair, batch: int) -> int:
+    """Applications of a Linear per sample (1 for a conv): its input's numel / in_features / batch."""
+    if not spec.is_linear or io_pair is None:
+        return 1
+    return max(1, io_pair[0].numel() // max(1, spec.in_channels) // max(1, batch))
+
+
 def _plan_layers(work: nn.Module, chosen: dict[str, Rule], io: dict, report: CompressionReport) -> list[_LayerPlan]:
-    """Resolve each chosen layer's ranks; a layer its method cannot handle goes to ``report`` as skipped."""
+    """Resolve each chosen layer's ranks; a layer that cannot be handled goes to ``report`` as skipped,
+    unless the request is explicit (:func:`~.surgery.is_explicit`) and its target is out of range."""
     plans = []
+    batch = report.input_shape[0] if report.input_shape else 1
     for name, rule in chosen.items():
         layer = work.get_submodule(name)
         spec = ConvSpec.from_module(layer)
         size = tuple(io[name][0].shape[2:]) if name in io and not spec.is_linear else ()
-        try:
-            rule.method.check(spec)
-        except UnsupportedLayer as exc:
-            dense = (spec.dense_params(), spec.dense_params(), spec.dense_macs(size), spec.dense_macs(size))
-            report.layers.append(LayerReport(name, rule.method.name, None, *dense, skipped=str(exc)))
-            continue
+        tokens = _tokens(spec, io.get(name), batch)
         _check_layer(layer, f"{name}.weight")
         try:
-            ranks = rule.method.resolve_ranks(spec, layer.weight.detach(), input_size=size or None,
-                                              **rule.target.as_kwargs())
+            ranks = _resolve(rule, spec, layer, size)
+        except _Skip as exc:
+            report.layers.append(_skipped(name, rule, layer, str(exc), size, tokens))
+            continue
         except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
-        plans.append(_LayerPlan(name, rule, layer, spec, size, ranks))
+            if is_explicit(rule, name):
+                raise ValueError(f"{name}: {exc}") from None
+            report.layers.append(_skipped(name, rule, layer, f"{exc} (whole-model target; skipped)", size, tokens))
+            continue
+        plans.append(_LayerPlan(name, rule, layer, spec, size, ranks, tokens))
     return plans
+
+
+class _Skip(Exception):
+    """A layer to leave dense, with the reason."""
+
+
+def _resolve(rule: Rule, spec: ConvSpec, layer: nn.Module, size: tuple[int, ...]) -> Ranks:
+    """``rule``'s target as ranks for ``layer``; :class:`_Skip` when the layer cannot be handled,
+    ValueError when its target is out of range."""
+    try:
+        rule.method.check(spec)
+    except UnsupportedLayer as exc:
+        raise _Skip(str(exc)) from None
+    if spec.dynamic_same and rule.data_aware is not None:
+        raise _Skip("data-aware fitting does not handle dynamic 'SAME' padding (timm's Conv2dSame); "
+                    "use a weight-only rule for this layer")
+    try:
+        return rule.method.resolve_ranks(spec, layer.weight.detach(), input_size=size or None,
+                                         **rule.target.as_kwargs())
+    except ValueError:
+        raise
+    except Exception as exc:         # noqa: BLE001 - a method failing on one layer never aborts the model
+        raise _Skip(f"{rule.method.name} failed: {_describe(exc)}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
 def _calibration_inputs(work: nn.Module, plans: list[_LayerPlan], calibration) -> dict[str, torch.Tensor]:
@@ -253,11 +387,58 @@ def _calibration_inputs(work: nn.Module, plans: list[_LayerPlan], calibration) -
     return collect_inputs(work, names, calibration)
 
 
-def _progress(plans: list[_LayerPlan], show: bool):
-    if not show:
-        return plans
-    from tqdm.auto import tqdm          # optional dependency
-    return tqdm(plans, desc="factorizing", unit="layer")
+def _warn_if_slow(plans: list[_LayerPlan], report: CompressionReport) -> None:
+    """Estimate the factorization time (:mod:`.timing`); above ``WARN_SECONDS``, say so on stderr."""
+    if not plans:
+        return
+    times = sorted(((estimate_seconds(p.method, p.spec, p.ranks), p) for p in plans), key=lambda t: -t[0])
+    total = sum(t for t, _ in times)
+    if total <= WARN_SECONDS:
+        return
+    slowest = ", ".join(f"{p.name} ({p.method.name}, ~{t:.0f} s)" for t, p in times[:3])
+    message = f"factorizing {len(plans)} layers may take about {total:.0f} s; the slowest: {slowest}"
+    report.notes.append(message)
+    print(f"convfactor: {message}", file=sys.stderr, flush=True)
+
+
+def _progress(plans: list[_LayerPlan], show: bool | None):
+    """``plans`` wrapped in a tqdm bar on stderr (shown when ``show``, or when None and stderr is a TTY)."""
+    from tqdm.auto import tqdm
+    enabled = bool(show) if show is not None else sys.stderr.isatty()
+    return tqdm(plans, desc="factorizing", unit="layer", file=sys.stderr, disable=not enabled, leave=False)
+
+
+def _factorize_layers(work: nn.Module, plans: list[_LayerPlan], io: dict, calibration_inputs: dict,
+                      report: CompressionReport, progress: bool | None) -> None:
+    """Factorize every planned layer and swap it in; a layer whose method fails is reported skipped."""
+    shared, failed = _factorize_shared(plans)
+    counted: set[int] = set()
+    bar = _progress(plans, progress)
+    for plan in bar:
+        bar.set_postfix_str(f"{plan.name} ({plan.method.name})")
+        try:
+            if plan.name in failed:
+                raise _Skip(failed[plan.name])
+            new = shared[plan.name] if plan.name in shared else _replacement(
+                plan.layer, plan.method, plan.spec, plan.ranks, calibration_inputs.get(plan.name), plan.rule.data_aware)
+            _check_replacement(plan.spec, new, plan.method.name)
+            entry = _layer_report(plan, new, io.get(plan.name), counted if plan.name in shared else None)
+        except Exception as exc:     # noqa: BLE001 - a method failing on one layer never aborts the model
+            reason = str(exc) if isinstance(exc, (_Skip, UnsupportedLayer)) else \
+                f"{plan.method.name} failed: {_describe(exc)}"
+            report.layers.append(_skipped(plan.name, plan.rule, plan.layer, reason, plan.size, plan.tokens))
+            continue
+        set_submodule(work, plan.name, new)
+        report.layers.append(entry)
+    bar.close()
+
+
+def _check_replacement(spec: ConvSpec, new: nn.Module, method: str) -> None:
+    """A layer with dynamic "SAME" padding (a kernel wider than 1) needs a replacement that pads at
+    run time (:class:`SamePad`); methods that pad by themselves (basis, tt) cannot carry it."""
+    if spec.dynamic_same and spec.kernel_volume > 1 and not any(isinstance(m, SamePad) for m in new.modules()):
+        raise UnsupportedLayer(f"{method}: dynamic 'SAME' padding (timm's Conv2dSame) is not supported by this "
+                               "method (channel_svd, spatial_svd, tucker2, cp, depthwise and lowrank_sparse carry it)")
 
 
 def _layer_report(plan: _LayerPlan, new: Factorized, io_pair, counted: set[int] | None) -> LayerReport:
@@ -274,18 +455,23 @@ def _layer_report(plan: _LayerPlan, new: Factorized, io_pair, counted: set[int] 
         with torch.no_grad():
             out_err = relative_error(new(io_pair[0]), io_pair[1])
     return LayerReport(plan.name, method.name, tuple(plan.ranks), spec.dense_params(), after.params,
-                       spec.dense_macs(size), after.macs, weight_err, out_err)
+                       spec.dense_macs(size) * plan.tokens, after.macs * plan.tokens, weight_err, out_err)
 
 
-def _factorize_shared(plans: list[_LayerPlan]) -> dict[str, nn.Module]:
+def _factorize_shared(plans: list[_LayerPlan]) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Layers of rules whose method fits them jointly (:attr:`Method.joint`, e.g. ``basis`` with
-    ``share``): one :meth:`Method.factorize_shared` call per rule -> ``{name: module}``."""
+    ``share``): one :meth:`Method.factorize_shared` call per rule -> (``{name: module}``,
+    ``{name: reason}`` of the layers of a group whose joint fit failed)."""
     by_rule: dict[int, list[_LayerPlan]] = {}
     for plan in plans:
         if plan.method.joint:
             by_rule.setdefault(plan.rule.index, []).append(plan)
     out: dict[str, nn.Module] = {}
+    failed: dict[str, str] = {}
     for group in by_rule.values():
         method = group[0].method
-        out.update(method.factorize_shared({p.name: p.layer for p in group}, {p.name: p.ranks for p in group}))
-    return out
+        try:
+            out.update(method.factorize_shared({p.name: p.layer for p in group}, {p.name: p.ranks for p in group}))
+        except Exception as exc:     # noqa: BLE001 - a failed group leaves its layers dense
+            failed.update({p.name: f"{method.name} (shared) failed: {_describe(exc)}" for p in group})
+    return out, failed

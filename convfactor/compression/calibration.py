@@ -8,7 +8,9 @@ sample of what that layer received:
   data), and samples beyond the budget are dropped by reservoir sampling (uniform over all seen);
 * ``nn.Linear`` layers: rows ``(P, in_features)`` (leading axes flattened), reservoir-sampled.
 
-Sampling is seeded, so the same batches give the same calibration set.
+Sampling is seeded, so the same batches give the same calibration set.  The model runs on copies
+of the batches (:func:`clone_tree`): a model that scales its input in place (``x *= 255``) must not
+change the caller's tensors.
 """
 from __future__ import annotations
 
@@ -19,10 +21,29 @@ from torch import nn
 
 from ..utils import eval_mode
 
-__all__ = ["collect_inputs", "as_batches"]
+__all__ = ["collect_inputs", "as_batches", "clone_tree"]
 
 #: keep at least this many samples per layer when cropping to the budget
 MIN_ITEMS = 8
+
+
+def clone_tree(value):
+    """A copy of every tensor in ``value`` (nested tuples, lists and dicts); other objects as they are.
+
+    Forward passes that only observe a model (capture, calibration, counting) run on such copies."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):            # a namedtuple
+        return type(value)(*(clone_tree(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(clone_tree(v) for v in value)
+    if isinstance(value, dict):
+        items = {k: clone_tree(v) for k, v in value.items()}
+        try:
+            return type(value)(items)
+        except TypeError:           # a mapping type that needs other constructor arguments
+            return items
+    return value
 
 
 def as_batches(calibration) -> list:
@@ -115,7 +136,7 @@ def collect_inputs(model: nn.Module, layer_names: Iterable[str], calibration_bat
     try:
         with eval_mode(model):
             for batch in as_batches(calibration_batches):
-                model(*(batch if isinstance(batch, tuple) else (batch,)))
+                model(*clone_tree(batch if isinstance(batch, tuple) else (batch,)))
     finally:
         for h in handles:
             h.remove()

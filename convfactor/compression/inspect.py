@@ -1,7 +1,8 @@
 """Per-layer facts of a model: shapes, params, MACs, condition number, energy ranks.
 
 The condition number is that of the (N x C/g*kh*kw) kernel matrix (the largest over groups),
-``kappa = s_max / s_min``; the energy ranks are those of the same matrix's spectrum.
+``kappa = s_max / s_min``; the energy ranks are those of the same matrix's spectrum.  MACs are per
+sample; a Linear counts once per token (its input's numel / in_features), as :func:`convfactor.count`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ..methods.base import energy_rank
 from ..methods.channel_svd import grouped_matrix
 from ..methods.linalg import singular_values
 from ..spec.convspec import ConvSpec
-from .api import _si, capture_layer_io
+from .api import _si, _tokens, capture_layer_io, check_finite
 from .surgery import candidate_layers
 
 __all__ = ["inspect_model", "layer_facts", "condition_number", "format_facts"]
@@ -28,25 +29,30 @@ def condition_number(singular_values: torch.Tensor) -> float:
     return float(kappa.max())
 
 
-def layer_facts(name: str, layer: nn.Module, input_size=()) -> dict[str, Any]:
-    """Shape, params, MACs at ``input_size``, condition number and energy ranks of one layer."""
+def layer_facts(name: str, layer: nn.Module, input_size=(), tokens: int = 1) -> dict[str, Any]:
+    """Shape, params, MACs at ``input_size`` (times ``tokens``: a Linear's applications per sample),
+    condition number and energy ranks of one layer.  NaN / Inf weights are a ValueError."""
     spec = ConvSpec.from_module(layer)
+    check_finite(layer.weight, f"{name}.weight")
     s = singular_values(grouped_matrix(layer.weight.detach().double(), spec.groups))
     return {"name": name, "type": type(layer).__name__, "shape": list(layer.weight.shape),
             "groups": spec.groups, "stride": list(spec.stride), "params": spec.dense_params(),
-            "macs": spec.dense_macs(input_size), "kappa": condition_number(s), "full_rank": int(s.shape[-1]),
+            "macs": spec.dense_macs(input_size) * tokens, "kappa": condition_number(s), "full_rank": int(s.shape[-1]),
             "rank90": energy_rank(s, 0.90), "rank99": energy_rank(s, 0.99),
             "singular_values": s.max(0).values.tolist() if s.shape[0] > 1 else s[0].tolist()}
 
 
 def inspect_model(model: nn.Module, example_input=None) -> list[dict[str, Any]]:
-    """Facts for every Conv/Linear layer; MACs at ``example_input``'s sizes (per sample if None)."""
+    """Facts for every Conv/Linear layer that can be factorized; MACs per sample at
+    ``example_input``'s sizes (per output position / token if None)."""
     layers = candidate_layers(model)
     io = capture_layer_io(model, layers, example_input) if example_input is not None else {}
+    batch = next(iter(example_input if isinstance(example_input, tuple) else (example_input,))).shape[0] \
+        if example_input is not None else 1
     facts = []
     for name, layer in layers.items():
         size = tuple(io[name][0].shape[2:]) if name in io and not isinstance(layer, nn.Linear) else ()
-        facts.append(layer_facts(name, layer, size))
+        facts.append(layer_facts(name, layer, size, _tokens(ConvSpec.from_module(layer), io.get(name), batch)))
     return facts
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 __all__ = ["set_malloc", "malloc_setting", "malloc_description", "MODES", "FAST_ALLOCATORS", "preloaded_allocator",
            "fast_allocator", "reexec_with_fast_allocator"]
 
-MODES = ("default", "retain")
+MODES = ("default", "retain", "auto")
 #: shared libraries a process can preload for a faster allocator, in order of preference
 FAST_ALLOCATORS = {"jemalloc": ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                                 "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2"),
@@ -73,6 +73,7 @@ def _libc_mallopt():
 def set_malloc(mode: str) -> str:
     """Set the process's allocator mode; returns the setting as recorded (see :func:`malloc_setting`).
 
+    ``"auto"``: a preloaded jemalloc/tcmalloc is kept as it is, else ``"retain"``;
     ``"retain"``: large blocks come from the heap and freed memory is kept for reuse;
     ``"default"``: glibc's documented defaults for future allocations (its adaptive mmap threshold
     starts over); memory the process already holds in its heap is still reused, so to time the true
@@ -81,6 +82,8 @@ def set_malloc(mode: str) -> str:
     """
     if mode not in MODES:
         raise ValueError(f"malloc mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "auto":          # keep a preloaded jemalloc/tcmalloc (see reexec_with_fast_allocator), else retain
+        return malloc_setting() if preloaded_allocator() else set_malloc("retain")
     mallopt = _libc_mallopt()
     if mallopt is None:
         _state.update(mode="default", why="mallopt not available (not glibc): allocator untouched")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..compression.calibration import clone_tree
 from ..utils import eval_mode
 
 __all__ = ["count", "count_params"]
@@ -33,11 +34,12 @@ def count(model: nn.Module, example_input) -> dict[str, Any]:
     """``{'params', 'macs', 'flops', 'input_shape', 'layers': {name: {'params', 'macs', 'flops'}}}``.
 
     ``layers`` lists every leaf module that holds parameters or does counted arithmetic.
-    Totals are for one forward pass on ``example_input`` (a tensor or a tuple of tensors).
+    Totals are for one forward pass on ``example_input`` (a tensor or a tuple of tensors; the model
+    runs on a copy, so a model that changes its input in place leaves the caller's as it was).
     """
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     with eval_mode(model), FlopCounterMode(display=False) as counter:
-        model(*inputs)
+        model(*clone_tree(inputs))
     raw = counter.get_flop_counts()
     prefix = type(model).__name__
     flops_by_name = {}

@@ -8,7 +8,7 @@ so ``registry.get("cp", form="folded")`` is a value that every hook below reads 
 The hooks the rest of the package calls, and nothing else:
 
 * class attributes: ``name``, ``n_ranks``, ``rank_names``, ``supports_linear``, ``supported_dims``,
-  ``supports_energy``, ``uses_calibration`` and ``factor_names`` (required);
+  ``supports_transposed``, ``supports_energy``, ``uses_calibration`` and ``factor_names`` (required);
 * rank arithmetic: :meth:`~Method.full_rank` (abstract), :meth:`~Method.max_rank`,
   :meth:`~Method.expand_rank`, :meth:`~Method.validate_ranks`, :meth:`~Method.scaled_ranks`,
   :meth:`~Method.ranks_for_macs` and :meth:`~Method.resolve_ranks` (a ``rank`` / ``macs_ratio`` /
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
@@ -167,6 +168,9 @@ class Method(abc.ABC):
     supports_linear: ClassVar[bool] = False
     #: spatial dimensionalities supported (1 = Conv1d, 2 = Conv2d, 3 = Conv3d)
     supported_dims: ClassVar[tuple[int, ...]] = (2,)
+    #: accepts ``nn.ConvTranspose1d/2d/3d`` (``spec.transposed``); :meth:`check` refuses them otherwise,
+    #: also in a subclass that overrides :meth:`check` without calling this one (see ``__init_subclass__``)
+    supports_transposed: ClassVar[bool] = False
     #: whether an ``energy`` target is defined (then :meth:`spectra` is implemented)
     supports_energy: ClassVar[bool] = True
     #: :meth:`factorize` fits the layer's responses itself when given ``calibration=`` (data-aware
@@ -214,8 +218,18 @@ class Method(abc.ABC):
                           options=self.for_layer(spec).recipe())
 
     # ------------------------------------------------------------------ applicability
+    def __init_subclass__(cls, **kwargs):
+        """A subclass's own :meth:`check` is wrapped so that a transposed conv is refused first
+        (unless ``supports_transposed``): its math reads the weight as ``(N, C/g, *k)``, and a
+        transposed conv's is ``(C, N/g, *k)``, so it would otherwise be silently wrong."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("check")
+        if own is not None and not getattr(own, "refuses_transposed", False):
+            cls.check = _refusing_transposed(own)
+
     def check(self, spec: ConvSpec) -> None:
         """Raise :class:`UnsupportedLayer` with a reason if this method cannot handle ``spec``."""
+        _check_transposed(self, spec)
         if spec.is_linear:
             if not self.supports_linear:
                 raise UnsupportedLayer(f"{self.name}: nn.Linear is not supported (use 'linear_svd' or 'tt')")
@@ -342,6 +356,25 @@ class Method(abc.ABC):
         """Replacements for ``layers`` (name -> layer, each resolved to ``ranks[name]``) fitted
         jointly, e.g. sharing one tensor.  Default: not supported."""
         raise ValueError(f"{self.name}: fitting several layers jointly ('share') is not supported")
+
+
+def _check_transposed(method: Method, spec: ConvSpec) -> None:
+    if spec.transposed and not method.supports_transposed:
+        raise UnsupportedLayer(f"{method.name}: ConvTranspose{spec.dim}d is not supported "
+                               f"(use 'channel_svd' or 'tucker2')")
+
+
+def _refusing_transposed(check):
+    """``check`` preceded by the transposed-conv refusal of :meth:`Method.check`."""
+    @functools.wraps(check)
+    def guarded(self, spec: ConvSpec) -> None:
+        _check_transposed(self, spec)
+        return check(self, spec)
+    guarded.refuses_transposed = True
+    return guarded
+
+
+Method.check.refuses_transposed = True
 
 
 def copy_into(module: nn.Module, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:

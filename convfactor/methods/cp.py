@@ -71,6 +71,10 @@ import torch
 
 from ..spec.convspec import ConvSpec, conv_of, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
+from .linalg import iteration_progress, truncated_svd
+
+#: ``precision=`` choices of :func:`cp_als`
+PRECISIONS = ("auto", "float64")
 
 __all__ = ["CP", "cp_als", "exact_cp", "cp_reconstruct", "CPResult"]
 
@@ -223,7 +227,7 @@ def _khatri_rao(spatial: list[torch.Tensor], b: int, r: int, like: torch.Tensor)
 
 def cp_als(tensor: torch.Tensor, rank: int, *, n_iter: int = 50, tol: float = 1e-6, init: str = "svd",
            damping: float = 1e-7, seed: int = 0, precision: str = "auto", linesearch: bool = True,
-           factors: Sequence[torch.Tensor] | None = None) -> CPResult:
+           factors: Sequence[torch.Tensor] | None = None, callback=None) -> CPResult:
     """Rank-``rank`` CP of a batch of tensors by damped ALS.
 
     ``tensor: (B, N, C, k_0, ..., k_{d-1})`` (``d >= 0``; a leading batch axis, e.g. conv groups)
@@ -236,7 +240,12 @@ def cp_als(tensor: torch.Tensor, rank: int, *, n_iter: int = 50, tol: float = 1e
     MTTKRP GEMMs and the two channel-mode Grams of a large problem (``N*C*K*R >= 2**22``) run in
     float32 while the error is above ``1e-3``: their relative round-off (~1e-6) is far below the
     fit error there, and they are 2-3x faster; later sweeps, the normal equations and the error
-    tracking are float64.  ``precision="float64"`` keeps everything in float64.
+    tracking are float64.  ``precision="float64"`` keeps everything in float64.  (A float32-only
+    mode is not offered: with float32 MTTKRPs the error stalls and jitters around 1e-4, so "auto"
+    already takes all the speed float32 can give.)
+
+    A long fit shows a per-sweep progress bar on a terminal (:func:`.linalg.iteration_progress`);
+    ``callback(sweep, n_iter, error)`` is called after every sweep.
     """
     if tensor.dim() < 3:
         raise ValueError(f"cp_als needs a (B, N, C, ...) tensor, got shape {tuple(tensor.shape)}")
@@ -244,8 +253,8 @@ def cp_als(tensor: torch.Tensor, rank: int, *, n_iter: int = 50, tol: float = 1e
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if precision not in ("auto", "float64"):
-        raise ValueError(f"precision must be 'auto' or 'float64', got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if not (n_iter >= 0 and tol >= 0 and damping > 0):
         raise ValueError("need n_iter >= 0, tol >= 0 and damping > 0")
     t = tensor.detach().to(torch.float64)
@@ -282,86 +291,88 @@ def cp_als(tensor: torch.Tensor, rank: int, *, n_iter: int = 50, tol: float = 1e
     it = 0
     cached_x = None                  # X = T x_c B of an accepted line-search point
     acc_pow, acc_fail = 2.0, 0       # extrapolation step it**(1/acc_pow), as in TensorLy's parafac
-    for it in range(1, n_iter + 1):
-        previous = (a, bf, list(spatial))
-        # ---- a: MTTKRP via X = T x_c B, then contract the spatial Khatri-Rao product
-        kr = _khatri_rao(spatial, b, rank, t)                              # (B, K, R)
-        low = mixed and (not errors or errors[-1] > 1e-3)
-        wd = torch.float32 if low else torch.float64   # the big (N|C, K, R) intermediates
-        if cached_x is not None and cached_x.dtype == wd:
-            x = cached_x
-        else:
-            x = ((t32_nkc if low else t_nkc) @ bf.to(wd)).reshape(b, n, k, rank)
-        cached_x = None
-        m_a = (x * kr.to(wd).unsqueeze(1)).sum(2).double()
-        v = _hadamard([gram_b, *grams_s])
-        a, _ = _prox(v, m_a, a, damping, floor)
-        gram_a = _gram(a, low)
-        # ---- spatial factors: Q = X x_n A, a (B, K, R) tensor
-        if spatial:
-            q = (x * a.to(wd).unsqueeze(2)).sum(1).double().reshape(b, *sdims, rank)
-            for ax in range(len(spatial)):
-                m_s = _spatial_mttkrp(q, spatial, ax)
-                v = _hadamard([gram_a, gram_b, *(g for j, g in enumerate(grams_s) if j != ax)])
-                spatial[ax], _ = _prox(v, m_s, spatial[ax], damping, floor)
-                grams_s[ax] = spatial[ax].transpose(1, 2) @ spatial[ax]
-            kr = _khatri_rao(spatial, b, rank, t)
-        del x
-        # ---- b: MTTKRP via Y = T x_n A
-        y = ((t32_cn if low else t_cn) @ a.to(wd)).reshape(b, c, k, rank)
-        m_b = (y * kr.to(wd).unsqueeze(1)).sum(2).double()
-        del y
-        v = _hadamard([gram_a, *grams_s])
-        bf, _ = _prox(v, m_b, bf, damping, floor)
-        gram_b = _gram(bf, low)
-        # ---- error from Grams and the last MTTKRP: ||T||^2 - 2<T, model> + ||model||^2
-        inner = (bf * m_b).sum((1, 2))
-        model2 = (v * gram_b).sum((1, 2))
-        errors.append(_error(t, norm2, total2, inner, model2, [a, bf, *spatial]))
-        # ---- rebalance column norms (the model and hence the error are unchanged)
-        grams = [gram_a, gram_b, *grams_s]
-        norms = torch.stack([g.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt() for g in grams])   # (M, B, R)
-        geo = norms.clamp_min(1e-300).log().mean(0).exp()
-        ok = (norms > 0).all(0)
-        sc = torch.where(ok, geo / norms.clamp_min(1e-300), torch.ones_like(norms))
-        a, bf = a * sc[0].unsqueeze(1), bf * sc[1].unsqueeze(1)
-        gram_a = gram_a * sc[0].unsqueeze(1) * sc[0].unsqueeze(2)
-        gram_b = gram_b * sc[1].unsqueeze(1) * sc[1].unsqueeze(2)
-        for j in range(len(spatial)):
-            s = sc[2 + j]
-            spatial[j] = spatial[j] * s.unsqueeze(1)
-            grams_s[j] = grams_s[j] * s.unsqueeze(1) * s.unsqueeze(2)
-        # ---- line search (Bro's extrapolation): try previous + s * (the sweep's step),
-        # keep it only if the error drops, so the sequence stays non-increasing.  When kept, its
-        # X = T x_c B is the next sweep's first MTTKRP.
-        if linesearch and it > 2 and errors[-1] > 1e-13:
-            step = it ** (1.0 / acc_pow)
-            cand = [p + step * (f - p) for p, f in zip([previous[0], previous[1], *previous[2]], [a, bf, *spatial])]
-            ca, cb, cs = cand[0], cand[1], cand[2:]
-            ckr = _khatri_rao(cs, b, rank, t)
-            cx = ((t32_nkc if low else t_nkc) @ cb.to(wd)).reshape(b, n, k, rank)
-            c_inner = (ca * (cx * ckr.to(wd).unsqueeze(1)).sum(2).double()).sum((1, 2))
-            c_grams = [_gram(ca, low), _gram(cb, low), *[f.transpose(1, 2) @ f for f in cs]]
-            c_model2 = c_grams[0]
-            for g in c_grams[1:]:
-                c_model2 = c_model2 * g
-            c_err = _error(t, norm2, total2, c_inner, c_model2.sum((1, 2)), cand)
-            if c_err < errors[-1]:
-                a, bf, spatial = ca, cb, list(cs)
-                gram_a, gram_b, grams_s = c_grams[0], c_grams[1], c_grams[2:]
-                errors[-1] = c_err
-                cached_x = cx
-                acc_fail = 0
+    with iteration_progress(n_iter, f"cp als rank {rank} {tuple(t.shape[1:])}", callback) as report:
+        for it in range(1, n_iter + 1):
+            previous = (a, bf, list(spatial))
+            # ---- a: MTTKRP via X = T x_c B, then contract the spatial Khatri-Rao product
+            kr = _khatri_rao(spatial, b, rank, t)                              # (B, K, R)
+            low = mixed and (not errors or errors[-1] > 1e-3)
+            wd = torch.float32 if low else torch.float64   # the big (N|C, K, R) intermediates
+            if cached_x is not None and cached_x.dtype == wd:
+                x = cached_x
             else:
-                acc_fail += 1
-                if acc_fail == 4:
-                    acc_pow, acc_fail = acc_pow + 1.0, 0
-        if len(errors) > 1 and abs(errors[-2] - errors[-1]) <= tol * max(errors[-2], 1e-300):
-            converged = True
-            break
-        if errors[-1] < 1e-13:
-            converged = True
-            break
+                x = ((t32_nkc if low else t_nkc) @ bf.to(wd)).reshape(b, n, k, rank)
+            cached_x = None
+            m_a = (x * kr.to(wd).unsqueeze(1)).sum(2).double()
+            v = _hadamard([gram_b, *grams_s])
+            a, _ = _prox(v, m_a, a, damping, floor)
+            gram_a = _gram(a, low)
+            # ---- spatial factors: Q = X x_n A, a (B, K, R) tensor
+            if spatial:
+                q = (x * a.to(wd).unsqueeze(2)).sum(1).double().reshape(b, *sdims, rank)
+                for ax in range(len(spatial)):
+                    m_s = _spatial_mttkrp(q, spatial, ax)
+                    v = _hadamard([gram_a, gram_b, *(g for j, g in enumerate(grams_s) if j != ax)])
+                    spatial[ax], _ = _prox(v, m_s, spatial[ax], damping, floor)
+                    grams_s[ax] = spatial[ax].transpose(1, 2) @ spatial[ax]
+                kr = _khatri_rao(spatial, b, rank, t)
+            del x
+            # ---- b: MTTKRP via Y = T x_n A
+            y = ((t32_cn if low else t_cn) @ a.to(wd)).reshape(b, c, k, rank)
+            m_b = (y * kr.to(wd).unsqueeze(1)).sum(2).double()
+            del y
+            v = _hadamard([gram_a, *grams_s])
+            bf, _ = _prox(v, m_b, bf, damping, floor)
+            gram_b = _gram(bf, low)
+            # ---- error from Grams and the last MTTKRP: ||T||^2 - 2<T, model> + ||model||^2
+            inner = (bf * m_b).sum((1, 2))
+            model2 = (v * gram_b).sum((1, 2))
+            errors.append(_error(t, norm2, total2, inner, model2, [a, bf, *spatial]))
+            # ---- rebalance column norms (the model and hence the error are unchanged)
+            grams = [gram_a, gram_b, *grams_s]
+            norms = torch.stack([g.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt() for g in grams])   # (M, B, R)
+            geo = norms.clamp_min(1e-300).log().mean(0).exp()
+            ok = (norms > 0).all(0)
+            sc = torch.where(ok, geo / norms.clamp_min(1e-300), torch.ones_like(norms))
+            a, bf = a * sc[0].unsqueeze(1), bf * sc[1].unsqueeze(1)
+            gram_a = gram_a * sc[0].unsqueeze(1) * sc[0].unsqueeze(2)
+            gram_b = gram_b * sc[1].unsqueeze(1) * sc[1].unsqueeze(2)
+            for j in range(len(spatial)):
+                s = sc[2 + j]
+                spatial[j] = spatial[j] * s.unsqueeze(1)
+                grams_s[j] = grams_s[j] * s.unsqueeze(1) * s.unsqueeze(2)
+            # ---- line search (Bro's extrapolation): try previous + s * (the sweep's step),
+            # keep it only if the error drops, so the sequence stays non-increasing.  When kept, its
+            # X = T x_c B is the next sweep's first MTTKRP.
+            if linesearch and it > 2 and errors[-1] > 1e-13:
+                step = it ** (1.0 / acc_pow)
+                cand = [p + step * (f - p) for p, f in zip([previous[0], previous[1], *previous[2]], [a, bf, *spatial])]
+                ca, cb, cs = cand[0], cand[1], cand[2:]
+                ckr = _khatri_rao(cs, b, rank, t)
+                cx = ((t32_nkc if low else t_nkc) @ cb.to(wd)).reshape(b, n, k, rank)
+                c_inner = (ca * (cx * ckr.to(wd).unsqueeze(1)).sum(2).double()).sum((1, 2))
+                c_grams = [_gram(ca, low), _gram(cb, low), *[f.transpose(1, 2) @ f for f in cs]]
+                c_model2 = c_grams[0]
+                for g in c_grams[1:]:
+                    c_model2 = c_model2 * g
+                c_err = _error(t, norm2, total2, c_inner, c_model2.sum((1, 2)), cand)
+                if c_err < errors[-1]:
+                    a, bf, spatial = ca, cb, list(cs)
+                    gram_a, gram_b, grams_s = c_grams[0], c_grams[1], c_grams[2:]
+                    errors[-1] = c_err
+                    cached_x = cx
+                    acc_fail = 0
+                else:
+                    acc_fail += 1
+                    if acc_fail == 4:
+                        acc_pow, acc_fail = acc_pow + 1.0, 0
+            report(it, errors[-1])
+            if len(errors) > 1 and abs(errors[-2] - errors[-1]) <= tol * max(errors[-2], 1e-300):
+                converged = True
+                break
+            if errors[-1] < 1e-13:
+                converged = True
+                break
     return CPResult([a, bf, *spatial], errors, it if n_iter else 0, converged)
 
 
@@ -408,11 +419,11 @@ def _prox(gram, mttkrp, old, damping, floor):
 
 
 def _truncated_svd_cp(matrices: torch.Tensor, rank: int) -> list[torch.Tensor]:
-    """Optimal rank-``rank`` CP of a batch of matrices ``(B, N, C)`` (balanced SVD factors)."""
-    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
-    k = min(rank, s.shape[-1])
-    root = s[..., :k].sqrt().unsqueeze(1)
-    a, b = u[..., :k] * root, vh[..., :k, :].transpose(1, 2) * root
+    """Optimal rank-``rank`` CP of a batch of matrices ``(B, N, C)``: balanced factors of
+    :func:`.linalg.truncated_svd`, zero-padded to ``rank`` terms."""
+    k = min(rank, *matrices.shape[1:])
+    left, right = truncated_svd(matrices, k)
+    a, b = left, right.transpose(1, 2)
     if k < rank:
         a = torch.cat([a, a.new_zeros(a.shape[0], a.shape[1], rank - k)], 2)
         b = torch.cat([b, b.new_zeros(b.shape[0], b.shape[1], rank - k)], 2)
@@ -445,7 +456,7 @@ class CP(Method):
 
     def __post_init__(self):
         for option, value, allowed in (("form", self.form, FORMS), ("init", self.init, INITS),
-                                       ("precision", self.precision, ("auto", "float64"))):
+                                       ("precision", self.precision, PRECISIONS)):
             if value not in allowed:
                 raise ValueError(f"cp: {option} must be one of {allowed}, got {value!r}")
 

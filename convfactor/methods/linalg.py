@@ -12,14 +12,45 @@ Two ways to a truncated SVD, each where it is fastest and accurate enough:
   ``O(eps ||M||^2)`` in squared error. Tiny singular values are not resolved, so condition numbers
   must not come from it.
 
+Cost options (issue 14, "cost limits"), taken by :func:`truncated_svd` and by methods that expose
+them as ``svd=`` / ``precision=`` fields (validated by :func:`check_svd_options`):
+
+* ``svd="exact"`` (default): LAPACK below the full rank.  *At* the full rank every route is exact
+  (the kept subspace is the whole column space), so a large matrix takes the Gram route there:
+  the full-rank channel SVD of VGG-11's 4096 x 25088 classifier is a 4096 x 4096 ``eigh`` instead
+  of a 25088 x 4096 SVD (all of VGG-11 at full rank in float64: 23 s here, against more than 300 s).
+* ``svd="gram"``: always the Gram route (see above).
+* ``svd="randomized"``: a seeded randomized range finder with power iterations (Halko, Martinsson,
+  Tropp, "Finding Structure with Randomness", SIAM Review 2011, Alg. 4.4 and 5.1; the algorithm
+  of ``torch.svd_lowrank``, written out so it draws from its own generator and leaves the global
+  RNG alone) when the rank is well below full; otherwise the Gram route.  Near-optimal, not optimal.
+* ``precision="float32"``: the decomposition runs in float32 (factors are returned in the input's
+  dtype): for float32 models, where float64 accuracy is not needed.
+
+:func:`iteration_progress` is the per-iteration progress of the long solvers (CP's ALS, the
+low-rank + sparse ADMM): a tqdm bar on an interactive terminal, and an optional callback.
+
 Hand-written because torch.linalg has no truncated, balanced factorization.
 """
 from __future__ import annotations
 
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
 import torch
 
 __all__ = ["truncated_svd", "singular_values", "top_eigh", "gram_singular_values", "truncated_factors",
-           "leading_left"]
+           "leading_left", "randomized_factors", "shrink_singular_values", "check_svd_options", "SVD_MODES",
+           "PRECISIONS", "iteration_progress"]
+
+#: ``svd=`` choices (see the module docstring)
+SVD_MODES = ("exact", "gram", "randomized")
+#: ``precision=`` choices
+PRECISIONS = ("float64", "float32")
+#: above this many ``m * n * min(m, n)`` multiply-adds a full-rank request takes the Gram route
+LARGE_SVD = 2 ** 24
 
 
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
@@ -27,12 +58,40 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(matrix.mT if matrix.shape[-2] < matrix.shape[-1] else matrix)
 
 
-def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def check_svd_options(owner: str, svd: str, precision: str) -> None:
+    """A one-line ValueError naming ``owner`` unless ``svd`` is in :data:`SVD_MODES` and ``precision``
+    in :data:`PRECISIONS`."""
+    if svd not in SVD_MODES:
+        raise ValueError(f"{owner}: svd must be one of {SVD_MODES}, got {svd!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"{owner}: precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int, *, svd: str = "exact", precision: str = "float64",
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced rank-``rank`` factors of a batch of matrices.
 
     ``matrix: (..., m, n)`` -> ``left: (..., m, r)``, ``right: (..., r, n)`` with
-    ``left @ right`` the optimal rank-r approximation.
+    ``left @ right`` the optimal rank-r approximation (``svd="exact"``, ``"gram"``; near-optimal
+    with ``"randomized"``), in ``matrix``'s dtype.  Exact at the full rank ``min(m, n)`` whatever
+    the options (up to float32 round-off with ``precision="float32"``).  ``seed``: the randomized
+    route's generator.
     """
+    check_svd_options("truncated_svd", svd, precision)
+    m, n = matrix.shape[-2:]
+    work = matrix.float() if precision == "float32" and matrix.dtype == torch.float64 else matrix
+    full = rank >= min(m, n)
+    if svd == "gram" or (full and m * n * min(m, n) >= LARGE_SVD):
+        left, right = truncated_factors(work, min(rank, m, n))
+    elif svd == "randomized" and not full:
+        left, right = randomized_factors(work, rank, seed=seed)
+    else:
+        left, right = _lapack_factors(work, rank)
+    return left.to(matrix.dtype), right.to(matrix.dtype)
+
+
+def _lapack_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`truncated_svd` by LAPACK's SVD."""
     if matrix.shape[-2] < matrix.shape[-1]:       # LAPACK is ~4x faster on the tall orientation
         v, s, uh = torch.linalg.svd(matrix.mT, full_matrices=False)
         u, vh = uh.mT, v.mT
@@ -115,3 +174,93 @@ def leading_left(matrix: torch.Tensor, rank: int, generator: torch.Generator | N
         spanning = torch.cat([spanning, extra.to(matrix.device)], dim=-1)
     q, _ = torch.linalg.qr(spanning)
     return q, values.clamp_min(0).sum(-1)
+
+
+def _orthonormal(columns: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(columns).Q
+
+
+def randomized_factors(matrix: torch.Tensor, rank: int, *, oversample: int = 10, power_iters: int = 2,
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Near-optimal balanced rank-``rank`` factors by a randomized range finder.
+
+    Halko, Martinsson, Tropp 2011: Alg. 4.4 (randomized subspace iteration, ``power_iters`` steps,
+    re-orthonormalized each half-step) for an orthonormal ``Q: (..., m, q)``, ``q = rank +
+    oversample``, then Alg. 5.1: the optimal rank-``rank`` factors of the small ``Q^T M: (..., q, n)``
+    (:func:`truncated_factors`), ``left = Q left_small``.  ``matrix: (..., m, n)`` ->
+    ``left: (..., m, r)``, ``right: (..., r, n)``.  Seeded (its own generator); when ``q`` reaches
+    ``min(m, n)`` there is nothing to gain and :func:`truncated_factors` is used instead.
+    """
+    m, n = matrix.shape[-2:]
+    q = rank + oversample
+    if q >= min(m, n):
+        return truncated_factors(matrix, rank)
+    gen = torch.Generator().manual_seed(int(seed))
+    omega = torch.randn(*matrix.shape[:-2], n, q, generator=gen, dtype=matrix.dtype).to(matrix.device)
+    basis = _orthonormal(matrix @ omega)                                      # (..., m, q)
+    for _ in range(power_iters):
+        basis = _orthonormal(matrix @ _orthonormal(matrix.mT @ basis))
+    left, right = truncated_factors(basis.mT @ matrix, rank)                  # (..., q, r), (..., r, n)
+    return basis @ left, right
+
+
+def shrink_singular_values(matrix: torch.Tensor, tau: float) -> torch.Tensor:
+    """Singular value thresholding ``U max(S - tau, 0) V^T`` of ``matrix: (m, n)`` (Cai, Candes, Shen 2010),
+    via the eigendecomposition of the smaller Gram matrix.
+
+    With ``M M^T = U S^2 U^T`` (``m <= n``): ``SVT(M) = U f(S) U^T M``, ``f(s) = max(s - tau, 0) / s``
+    (0 where ``s <= tau``, so no small singular value is divided by).  One ``m x m`` ``eigh`` and two
+    ``m x m x n`` products (the Gram matrix and the projection) instead of an SVD: the inner step of
+    the low-rank + sparse ADMM.
+    Singular values below ``~sqrt(eps) s_max`` are not resolved, which matters only for ``tau`` that small.
+    """
+    m, n = matrix.shape[-2:]
+    if m > n:
+        return shrink_singular_values(matrix.mT, tau).mT
+    values, vectors = torch.linalg.eigh(matrix @ matrix.mT)
+    s = values.clamp_min(0).sqrt()
+    keep = s > tau
+    factor = torch.where(keep, (s - tau) / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
+    return ((vectors * factor.unsqueeze(-2)) @ vectors.mT) @ matrix       # m^3 + m^2 n multiply-adds
+
+
+def _progress_bar(total: int, desc: str):
+    """A tqdm bar on an interactive stderr (None when tqdm is missing or stderr is not a TTY); it
+    appears only after 2 s, so quick problems print nothing, and leaves no line behind."""
+    if not getattr(sys.stderr, "isatty", lambda: False)():
+        return None
+    try:
+        from tqdm.auto import tqdm          # optional dependency
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=False, delay=2.0, unit="it", file=sys.stderr)
+
+
+@contextmanager
+def iteration_progress(total: int, desc: str, callback: Callable[[int, int, float | None], None] | None = None,
+                       metric: str = "error") -> Iterator[Callable[[int, float | None], None]]:
+    """Report the iterations of a long solver: ``with iteration_progress(n, "cp als") as step: ...
+    step(i, error)``.
+
+    ``step(i, error)`` advances a tqdm bar (interactive terminals only, see :func:`_progress_bar`;
+    ``error`` shown as ``metric=...``) and calls ``callback(i, total, error)`` when given (``i``
+    counts from 1; ``error`` may be None).
+    """
+    bar = _progress_bar(total, desc)
+    last_postfix = [0.0]
+
+    def step(i: int, error: float | None = None) -> None:
+        if bar is not None:
+            bar.update(i - bar.n)
+            now = time.monotonic()
+            if error is not None and now - last_postfix[0] > 0.5:
+                bar.set_postfix_str(f"{metric}={error:.3g}", refresh=False)
+                last_postfix[0] = now
+        if callback is not None:
+            callback(i, total, error)
+
+    try:
+        yield step
+    finally:
+        if bar is not None:
+            bar.close()

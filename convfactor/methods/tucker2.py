@@ -28,7 +28,11 @@ already the global optimum and nothing more runs.
 The leading singular vectors come from the eigendecomposition of the smaller Gram matrix (see
 :func:`convfactor.methods.spatial_svd.leading_left`): ``torch.linalg.svd`` of the 512 x 4608
 unfolding of a 512x512x3x3 kernel took 3-4 s here, against 0.05 s for Gram + eigh.
-Conv1d, Conv2d and Conv3d are supported.
+Conv1d, Conv2d and Conv3d are supported, and their transposed versions: a ``ConvTranspose`` weight
+``(C, N/g, *k)`` holds the same per-group kernel ``T[n, c, k]`` with the channel axes swapped, so the
+decomposition is the same; the core becomes a ConvTranspose ``r1 -> r2`` carrying stride, padding,
+output_padding and dilation between the two 1x1 convs (exact because the 1x1 channel mixes commute
+with the transposed conv's spatial scatter, see :mod:`convfactor.spec.convspec`).
 """
 from __future__ import annotations
 
@@ -164,6 +168,7 @@ class Tucker2(Method):
     n_ranks = 2
     rank_names = ("r1", "r2")          # r1: input-channel mode C, r2: output-channel mode N
     supported_dims = (1, 2, 3)
+    supports_transposed = True
     factor_names = ("first", "core", "last")
 
     def __post_init__(self):
@@ -201,22 +206,30 @@ class Tucker2(Method):
 
     def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *,
                   calibration=None) -> dict[str, torch.Tensor]:
-        """``weight: (N, C/g, *k)`` -> ``first: (g r1, C/g, 1..)``, ``core: (g r2, r1, *k)``, ``last: (N, r2, 1..)``."""
+        """``weight: (N, C/g, *k)`` -> ``first: (g r1, C/g, 1..)``, ``core: (g r2, r1, *k)``, ``last: (N, r2, 1..)``.
+
+        Transposed (``weight: (C, N/g, *k)``): the core is a ConvTranspose weight ``(g r1, r2, *k)``."""
         r1, r2 = ranks
         g = spec.groups
         ones = (1,) * spec.dim
         u1, core, u2, _ = tucker2(_grouped(weight, spec), r1, r2, iters=self.hooi_iters,
                                   tol=float(self.hooi_tol))
-        return {"first": u1.mT.reshape(g * r1, spec.in_per_group, *ones),
-                "core": core.reshape(g * r2, r1, *spec.kernel_size),
+        core = core.transpose(1, 2).reshape(g * r1, r2, *spec.kernel_size) if spec.transposed \
+            else core.reshape(g * r2, r1, *spec.kernel_size)
+        return {"first": u1.mT.reshape(g * r1, spec.in_per_group, *ones), "core": core,
                 "last": u2.reshape(spec.out_channels, r2, *ones)}
 
     def reconstruct(self, factors: dict[str, torch.Tensor], spec: ConvSpec) -> torch.Tensor:
         g, cg, ng = spec.groups, spec.in_per_group, spec.out_per_group
         first = factors["first"].reshape(g, -1, cg)                               # (g, r1, cg)
         r1 = first.shape[1]
-        core = factors["core"].reshape(g, -1, r1, spec.kernel_volume)             # (g, r2, r1, kv)
+        if spec.transposed:                                                       # (g r1, r2, *k)
+            core = factors["core"].reshape(g, r1, -1, spec.kernel_volume).transpose(1, 2)
+        else:
+            core = factors["core"].reshape(g, -1, r1, spec.kernel_volume)         # (g, r2, r1, kv)
         last = factors["last"].reshape(g, ng, -1)                                 # (g, ng, r2)
+        if spec.transposed:
+            return torch.einsum("gnb,gbak,gac->gcnk", last, core, first).reshape(spec.weight_shape)
         t = torch.einsum("gnb,gbak,gac->gnck", last, core, first)
         return t.reshape(spec.out_channels, cg, *spec.kernel_size)
 
@@ -233,7 +246,9 @@ class Tucker2(Method):
         return self.factorized(spec, ranks, first, core, last)
 
     def cost(self, spec: ConvSpec, ranks: Ranks, input_size: Sequence[int] = ()) -> Cost:
-        """``C r1`` MACs per input pixel, ``g r2 r1 kv + N r2`` per output pixel (the first 1x1 runs unstrided)."""
+        """``C r1`` MACs per input pixel, ``g r2 r1 kv + N r2`` per output pixel (the first 1x1 runs unstrided).
+
+        Transposed: the core's ``g r1 r2 kv`` is per *input* pixel (a ConvTranspose scatters each one)."""
         r1, r2 = ranks
         g = spec.groups
         pixels_in = math.prod(input_size)
@@ -241,10 +256,13 @@ class Tucker2(Method):
         first = spec.in_channels * r1
         core = g * r2 * r1 * spec.kernel_volume
         last = spec.out_channels * r2
+        core_pixels = pixels_in if spec.transposed else pixels_out
         return Cost(params=first + core + last + (spec.out_channels if spec.bias else 0),
-                    macs=pixels_in * first + pixels_out * (core + last))
+                    macs=pixels_in * first + core_pixels * core + pixels_out * last)
 
 
 def _grouped(weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """``(N, C/g, *k)`` -> ``(g, N/g, C/g, kv)``."""
+    """``(N, C/g, *k)`` -> ``(g, N/g, C/g, kv)``; a transposed conv's ``(C, N/g, *k)`` -> the same."""
+    if spec.transposed:
+        return weight.reshape(spec.groups, spec.in_per_group, spec.out_per_group, spec.kernel_volume).transpose(1, 2)
     return weight.reshape(spec.groups, spec.out_per_group, spec.in_per_group, spec.kernel_volume)

@@ -2,6 +2,12 @@
 
 Pretrained weights ship inside the package (``convfactor/weights/NAME.safetensors``) for the
 models listed by :func:`pretrained_names`; nothing is downloaded.
+
+``get`` also takes a spec (:mod:`convfactor.models.thirdparty`): ``torchvision:NAME``,
+``timm:NAME`` (optional extras: ``pip install 'convfactor[thirdparty]'``) or
+``package.module:factory``.  Every model's random initialisation is seeded (``seed=0`` by
+default, without touching torch's global generator), so two calls give the same weights: a plan
+made for ``get("resnet20")`` applies to the next ``get("resnet20")``.
 """
 from __future__ import annotations
 
@@ -9,11 +15,13 @@ import importlib
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
-from ..utils import UnknownName
+from ..utils import UnknownName, eval_mode
+from . import thirdparty
 
-__all__ = ["get", "names", "info", "pretrained_names", "register", "default_input", "WEIGHTS_DIR"]
+__all__ = ["get", "names", "info", "pretrained_names", "register", "default_input", "check_input", "WEIGHTS_DIR"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
@@ -57,6 +65,10 @@ def register(name: str, factory: Callable[..., nn.Module], input_shape=(3, 32, 3
 
 
 def info(name: str) -> dict:
+    """``{"name", "input_shape" (one sample, no batch axis; None if unknown), "task"[, "scale"]}``."""
+    if thirdparty.is_spec(name):
+        shape, task = thirdparty.facts(name)
+        return {"name": name, "input_shape": shape, "task": task}
     if name not in _ZOO:
         raise UnknownName(f"unknown model {name!r}; built-in models: {', '.join(names())}")
     _, shape, task = _ZOO[name]
@@ -67,19 +79,41 @@ def info(name: str) -> dict:
 
 
 def default_input(name: str, batch: int = 1):
-    import torch
-    return torch.randn(batch, *info(name)["input_shape"], generator=torch.Generator().manual_seed(0))
+    shape = info(name)["input_shape"]
+    if shape is None:
+        raise ValueError(f"{name} states no input size; give one (e.g. --input-size 1x3x224x224)")
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
 
 
-def get(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """Build the model ``name``; ``pretrained=True`` loads its shipped weights."""
+def _build(name: str, **kwargs) -> nn.Module:
+    if thirdparty.is_spec(name):
+        return thirdparty.build(name, **kwargs)
     if name in _CUSTOM:
-        model = _CUSTOM[name](**kwargs)
+        return _CUSTOM[name](**kwargs)
+    if name not in _ZOO:
+        raise UnknownName(f"unknown model {name!r}; built-in models: {', '.join(names())} "
+                          "(or torchvision:NAME, timm:NAME, package.module:factory)")
+    module_name, factory = _ZOO[name][0].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module_name}"), factory)(**kwargs)
+
+
+def get(name: str, pretrained: bool = False, *, seed: int | None = 0, **kwargs) -> nn.Module:
+    """Build the model ``name`` (a zoo name or a spec, see the module docstring) in eval mode.
+
+    Its random initialisation draws from a generator seeded with ``seed`` (None: torch's global
+    generator, as it stands), and torch's global random state is left as it was.
+    ``pretrained=True`` loads the shipped weights of a zoo model; third-party weights are never
+    downloaded (load your own with :func:`convfactor.load_weights`).
+    """
+    if pretrained and thirdparty.is_spec(name):
+        raise ValueError(f"{name}: convfactor ships no weights for it and never downloads any; "
+                         "load your own with --weights FILE (convfactor.load_weights)")
+    if seed is None:
+        model = _build(name, **kwargs)
     else:
-        if name not in _ZOO:
-            raise UnknownName(f"unknown model {name!r}; built-in models: {', '.join(names())}")
-        module_name, factory = _ZOO[name][0].split(":")
-        model = getattr(importlib.import_module(f"{__name__}.{module_name}"), factory)(**kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model = _build(name, **kwargs)
     if pretrained:
         file = WEIGHTS_DIR / f"{name}.safetensors"
         if not file.is_file():
@@ -88,3 +122,26 @@ def get(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
         from safetensors.torch import load_file
         model.load_state_dict(load_file(str(file)))
     return model.eval()
+
+
+def check_input(model: nn.Module, example: torch.Tensor) -> None:
+    """Run ``model`` once on a copy of ``example`` (eval mode, no grad); a model that cannot take an
+    input of that size gives a one-line ValueError naming the size instead of a traceback deep
+    inside a layer (e.g. ``1x4x32x32`` on an RGB model)."""
+    size = "x".join(str(v) for v in example.shape)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(example.clone())
+    except Exception as exc:  # noqa: BLE001 - any failure of the forward is the input's fault here
+        lines = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        raise ValueError(f"the model does not run on an input of size {size}{_stem_hint(model, example)} "
+                         f"({reason})") from exc
+
+
+def _stem_hint(model: nn.Module, example: torch.Tensor) -> str:
+    """``"; its first conv X takes C channels"`` when the example's channel count differs from it."""
+    first = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if first is None or example.dim() < 2 or example.shape[1] == first[1].in_channels:
+        return ""
+    return f"; its first conv {first[0]} takes {first[1].in_channels} input channels, not {example.shape[1]}"

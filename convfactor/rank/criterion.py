@@ -38,7 +38,8 @@ class RankConfig:
     ``round_to``: round ranks to a multiple (8, 16); ``kappa_threshold``: layers with
     ``kappa <= threshold`` stay dense (Sedky & Hosmer); ``energy``: kept per spectrum by the energy
     criterion (an ``energy=`` target overrides it); ``weakening``: VBMF's ``w`` in [0, 1];
-    ``tolerance``: the budget criterion's relative tolerance on its target.
+    ``tolerance``: the budget criterion's relative tolerance on its target; ``fold_bn``: plan on the
+    kernels with each eval-mode BatchNorm folded in, as :func:`convfactor.compress` does by default.
     """
 
     round_to: int | None = None
@@ -46,8 +47,11 @@ class RankConfig:
     energy: float = 0.9
     weakening: float = 1.0
     tolerance: float = 0.02
+    fold_bn: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.fold_bn, bool):
+            raise ValueError(f"fold_bn must be True or False, got {self.fold_bn!r}")
         if self.round_to is not None and (isinstance(self.round_to, bool) or int(self.round_to) < 1):
             raise ValueError(f"round_to must be a positive int (8, 16), got {self.round_to!r}")
         if self.kappa_threshold is not None and not self.kappa_threshold > 0:

@@ -3,25 +3,51 @@
 A plan is plain data.  It is saved as YAML (``.yaml``/``.yml``) or JSON (anything else), can be
 edited by hand (change a rank, set ``method: null`` to keep a layer dense) and re-applied with
 :meth:`Plan.apply` or ``convfactor compress MODEL --plan plan.yaml``.
+
+A plan records the Conv/Linear layers of the model it was made for (``model_layers``: name -> weight
+shape), so applying it to another model (a plan for resnet20 on resnet56) fails, naming the first
+layer that differs, instead of compressing the wrong layers silently.  Plans written before this
+record (version 1) are applied without the check.
 """
 from __future__ import annotations
 
+import copy
 import glob
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 import yaml
 from torch import nn
 
-from ..compression.api import compress
-from ..compression.surgery import candidate_layers
+from ..compression.api import CompressionReport, compress
+from ..compression.surgery import candidate_layers, conv_and_linear_layers
+from ..io import atomic_write, check_output, read_structured
 from ..utils import plain_data
 
-__all__ = ["LayerPlan", "Plan", "PlanSummary", "PLAN_VERSION"]
+__all__ = ["LayerPlan", "Plan", "PlanSummary", "PLAN_VERSION", "layer_signature"]
 
-PLAN_VERSION = 1
+#: 2: ``model_layers`` (the planned model's layers and weight shapes)
+PLAN_VERSION = 2
+
+
+def layer_signature(model: nn.Module) -> dict[str, list[int]]:
+    """Every Conv/Linear layer of ``model`` (those a plan may name) -> its weight shape."""
+    return {name: list(layer.weight.shape) for name, layer in conv_and_linear_layers(model).items()
+            if isinstance(getattr(layer, "weight", None), torch.Tensor)}
+
+
+def signature_mismatch(recorded: dict[str, list[int]], actual: dict[str, list[int]]) -> str | None:
+    """The first difference between a plan's recorded layers and a model's (in the model's order)."""
+    for name, shape in actual.items():
+        if name not in recorded:
+            return f"{name} is in this model but not in the plan's"
+        if list(recorded[name]) != list(shape):
+            return f"{name} has weight shape {tuple(shape)} here, {tuple(recorded[name])} in the plan's model"
+    missing = next((name for name in recorded if name not in actual), None)
+    return None if missing is None else f"{missing} is in the plan's model but not in this one"
 
 
 @dataclass
@@ -167,10 +193,15 @@ class Plan:
     environment: dict[str, Any] = field(default_factory=dict)  # device, threads, dtype, ... (latency plans)
     summary: PlanSummary = field(default_factory=PlanSummary)  # requested / achieved figures, messages
     options: dict[str, Any] = field(default_factory=dict)      # layer options passed to every method call
+    model_layers: dict[str, list[int]] = field(default_factory=dict)   # the planned model's layers (empty: unknown)
 
     def __post_init__(self):
         if not isinstance(self.summary, PlanSummary):
             self.summary = PlanSummary.from_dict(self.summary)
+        layers = self.model_layers or {}
+        if not isinstance(layers, dict) or not all(isinstance(v, (list, tuple)) for v in layers.values()):
+            raise ValueError("a plan's model_layers must map layer names to weight shapes")
+        self.model_layers = {str(k): [int(d) for d in v] for k, v in layers.items()}
 
     # ------------------------------------------------------------------ views
     @property
@@ -190,17 +221,32 @@ class Plan:
     def apply(self, model: nn.Module, example_input=None, *, calibration=None):
         """Factorize a copy of ``model`` as planned -> ``(compressed, CompressionReport)``.
 
-        ``model`` is not modified.  Every planned layer must exist and be a Conv/Linear; a bad
-        name or rank fails before anything is factorized.  The compressed model is left in the
-        contiguous format; run it in :attr:`memory_format` (e.g. with
+        ``model`` is not modified.  Its Conv/Linear layers must be those the plan was made for
+        (:attr:`model_layers`, when recorded), and every planned layer must exist and be a
+        Conv/Linear; a mismatch, a bad name or rank fails before anything is factorized.  The
+        compressed model is left in the contiguous format; run it in :attr:`memory_format` (e.g. with
         :func:`convfactor.measure.latency.to_memory_format`) to get the planned speed.
         """
+        self.check_model(model)
         layers = candidate_layers(model)
         missing = [p.name for p in self.compressed if p.name not in layers]
         if missing:
             raise ValueError(f"the plan names layers this model does not have: {', '.join(missing[:5])}"
                              f" (its layers are e.g. {', '.join(list(layers)[:5])})")
+        if not self.compressed:         # the planner kept every layer dense (e.g. nothing measured faster)
+            shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else None
+            return copy.deepcopy(model), CompressionReport(input_shape=shape,
+                                                           notes=["the plan keeps every layer dense"])
         return compress(model, self.rules(), example_input, calibration=calibration)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise a one-line ValueError if ``model``'s Conv/Linear layers differ from the planned model's."""
+        if not self.model_layers:
+            return
+        mismatch = signature_mismatch(self.model_layers, layer_signature(model))
+        if mismatch:
+            made_for = f" ({self.model})" if self.model else ""
+            raise ValueError(f"this plan was made for another model{made_for}: {mismatch}; make a plan for this model")
 
     def table(self) -> str:
         head = (f"{'layer':<28} {'method':<12} {'ranks':<10} {'criterion':<10} {'MACs':>8} {'err':>7} "
@@ -231,6 +277,8 @@ class Plan:
             raise ValueError("a plan file must be a mapping with a 'layers' list")
         data = dict(data)
         version = data.pop("version", PLAN_VERSION)
+        if not isinstance(version, int):
+            raise ValueError(f"a plan's version must be an integer, got {version!r}")
         if version > PLAN_VERSION:
             raise ValueError(f"plan version {version} is newer than this convfactor understands ({PLAN_VERSION})")
         known = {f.name for f in fields(LayerPlan)}
@@ -241,37 +289,39 @@ class Plan:
             unknown = set(raw) - known
             if unknown:
                 raise ValueError(f"plan layer {raw['name']!r}: unknown keys {sorted(unknown)}")
-            layers.append(LayerPlan(**raw))
+            try:
+                layers.append(LayerPlan(**raw))
+            except TypeError as exc:                  # e.g. ``ranks: 5`` instead of ``ranks: [5]``
+                raise ValueError(f"plan layer {raw['name']!r}: {exc}") from None
         top = {f.name for f in fields(cls)}
         unknown = set(data) - top
         if unknown:
             raise ValueError(f"plan: unknown keys {sorted(unknown)}")
         return cls(layers=layers, **data)
 
-    def save(self, path) -> Path:
-        """Write YAML (``.yaml``/``.yml``) or JSON; the file is replaced atomically."""
+    def save(self, path, *, overwrite: bool = True) -> Path:
+        """Write YAML (``.yaml``/``.yml``) or JSON atomically (nothing is left behind on failure);
+        an existing file is replaced only with ``overwrite``, a directory never."""
         path = Path(path)
         if not path.parent.is_dir():
             raise FileNotFoundError(f"directory {path.parent} does not exist")
+        check_output(path, overwrite=overwrite)
         data = self.to_dict()
         if path.suffix.lower() in (".yaml", ".yml"):
             text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
         else:
             text = json.dumps(data, indent=2)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write(path, text)
         return path
 
     @classmethod
     def load(cls, path) -> "Plan":
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix.lower() in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-        return cls.from_dict(data)
+        """Read a plan file (YAML, or JSON for ``.json``); a malformed one is one ValueError line."""
+        data = read_structured(path, "plan file")
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"plan file {path}: {exc}") from None
 
 
 def _f(value, spec: str) -> str:

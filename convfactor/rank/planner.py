@@ -24,6 +24,7 @@ from typing import Sequence
 
 from torch import nn
 
+from ..compression.batchnorm import folded_copy
 from ..methods import registry
 from ..utils import eval_mode
 from .criterion import (BudgetCriterion, Criterion, EnergyCriterion, PlanContext, RankConfig, RankCriterion,
@@ -31,7 +32,7 @@ from .criterion import (BudgetCriterion, Criterion, EnergyCriterion, PlanContext
 from .facts import LayerFacts, collect
 from .latency import DEFAULT_RATIOS, LatencyConfig
 from .latency_search import LatencyCriterion
-from .planfile import LayerPlan, Plan
+from .planfile import LayerPlan, Plan, layer_signature
 from .target import Target
 
 __all__ = ["plan", "Plan", "LayerPlan", "Target", "RankConfig", "LatencyConfig", "Criterion", "CRITERIA",
@@ -56,7 +57,8 @@ def plan(model: nn.Module, example_input, target=None, criterion: str | Criterio
     :class:`Criterion`; by default from the target (speedup/error -> latency, macs/params -> budget,
     energy -> energy, rank -> rank; none -> vbmf).  ``method``/``methods``: the factorizations to use
     (the latency criterion tries several).  ``config``: rounding, kappa marking, energy, weakening,
-    budget tolerance; ``latency``: how the latency criterion measures.  ``progress``: progress bars and
+    budget tolerance, BatchNorm folding (``RankConfig.fold_bn``, on by default: layers are planned on
+    their kernels with the following eval-mode BN folded in); ``latency``: how the latency criterion measures.  ``progress``: progress bars and
     one line per end-to-end check on stderr (default: on for the latency criterion, which takes
     minutes).  ``model`` is not modified.
     """
@@ -66,10 +68,11 @@ def plan(model: nn.Module, example_input, target=None, criterion: str | Criterio
     latency = latency if latency is not None else LatencyConfig()
     chosen_methods = _methods(method, methods, chooser)
     x0 = example_input[0] if isinstance(example_input, tuple) else example_input
+    model = folded_copy(model, example_input) if config.fold_bn else model     # the kernels compress factorizes
     with eval_mode(model):
         layers, totals = collect(model, example_input, chosen_methods, op_names, exclude)
         result = Plan(criterion=chooser.name, target=goal.as_dict() if goal else {}, model=model_name,
-                      input_shape=list(x0.shape))
+                      input_shape=list(x0.shape), model_layers=layer_signature(model))
         result.summary.update(kappa_threshold=config.kappa_threshold,
                               round_to=int(config.round_to) if config.round_to else None)
         active, dense_notes = _mark(layers, config.kappa_threshold)

@@ -11,6 +11,11 @@ Older tensor files are removed after the new pointer is in place.  Loading never
 
 Optimizer state dicts (``{"state": {i: {k: tensor|number|None}}, "param_groups": [...]}``) are
 flattened: tensors go to ``optim.state.I.KEY``, the rest to JSON.
+
+``extra`` holds what the caller needs to decide whether a checkpoint belongs to its run (the
+fine-tuning settings; see :func:`convfactor.train.finetune.run_settings`): read it with
+:func:`checkpoint_meta` before loading anything.  :func:`clear_checkpoints` removes the files this
+module writes (and only those), so a fresh run never mixes its records with an older one's.
 """
 from __future__ import annotations
 
@@ -19,13 +24,13 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..io import atomic_write
+from ..io import atomic_write, read_safetensors
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_step", "flatten_optimizer_state",
-           "unflatten_optimizer_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_step", "checkpoint_meta", "clear_checkpoints",
+           "flatten_optimizer_state", "unflatten_optimizer_state"]
 
 POINTER = "latest.json"
 
@@ -74,19 +79,54 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: nn.Module,
     os.replace(tmp, directory / name)
     meta["tensors"] = name
     atomic_write(directory / POINTER, json.dumps(meta, indent=1))
-    old = sorted(directory.glob("ckpt-*.safetensors"))
-    for stale in old[:-keep] if keep > 0 else []:
-        if stale.name != name:
-            stale.unlink(missing_ok=True)
+    _prune(directory, name, keep)
     return directory / name
+
+
+def _prune(directory: Path, current: str, keep: int) -> None:
+    """Keep ``current`` and the newest ``keep - 1`` earlier tensor files (all with ``keep <= 0``);
+    files of later steps are left over from another run and go too."""
+    if keep <= 0:
+        return
+    others = sorted(f for f in directory.glob("ckpt-*.safetensors") if f.name != current)
+    earlier = [f for f in others if f.name < current]
+    kept = set(earlier[len(earlier) - max(keep - 1, 0):]) if keep > 1 else set()
+    for stale in others:
+        if stale not in kept:
+            stale.unlink(missing_ok=True)
+
+
+def checkpoint_meta(directory: str | os.PathLike) -> dict | None:
+    """The newest checkpoint's JSON metadata (``step``, ``extra``, ...) without loading tensors, or None."""
+    pointer = Path(directory) / POINTER
+    if not pointer.is_file():
+        return None
+    try:
+        meta = json.loads(pointer.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"checkpoint pointer {pointer} is not valid JSON (line {exc.lineno})") from None
+    if not isinstance(meta, dict) or "step" not in meta or "tensors" not in meta:
+        raise ValueError(f"checkpoint pointer {pointer} is not a convfactor checkpoint")
+    return meta
+
+
+def clear_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Remove the checkpoint files of :func:`save_checkpoint` (pointer first) from ``directory``;
+    any other file there is kept.  Returns the paths removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = [directory / POINTER] if (directory / POINTER).is_file() else []
+    removed += sorted(directory.glob("ckpt-*.safetensors")) + sorted(directory.glob(".ckpt-*.safetensors.tmp"))
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def latest_step(directory: str | os.PathLike) -> int | None:
     """Step of the newest complete checkpoint in ``directory``, or None."""
-    pointer = Path(directory) / POINTER
-    if not pointer.is_file():
-        return None
-    return int(json.loads(pointer.read_text())["step"])
+    meta = checkpoint_meta(directory)
+    return None if meta is None else int(meta["step"])
 
 
 def load_checkpoint(directory: str | os.PathLike, model: nn.Module,
@@ -97,13 +137,13 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module,
     """
     directory = Path(directory)
     pointer = directory / POINTER
-    if not pointer.is_file():
+    meta = checkpoint_meta(directory)
+    if meta is None:
         return None
-    meta = json.loads(pointer.read_text())
     file = directory / meta["tensors"]
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint pointer {pointer} names {file.name}, which is missing")
-    tensors = load_file(str(file))
+    tensors = read_safetensors(file)
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(state)
     if optimizer is not None:

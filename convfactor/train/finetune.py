@@ -7,13 +7,16 @@ the global torch RNG is re-seeded from ``(seed, k)`` before each step (dropout e
 resumed from a checkpoint continues exactly as the uninterrupted run would have.  With a checkpoint
 directory, a checkpoint is written atomically every ``checkpoint.every`` steps and at the end; with
 ``checkpoint.resume`` (the default) a run finding one there continues from it, losing at most one
-checkpoint interval.
+checkpoint interval.  A checkpoint records the run's settings (:func:`run_settings`): one written
+with other settings is never resumed (that would train a mix of two runs and record only one);
+it is an error, or with ``checkpoint.restart_on_mismatch`` it is removed and training starts fresh.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -29,7 +32,7 @@ from . import checkpoint as ckpt
 from .distill import FeatureTap, feature_loss, kd_loss
 
 __all__ = ["finetune", "FinetuneConfig", "OptimizerConfig", "DistillConfig", "CheckpointConfig", "lr_factor",
-           "make_optimizer", "batch_for_step"]
+           "make_optimizer", "batch_for_step", "run_settings"]
 
 _LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "ce": F.cross_entropy}
 _OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -104,7 +107,9 @@ class CheckpointConfig:
     """Atomic checkpoints (:mod:`convfactor.train.checkpoint`) and resume."""
     directory: str | Path | None = None   # None: no checkpoints
     every: int = 100                      # steps between checkpoints (one is also written at the end)
-    resume: bool = True                   # continue from a checkpoint found in ``directory``
+    resume: bool = True                   # continue from a checkpoint found in ``directory`` (False: remove it)
+    restart_on_mismatch: bool = False     # a checkpoint with other settings: start fresh (False: refuse)
+    run_info: dict = field(default_factory=dict)   # what else identifies the run (data, model): compared too
 
     def __post_init__(self):
         if self.every < 1:
@@ -237,22 +242,53 @@ def _start(model: nn.Module, config: FinetuneConfig, teacher: nn.Module | None) 
                 basis_regularizer if uses_basis else None, device, rank, use_ddp)
 
 
+def run_settings(config: FinetuneConfig) -> dict[str, Any]:
+    """The settings that shape a run's trajectory, as plain JSON data: a checkpoint records them and
+    is resumed only by a run with the same.  Optimizer fields by their own names (``lr``,
+    ``optimizer``, ``schedule``, ...), distillation ones as ``distill.NAME``, then
+    ``checkpoint.run_info``."""
+    optimizer = asdict(config.optimizer)
+    loss = config.loss if isinstance(config.loss, str) else getattr(config.loss, "__qualname__", repr(config.loss))
+    settings = {"steps": config.steps, "batch_size": config.batch_size, "loss": loss,
+                "task_weight": config.task_weight, "basis_weight": config.basis_weight, "seed": config.seed,
+                "optimizer": optimizer.pop("name"), **optimizer,
+                **{f"distill.{k}": v for k, v in asdict(config.distill).items()}, **config.checkpoint.run_info}
+    return json.loads(json.dumps(settings, default=str))          # tuples as lists, as read back
+
+
+def _settings_mismatch(recorded: dict, current: dict) -> str | None:
+    """``'lr=0.001 (now 0.01)'`` for the first setting that differs, or None.  Older checkpoints
+    recorded only ``seed`` and ``steps``; a setting a checkpoint does not record is not compared."""
+    for key, value in current.items():
+        if key in recorded and recorded[key] != value:
+            return f"{key}={recorded[key]!r} (now {value!r})"
+    return None
+
+
 def _resume(run: _Run) -> int:
-    """The first step to run: 0, or the step of the checkpoint found (made with the same seed/steps)."""
+    """The first step to run: 0, or the step of the checkpoint found, which must have been made
+    with the same settings (else an error, or with ``restart_on_mismatch`` a fresh start)."""
     cfg = run.config
     directory = cfg.checkpoint.directory
-    start = 0
-    if directory is not None and cfg.checkpoint.resume:
-        meta = ckpt.load_checkpoint(directory, run.model, run.optimizer)
-        if meta is not None:
-            start = int(meta["step"])
-            for key, value in (("seed", cfg.seed), ("steps", cfg.steps)):
-                if meta["extra"].get(key, value) != value:
-                    raise ValueError(f"checkpoint in {directory} was made with {key}={meta['extra'][key]}, not "
-                                     f"{value}; resume with the same settings or use another checkpoint_dir")
-    if start > cfg.steps:
-        raise ValueError(f"checkpoint in {directory} is at step {start}, beyond steps={cfg.steps}")
-    return start
+    if directory is None:
+        return 0
+    meta = ckpt.checkpoint_meta(directory)
+    if meta is not None and cfg.checkpoint.resume:
+        extra = meta.get("extra", {})
+        mismatch = _settings_mismatch({**extra.get("settings", {}), **{k: extra[k] for k in ("seed", "steps")
+                                                                       if k in extra}}, run_settings(cfg))
+        if mismatch is None:
+            start = int(ckpt.load_checkpoint(directory, run.model, run.optimizer)["step"])
+            if start > cfg.steps:
+                raise ValueError(f"checkpoint in {directory} is at step {start}, beyond steps={cfg.steps}")
+            return start
+        if not cfg.checkpoint.restart_on_mismatch:
+            raise ValueError(f"checkpoint in {directory} was written with {mismatch}; resume with the same "
+                             f"settings, start fresh (--overwrite; restart_on_mismatch=True) or use another "
+                             f"checkpoint directory")
+    if meta is not None:
+        ckpt.clear_checkpoints(directory)                  # a fresh start never mixes with the old records
+    return 0
 
 
 def _loss(run: _Run, x: torch.Tensor, target) -> torch.Tensor:
@@ -307,7 +343,7 @@ def _maybe_checkpoint(run: _Run, done: int) -> None:
         return
     if run.rank == 0:
         ckpt.save_checkpoint(cfg.checkpoint.directory, done, run.model, run.optimizer,
-                             extra={"seed": cfg.seed, "steps": cfg.steps})
+                             extra={"seed": cfg.seed, "steps": cfg.steps, "settings": run_settings(cfg)})
     if run.ddp:
         dist.barrier()
 

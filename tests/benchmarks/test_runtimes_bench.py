@@ -15,5 +15,5 @@ def test_runtimes_quick_renders_every_backend_row():
     for s in row.speeds.values():
         lo, hi = s.interval
         assert lo <= s.speedup <= hi
-    assert data.planning_s["warm"] < data.planning_s["cold"]       # the layer table came from the disk cache
+    assert data.planning_s["cold_layers_timed"] > 0 == data.planning_s["warm_layers_timed"]   # from the disk cache
     assert "no CUDA row" in text or data.gpu

@@ -71,6 +71,7 @@ def test_unknown_method():
         convfactor.factorize(nn.Conv2d(4, 4, 3), "nope", rank=2)
 
 
-def test_transposed_conv_is_unsupported():
-    with pytest.raises(convfactor.UnsupportedLayer):
-        convfactor.factorize(nn.ConvTranspose2d(4, 4, 3), "channel_svd", rank=2)
+def test_transposed_conv_is_unsupported_by_methods_without_it():
+    # channel_svd and tucker2 support ConvTranspose (tests/methods/test_transposed_methods.py); cp does not
+    with pytest.raises(convfactor.UnsupportedLayer, match="ConvTranspose2d is not supported"):
+        convfactor.factorize(nn.ConvTranspose2d(4, 4, 3), "cp", rank=2)

@@ -180,3 +180,16 @@ def test_a_plan_for_3x_records_the_request_and_the_aim_apart(resnet, tmp_path):
         assert r.summary.history[0]["aimed_speedup"] == pytest.approx(3.36)
     assert q.summary.reachable and 3.18 <= q.summary.measured_speedup <= 3.54
     assert "requested_speedup: 3" in q.table() and "aimed_speedup: 3.36" in q.table()
+
+
+def test_an_all_dense_plan_applies_as_an_unchanged_copy():
+    import torch
+    from torch import nn
+
+    from convfactor.rank import Plan
+    from convfactor.rank.planfile import LayerPlan
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    x = torch.randn(1, 3, 8, 8)
+    copy, report = Plan(layers=[LayerPlan(name="0")]).apply(model, x)
+    assert copy is not model and torch.equal(copy(x), model(x))
+    assert report.compressed == [] and "dense" in report.notes[0]
