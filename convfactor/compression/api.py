@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..methods.base import Cost, Factorized, Method, Ranks
-from ..methods.data_aware import DataAwareSettings, factorize_data_aware
+from ..methods.data_aware import DataAwareSettings, factorize_data_aware, fit_note
 from ..spec.convspec import ConvSpec, SamePad, UnsupportedLayer
 from ..utils import eval_mode
 from .batchnorm import accepted_layers, check_fold_mode, fold_batchnorm
@@ -107,6 +107,7 @@ class LayerReport:
     weight_error: float | None = None
     output_error: float | None = None
     skipped: str | None = None          # reason, when the layer was left as it was
+    note: str | None = None             # e.g. a data-aware fit that fell back to the weight-only one
 
     @property
     def macs_ratio(self) -> float:
@@ -160,7 +161,7 @@ class CompressionReport:
             werr = f"{L.weight_error:.4f}" if L.weight_error is not None else "-"
             oerr = f"{L.output_error:.4f}" if L.output_error is not None else "-"
             lines.append(f"{L.name[:28]:<28} {(L.method or '-'):<12} {ranks:<10} {params:>17} {macs:>21} {werr:>7} {oerr:>7}"
-                         + (f"  skipped: {L.skipped}" if L.skipped else ""))
+                         + (f"  skipped: {L.skipped}" if L.skipped else "") + (f"  note: {L.note}" if L.note else ""))
         t = self.totals()
         lines.append("-" * len(head))
         lines.append(f"{'total (selected layers)':<52} {_si(t['params_before'])}->{_si(t['params_after'])} "
@@ -455,7 +456,8 @@ def _layer_report(plan: _LayerPlan, new: Factorized, io_pair, counted: set[int] 
         with torch.no_grad():
             out_err = relative_error(new(io_pair[0]), io_pair[1])
     return LayerReport(plan.name, method.name, tuple(plan.ranks), spec.dense_params(), after.params,
-                       spec.dense_macs(size) * plan.tokens, after.macs * plan.tokens, weight_err, out_err)
+                       spec.dense_macs(size) * plan.tokens, after.macs * plan.tokens, weight_err, out_err,
+                       note=fit_note(new))
 
 
 def _factorize_shared(plans: list[_LayerPlan]) -> tuple[dict[str, nn.Module], dict[str, str]]:

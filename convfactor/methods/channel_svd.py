@@ -27,7 +27,7 @@ import torch
 
 from ..spec.convspec import ConvSpec, UnsupportedLayer, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
-from .linalg import singular_values, truncated_svd
+from .linalg import check_svd_options, singular_values, truncated_svd
 
 
 def grouped_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -38,13 +38,21 @@ def grouped_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ChannelSVD(Method):
-    """Channel SVD; no options."""
+    """Channel SVD.  ``svd``: ``"exact"`` (LAPACK), ``"gram"`` (eigendecomposition of the smaller Gram
+    matrix) or ``"randomized"`` (seeded range finder, near-optimal; for large layers at ranks well
+    below full); ``precision``: ``"float64"`` or ``"float32"`` for the decomposition.  Every choice is
+    exact at full rank; the defaults are the tested exact float64 path."""
 
+    svd: str = "exact"
+    precision: str = "float64"
     name = "channel_svd"
     supports_linear = True
     supported_dims = (1, 2, 3)
     supports_transposed = True
     factor_names = ("first", "second")
+
+    def __post_init__(self):
+        check_svd_options(self.name, self.svd, self.precision)
 
     def full_rank(self, spec: ConvSpec) -> Ranks:
         rows, cols = spec.weight_shape[:2]     # (N, C/g) or, transposed, (C, N/g)
@@ -59,7 +67,8 @@ class ChannelSVD(Method):
         ``weight: (C, N/g, *k)`` -> ``first: (g r, C/g, 1..)`` (the 1x1), ``second: (g r, N/g, *k)``."""
         (r,) = ranks
         g = spec.groups
-        left, right = truncated_svd(grouped_matrix(weight, g), r)   # (g, rows/g, r), (g, r, cols k)
+        left, right = truncated_svd(grouped_matrix(weight, g), r, svd=self.svd,
+                                    precision=self.precision)           # (g, rows/g, r), (g, r, cols k)
         if spec.transposed:
             ones = (1,) * spec.dim
             return {"first": left.mT.reshape(g * r, spec.in_per_group, *ones),

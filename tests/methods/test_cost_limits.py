@@ -147,3 +147,21 @@ def test_progress_callbacks_are_called_every_iteration():
     assert [i for i, _ in seen] == list(range(1, 13))
     assert all((e is None) == (i % 5 != 0 and i != 12) for i, e in seen)   # residuals at the checks
     assert all(math.isfinite(e) for _, e in seen if e is not None)
+
+
+@pytest.mark.parametrize("svd,precision,tol", [("gram", "float64", 1e-9), ("randomized", "float64", 1e-9),
+                                               ("exact", "float32", 1e-5), ("randomized", "float32", 1e-5)])
+def test_channel_svd_options_are_exact_at_full_rank_and_near_optimal_below(svd, precision, tol):
+    import convfactor
+    from convfactor.methods import registry
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 96, 3, padding=1).double()
+    x = torch.randn(2, 64, 8, 8, dtype=torch.float64)
+    method = registry.get("channel_svd", svd=svd, precision=precision)
+    with torch.no_grad():
+        full = convfactor.factorize(conv, method, rank=96)
+        assert float((full(x) - conv(x)).norm() / conv(x).norm()) < tol
+        exact = convfactor.factorize(conv, "channel_svd", rank=24)
+        approx = convfactor.factorize(conv, method, rank=24)
+        e_exact = float((exact(x) - conv(x)).norm())
+        assert float((approx(x) - conv(x)).norm()) <= 1.05 * e_exact + 1e-9

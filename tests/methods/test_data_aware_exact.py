@@ -182,3 +182,13 @@ def test_split_holdout():
     assert train[0].shape == (7, 5) and held[0].shape == (3, 5)
     with pytest.raises(ValueError, match="holdout"):
         da.DataAwareSettings(holdout=1.0)
+
+
+def test_the_compress_report_carries_the_fallback_note():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(12, 16, 3, padding=1, dtype=torch.float64))
+    calibration = [_low_rank_inputs(4, 12, 6, 2, 1), _general_inputs(1, 12, 6, 2)]
+    with pytest.warns(da.DataAwareFallbackWarning):
+        _, report = convfactor.compress(model, [{"op_types": ["Conv2d"], "method": "channel_svd", "rank": 3,
+                                                 "data_aware": True}], calibration[0][:1], calibration=calibration)
+    assert "held-out" in report.layers[0].note and "note: " in report.table()
