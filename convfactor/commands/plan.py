@@ -31,7 +31,7 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, help="threads for latency measurement (default: torch's)")
     p.add_argument("--formats", nargs="*", default=["contiguous", "channels_last"],
                    help="memory formats the latency planner may use")
-    p.add_argument("--repeats", type=int, default=15, help="timed repeats per layer candidate")
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats per layer candidate (default 10)")
     p.add_argument("--cache", default="auto",
                    help="a JSON file caching layer timings across runs (default: ~/.cache/convfactor/latency.json, "
                         "or $CONVFACTOR_CACHE_DIR; 'none' keeps them in memory)")

@@ -122,10 +122,10 @@ class LatencyConfig:
     formats: tuple[str, ...] = ("contiguous", "channels_last")
     backend: str = "torch"
     ratios: tuple[float, ...] = DEFAULT_RATIOS
-    repeats: int = 15
+    repeats: int = 10
     min_run_time: float = 0.0
-    e2e_rounds: int = 5
-    e2e_repeats: int = 5
+    e2e_rounds: int = 3
+    e2e_repeats: int = 3
     max_iter: int = 5
     band: float = 0.10
     margin: float | None = None
