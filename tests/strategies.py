@@ -83,3 +83,16 @@ def make_nd(cfg: dict, dim: int, seed: int = 0) -> nn.Module:
     from convfactor.spec.convspec import conv_class
     torch.manual_seed(seed)
     return conv_class(dim)(**cfg, dtype=torch.float64)
+
+
+def full_rank_or_none(layer: nn.Module, name: str):
+    """The full ranks of method ``name`` on ``layer``, or None when the method refuses the layer."""
+    from convfactor.methods import registry
+    from convfactor.spec.convspec import ConvSpec, UnsupportedLayer
+    method = registry.get(name)
+    spec = ConvSpec.from_module(layer)
+    try:
+        method.check(spec)
+    except UnsupportedLayer:
+        return None
+    return method.full_rank(spec)

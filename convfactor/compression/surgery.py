@@ -34,7 +34,7 @@ import difflib
 import fnmatch
 import glob
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn

@@ -9,8 +9,8 @@ from torch import nn
 import convfactor
 from convfactor.methods import data_aware as da
 from convfactor.methods import registry
-from convfactor.spec.convspec import ConvSpec, UnsupportedLayer
-from strategies import rel_err
+from convfactor.spec.convspec import ConvSpec
+from strategies import full_rank_or_none, rel_err
 
 #: every method data-aware fitting handles (TT's module is not a chain of convs)
 METHODS = [m for m in registry.available() if m != "tt"]
@@ -29,16 +29,6 @@ def _general_inputs(n, c, size, seed):
     return torch.randn(n, c, size, size, generator=g, dtype=torch.float64)
 
 
-def _full_rank_or_none(layer, name):
-    method = registry.get(name)
-    spec = ConvSpec.from_module(layer)
-    try:
-        method.check(spec)
-    except UnsupportedLayer:
-        return None
-    return method.full_rank(spec)
-
-
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("shape", [dict(c=6, n=20, k=1, stride=1),               # expanding 1x1 (C < N)
                                    dict(c=4, n=24, k=3, stride=2, padding=1),     # C k^2 > N, strided
@@ -50,7 +40,7 @@ def test_full_rank_is_exact_on_held_out_inputs(name, shape):
     c, n, k = shape["c"], shape["n"], shape["k"]
     layer = nn.Conv2d(c, n, k, stride=shape["stride"], padding=shape.get("padding", 0),
                       groups=shape.get("groups", 1), dtype=torch.float64)
-    full = _full_rank_or_none(layer, name)
+    full = full_rank_or_none(layer, name)
     if full is None:
         return
     calibration = [_low_rank_inputs(2, c, 3, 2, seed) for seed in (1, 2)]

@@ -5,21 +5,16 @@ from hypothesis import given
 from torch import nn
 
 import convfactor
-from convfactor.spec.convspec import ConvSpec, UnsupportedLayer
+from convfactor.spec.convspec import ConvSpec
 from convfactor.methods import registry
-from strategies import conv2d_configs, input_for, make_layer, rel_err
+from strategies import full_rank_or_none, conv2d_configs, input_for, make_layer, rel_err
 
 CONV_METHODS = [m for m in registry.available() if registry.get(m).supported_dims and m not in ("tt", "linear_svd")]
 
 
 def _full_rank_replacement(layer, method):
-    m = registry.get(method)
-    spec = ConvSpec.from_module(layer)
-    try:
-        m.check(spec)
-    except UnsupportedLayer:
-        return None
-    return convfactor.factorize(layer, method, rank=m.full_rank(spec))
+    ranks = full_rank_or_none(layer, method)
+    return None if ranks is None else convfactor.factorize(layer, method, rank=ranks)
 
 
 @pytest.mark.parametrize("method", CONV_METHODS)
