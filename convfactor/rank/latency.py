@@ -92,6 +92,7 @@ class LatencyCache:
 
     def save(self) -> None:
         if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)      # e.g. ~/.cache/convfactor on a fresh machine
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text(json.dumps(self.data, indent=0))
             tmp.replace(self.path)

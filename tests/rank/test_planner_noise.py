@@ -58,6 +58,7 @@ def test_noise_cannot_push_the_plan_past_the_aim_cap():
 
 
 def test_layer_timings_persist_on_disk_across_runs(tmp_path, monkeypatch):
+    tmp_path = tmp_path / "not" / "yet"                   # a fresh machine: the cache folder does not exist
     monkeypatch.setenv("CONVFACTOR_CACHE_DIR", str(tmp_path))
     model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
     x = torch.randn(1, 8, 16, 16)
