@@ -238,7 +238,9 @@ def _measure(table: TimingTable, model: nn.Module, example_input, choice: Choice
 def search(table: TimingTable, model: nn.Module, example_input, target: Target, band: SpeedupBand | None,
            cfg: LatencyConfig, log=None) -> list[Trial]:
     """Step 3: measured tries, each aimed from the ones before, until one lands in ``band`` (judged by
-    :meth:`Trial.lands_in`).  The aim never exceeds ``cfg.max_aim_factor`` x the first aim."""
+    :meth:`Trial.lands_in`).  The aim never exceeds ``cfg.max_aim_factor`` x the first aim, and a noisy
+    check (its interval too wide even after the extra rounds) ends the search instead of re-aiming: a
+    busy machine's timing never buys a deeper cut than the request needs."""
     trials: list[Trial] = []
     seen = set()
     aim = band.aim if band else None
@@ -255,6 +257,8 @@ def search(table: TimingTable, model: nn.Module, example_input, target: Target, 
             break
         if not choice.feasible and trial.measured_speedup < band.low:
             break               # even the fastest candidates everywhere miss: nothing tighter to try
+        if trial.noise:
+            break               # noisy evidence never moves the aim: no extra MACs cut on a busy machine's word
         aim = min(_next_aim([t.record() for t in trials], band.aim, aim, trial.measured_speedup),
                   cfg.max_aim_factor * band.aim)
     return trials
@@ -295,6 +299,9 @@ def _outcome(trial: Trial, reachable: bool, band: SpeedupBand | None, table: Tim
                    reachable=band is None or band.low <= 1.0,
                    message=(f"every plan measured was slower than the original in its fastest form "
                             f"(best {trial.measured_speedup:.3f}x); every layer stays dense"))
+    elif band is not None and not reachable and trial.noise:
+        out["message"] = (f"speedup={band.request:g}x could not be confirmed on this busy machine: the plan measured "
+                          f"{trial.measured_speedup:.3f}x ({'; '.join(trial.noise)}); re-plan on a quiet machine")
     elif band is not None and not reachable and trial.measured_speedup > band.high:
         out["message"] = (f"no try landed inside the band {band.low:.3g}-{band.high:.3g}x; "
                           f"the least lossy plan above it measures {trial.measured_speedup:.3f}x")

@@ -46,6 +46,30 @@ class NoisyE2E(FakeTimer):
         return t * (1 + self.rng.uniform(1.0, 2.0)) if factorized > 1 else t
 
 
+class JitteryE2E(FakeTimer):
+    """Layers timed as FakeTimer; whole compressed models with +-60% jitter (a busy machine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rng = random.Random(1)
+
+    def __call__(self, module, inputs):
+        t = super().__call__(module, inputs)
+        factorized = sum(type(m).__name__ == "Factorized" for m in module.modules())
+        return t * (1 + self.rng.uniform(-0.6, 0.6)) if factorized > 1 else t
+
+
+def test_a_noisy_check_ends_the_search_instead_of_cutting_deeper():
+    torch.manual_seed(0)
+    model, x = models.get("resnet20"), models.default_input("resnet20")
+    cfg = LatencyConfig(timer=JitteryE2E(), repeats=1, e2e_rounds=3, e2e_repeats=2, e2e_max_rounds=4, max_iter=5,
+                        margin=0.12)
+    p = plan(model, x, target="speedup=1.5x", latency=cfg, progress=False, **FAST)
+    history = p.summary.history
+    assert history[0]["noise"] and len(history) == 1              # no re-aim on noisy evidence
+    assert "could not be confirmed" in p.summary.message or p.summary.reachable
+
+
 def test_noise_cannot_push_the_plan_past_the_aim_cap():
     torch.manual_seed(0)
     model, x = models.get("resnet20"), models.default_input("resnet20")
