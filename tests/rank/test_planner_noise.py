@@ -32,37 +32,25 @@ def test_a_try_is_accepted_on_its_confident_figure():
     assert _trial(1.9, 1.85, 1.95).lands_in(around) and not _trial(1.9, 1.7, 2.0).lands_in(around)
 
 
-class NoisyE2E(FakeTimer):
-    """Layers timed as FakeTimer; whole compressed models look 2-3x slower than they are (a busy machine
-    that happens to hit the compressed model), so every end-to-end check misses low."""
+class BusyE2E(FakeTimer):
+    """Layers timed as FakeTimer; whole compressed models scaled by ``1 + uniform(low, high)`` per call:
+    a busy machine that hits the end-to-end checks (slow and/or jittery)."""
 
-    def __init__(self):
+    def __init__(self, low: float, high: float, seed: int = 0):
         super().__init__()
-        self.rng = random.Random(0)
+        self.low, self.high, self.rng = low, high, random.Random(seed)
 
     def __call__(self, module, inputs):
         t = super().__call__(module, inputs)
         factorized = sum(type(m).__name__ == "Factorized" for m in module.modules())
-        return t * (1 + self.rng.uniform(1.0, 2.0)) if factorized > 1 else t
-
-
-class JitteryE2E(FakeTimer):
-    """Layers timed as FakeTimer; whole compressed models with +-60% jitter (a busy machine)."""
-
-    def __init__(self):
-        super().__init__()
-        self.rng = random.Random(1)
-
-    def __call__(self, module, inputs):
-        t = super().__call__(module, inputs)
-        factorized = sum(type(m).__name__ == "Factorized" for m in module.modules())
-        return t * (1 + self.rng.uniform(-0.6, 0.6)) if factorized > 1 else t
+        return t * (1 + self.rng.uniform(self.low, self.high)) if factorized > 1 else t
 
 
 def test_a_noisy_check_ends_the_search_instead_of_cutting_deeper():
     torch.manual_seed(0)
     model, x = models.get("resnet20"), models.default_input("resnet20")
-    cfg = LatencyConfig(timer=JitteryE2E(), repeats=1, e2e_rounds=3, e2e_repeats=2, e2e_max_rounds=4, max_iter=5,
+    cfg = LatencyConfig(timer=BusyE2E(-0.6, 0.6, seed=1), repeats=1, e2e_rounds=3, e2e_repeats=2, e2e_max_rounds=4,
+                        max_iter=5,
                         margin=0.12)
     p = plan(model, x, target="speedup=1.5x", latency=cfg, progress=False, **FAST)
     history = p.summary.history
@@ -73,7 +61,8 @@ def test_a_noisy_check_ends_the_search_instead_of_cutting_deeper():
 def test_noise_cannot_push_the_plan_past_the_aim_cap():
     torch.manual_seed(0)
     model, x = models.get("resnet20"), models.default_input("resnet20")
-    cfg = LatencyConfig(timer=NoisyE2E(), repeats=1, e2e_rounds=1, e2e_repeats=1, max_iter=5, margin=0.12,
+    cfg = LatencyConfig(timer=BusyE2E(1.0, 2.0), repeats=1, e2e_rounds=1, e2e_repeats=1, max_iter=5,
+                        margin=0.12,
                         max_aim_factor=1.5)
     p = plan(model, x, target="speedup=1.5x", latency=cfg, progress=False, **FAST)
     aims = [h["aimed_speedup"] for h in p.summary.history]
