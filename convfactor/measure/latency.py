@@ -22,7 +22,7 @@ from ..utils import torch_threads
 from .allocator import malloc_setting
 from .backends import FORMS, CompileBackend, EagerBackend, get_backend, no_grad_call, sample_ms, to_memory_format
 
-__all__ = ["Latency", "measure_latency", "measure_forms", "environment", "to_memory_format", "compiled", "fastest",
+__all__ = ["Latency", "measure_latency", "measure_forms", "environment", "to_memory_format", "fastest",
            "FORMS", "latency_of", "burn_in"]
 
 
@@ -80,20 +80,6 @@ def latency_of(times: list[float], env: dict) -> Latency:
     """Median and interquartile range of ``times`` (ms)."""
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return Latency(median_ms=statistics.median(times), iqr_ms=q[2] - q[0], times_ms=list(times), env=env)
-
-
-def compiled(module: nn.Module, inputs: tuple, **compile_options) -> tuple[nn.Module | None, str | None]:
-    """``(torch.compile(module), None)`` after one successful call, or ``(None, reason)``.
-
-    The first call compiles (seconds to tens of seconds on CPU); a failure is returned as a
-    reason rather than raised, so callers can report "torch.compile: unavailable (why)".
-    """
-    try:
-        fn = torch.compile(module, **compile_options)
-        no_grad_call(fn, inputs)()
-        return fn, None
-    except Exception as exc:  # noqa: BLE001 - any backend failure means "not available here"
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
 def measure_forms(module: nn.Module, inputs, *, memory_formats=FORMS, compile: bool = False,
