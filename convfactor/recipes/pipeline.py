@@ -254,20 +254,21 @@ def _speed(original: nn.Module, compressed: nn.Module, example: torch.Tensor, cf
     """End-to-end speed-ups on ``cfg.backend`` and every report back-end (each against its own fastest
     dense form, same process), and params / MACs at ``example``.  A back-end that cannot run here (its
     package is missing, export fails) is left out with a line saying why."""
+    c0, c1 = count(original, example), count(compressed, example)      # once, not once per back-end
     speeds = {}
     for backend in dict.fromkeys((cfg.backend, *cfg.report_backends)):
         try:
             with torch.no_grad():
                 speeds[backend] = compare_speed(original, compressed, example, threads=cfg.threads, backend=backend,
                                                 repeats=cfg.speed_repeats, rounds=3, timer=cfg.timer,
-                                                max_rounds=max(3, cfg.speed_max_rounds))
+                                                max_rounds=max(3, cfg.speed_max_rounds), count_macs=False)
         except (ValueError, RuntimeError) as exc:
             if backend == cfg.backend:
                 raise
             log(f"  {backend}: not timed ({str(exc).splitlines()[0][:160]})")
             continue
+        speeds[backend].macs_original, speeds[backend].macs_compressed = c0["macs"], c1["macs"]
         log(f"  {backend}: {speeds[backend].speedup:.2f}x")
-    c0, c1 = count(original, example), count(compressed, example)
     return speeds, Counts(c0["params"], c1["params"]), Counts(c0["macs"], c1["macs"])
 
 
