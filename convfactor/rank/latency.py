@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..measure.allocator import malloc_setting
-from ..measure.backends import TimingBackend, get_backend, prepare_one
+from ..measure.backends import BACKENDS, TimingBackend, get_backend, prepare_one
 from ..measure.compare import SpeedComparison, compare_speed
 from ..measure.latency import environment
 from ..utils import torch_threads
@@ -145,7 +145,8 @@ class LatencyConfig:
             raise ValueError(f"band must be in [0, 1), got {self.band}")
         if self.margin is not None and not 0 <= self.margin < 1:
             raise ValueError(f"plan margin must be in [0, 1), got {self.margin}")
-        get_backend(self.backend) if self.backend != "onnxruntime" else None   # an unknown name fails here
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown timing back-end {self.backend!r}; known: {', '.join(BACKENDS)}")
         if self.e2e_max_rounds < self.e2e_rounds or self.max_aim_factor < 1:
             raise ValueError("need e2e_max_rounds >= e2e_rounds and max_aim_factor >= 1")
         for name in ("repeats", "e2e_rounds", "e2e_repeats", "max_iter"):
