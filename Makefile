@@ -21,16 +21,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,bench,thirdparty]' '$(TORCHVISION)' '$(TORCH)'
 	touch $(STAMP)
 
-# A fast allocator for timing: the CLI preloads jemalloc by itself when it is installed (--malloc auto;
-# convfactor/measure/allocator.py). Debian's libjemalloc2 where apt works as root; skipped with a message
-# elsewhere, and timings then use the 'retain' mallopt mode.
+# A fast allocator for timing: the CLI preloads tcmalloc (else jemalloc, with purging off) by itself when
+# one is installed (--malloc auto; convfactor/measure/allocator.py). Debian's libtcmalloc-minimal4 and
+# libjemalloc2 where apt works as root; skipped with a message elsewhere, and timings then use the
+# 'retain' mallopt mode.
 $(ALLOC_STAMP): | $(STAMP)
-	@if ls /usr/lib/*/libjemalloc.so.2 /usr/lib*/libjemalloc.so.2 >/dev/null 2>&1; then :; \
+	@if ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib*/libtcmalloc_minimal.so.4 >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  (timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 300 \
-	   apt-get install -y -qq --no-install-recommends libjemalloc2) >/dev/null 2>&1 \
-	  || echo "setup: libjemalloc2 could not be installed; timings use the retain allocator mode"; \
-	else echo "setup: apt is not available (or not root): jemalloc not installed; timings use the retain allocator mode"; fi
+	   apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4 libjemalloc2) >/dev/null 2>&1 \
+	  || echo "setup: libtcmalloc-minimal4 could not be installed; timings use the retain allocator mode"; \
+	else echo "setup: apt is not available (or not root): tcmalloc not installed; timings use the retain allocator mode"; fi
 	@touch $@
 
 demo: setup

@@ -10,7 +10,6 @@ import importlib
 import sys
 
 from .measure.allocator import reexec_with_fast_allocator
-from .utils import UnknownName
 
 COMMANDS = ["inspect", "compress", "plan", "finetune", "evaluate", "demo", "report", "bench", "export", "compare"]
 
@@ -31,14 +30,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the commands that time models, and so take ``--malloc`` (default ``auto``)
+TIMING_COMMANDS = ("bench", "demo", "plan", "compare")
+
+
+def _wants_fast_allocator(argv: list[str]) -> bool:
+    """A timing command whose ``--malloc`` is ``auto`` (the default), read before torch is imported so
+    the re-exec costs no second torch import; a malformed line is left to argparse."""
+    if not argv or argv[0] not in TIMING_COMMANDS or any(a in ("-h", "--help") for a in argv):
+        return False
+    for i, a in enumerate(argv):
+        if a == "--malloc":
+            return argv[i + 1:i + 2] == ["auto"]
+        if a.startswith("--malloc="):
+            return a == "--malloc=auto"
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and _wants_fast_allocator(sys.argv[1:]):    # a real command line, not a library call
+        reexec_with_fast_allocator()
+    from .utils import UnknownName
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    if argv is None and getattr(args, "malloc", None) == "auto":    # a real command line, not a library call
-        reexec_with_fast_allocator()
     try:
         return int(args._run(args) or 0)
     except (ValueError, UnknownName, OSError) as exc:      # a user's mistake; other errors are bugs

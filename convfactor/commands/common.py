@@ -19,7 +19,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_malloc_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--malloc", choices=["auto", "retain", "default"], default="auto",
-                   help="CPU allocator for timing: 'auto' re-runs the command with jemalloc or tcmalloc preloaded "
+                   help="CPU allocator for timing: 'auto' re-runs the command with tcmalloc (else jemalloc) preloaded "
                         "when one is installed, else 'retain'; 'retain' reuses freed activations instead of "
                         "re-faulting them in (mallopt); 'default' leaves glibc as it is. Recorded with every figure "
                         "(default: auto; see convfactor.measure.allocator)")

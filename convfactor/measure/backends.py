@@ -11,7 +11,8 @@ it, and every figure records which back-end made it.
 * ``onnxruntime``: the model exported by :func:`convfactor.export.export_model`, run by ONNX
   Runtime's CPU execution provider with all graph optimizations and the thread count set.
 
-CPU calls are timed with ``torch.utils.benchmark.Timer``; CUDA calls with CUDA events after a
+CPU calls are timed one call per sample on ``time.perf_counter`` (threads set, after warm-up), or
+in ``torch.utils.benchmark.Timer`` blocks with a ``min_run_time``; CUDA calls with CUDA events after a
 synchronize, never with the host clock alone.  Hand-written because no library offers one
 interface over eager, inductor and ONNX Runtime timing.
 """
@@ -94,12 +95,22 @@ def _cuda_times(call: Callable, repeats: int) -> list[float]:
 
 
 def _cpu_times(call: Callable, repeats: int, threads: int, min_run_time: float = 0.0) -> list[float]:
-    """Milliseconds per call from ``torch.utils.benchmark.Timer``: one call per sample, or the
-    median of a ``blocked_autorange(min_run_time)`` block per sample."""
-    import torch.utils.benchmark as benchmark
-    timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=threads)
-    sample = (lambda: timer.blocked_autorange(min_run_time=min_run_time)) if min_run_time else (lambda: timer.timeit(1))
-    return [sample().median * 1e3 for _ in range(repeats)]
+    """Milliseconds per call: one call per sample on ``time.perf_counter``, or the median of a
+    ``torch.utils.benchmark.Timer.blocked_autorange(min_run_time)`` block per sample.
+
+    Single calls are not sampled with ``Timer.timeit(1)``: it runs two untimed warm-up calls before
+    every sample, so each sample cost three forwards (measured on the planner at 256x256: 3744 calls
+    for 1872 samples).  The caller has already warmed up and set the threads."""
+    if min_run_time:
+        import torch.utils.benchmark as benchmark
+        timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=threads)
+        return [timer.blocked_autorange(min_run_time=min_run_time).median * 1e3 for _ in range(repeats)]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def sample_ms(call: Callable, inputs: tuple, *, repeats: int, warmup: int, threads: int | None = None,

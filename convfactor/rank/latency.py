@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from ..utils import torch_threads
 from .target import SpeedupBand
 
 __all__ = ["LatencyCache", "LatencyConfig", "LayerTimer", "Option", "choose", "compare_models", "env_key",
-           "DEFAULT_RATIOS", "MEMORY_FORMATS", "default_cache_path"]
+           "DEFAULT_RATIOS", "MEMORY_FORMATS", "default_cache_path", "model_signature"]
 
 Timer = Callable[[nn.Module, tuple], float]
 #: per-layer MACs ratios tried as latency candidates
@@ -65,15 +66,22 @@ def env_key(threads: int | None, dtype, input_shape: Sequence[int], memory_forma
 
 
 class LatencyCache:
-    """``key -> milliseconds``; in memory, optionally persisted as JSON at ``path``."""
+    """``key -> milliseconds`` (layer and original-model timings), plus earlier end-to-end tries per
+    timing table (``trials``: ``[predicted, measured]`` speed-ups, used only to aim the first try of a
+    later plan); in memory, optionally persisted as JSON at ``path``."""
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path else None
         self.data: dict[str, float] = {}
+        self.trials: dict[str, list[list[float]]] = {}
         self.hits = 0
         self.misses = 0
         if self.path and self.path.is_file():
-            self.data = {str(k): float(v) for k, v in json.loads(self.path.read_text()).items()}
+            raw = json.loads(self.path.read_text())
+            if "timings" not in raw:            # the flat layout of earlier versions
+                raw = {"timings": raw, "trials": {}}
+            self.data = {str(k): float(v) for k, v in raw["timings"].items()}
+            self.trials = {str(k): [[float(a), float(b)] for a, b in v] for k, v in raw.get("trials", {}).items()}
 
     @staticmethod
     def key(env: dict, signature: str) -> str:
@@ -90,11 +98,15 @@ class LatencyCache:
     def put(self, key: str, ms: float) -> None:
         self.data[key] = float(ms)
 
+    def add_trials(self, key: str, pairs: Sequence[tuple[float, float]], keep: int = 8) -> None:
+        """Remember ``(predicted, measured)`` speed-ups of a timing table's tries (the last ``keep``)."""
+        self.trials[key] = (self.trials.get(key, []) + [[float(a), float(b)] for a, b in pairs])[-keep:]
+
     def save(self) -> None:
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)      # e.g. ~/.cache/convfactor on a fresh machine
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(self.data, indent=0))
+            tmp.write_text(json.dumps({"timings": self.data, "trials": self.trials}, indent=0))
             tmp.replace(self.path)
 
 
@@ -110,6 +122,9 @@ class LatencyConfig:
     95% interval is within ``±rel_halfwidth``; ``max_iter``: tries; ``min_gain``: a candidate must beat
     the dense layer by this fraction; ``max_aim_factor``: the aim never exceeds this multiple of the
     first aim, so a noisy check cannot push the plan to far more MACs reduction than needed.
+    ``format_slack``: a memory format whose original model is slower than the fastest by more than this
+    fraction gets no layer table (its factorized forms gain no more from it; measured per model, and
+    the plan lists what was skipped); None searches every format.
     ``backend``: ``torch`` (eager), ``compile`` (layers timed eagerly, since compiling every
     candidate costs seconds each; the end-to-end checks compiled) or ``onnxruntime`` (layers and
     checks in ONNX Runtime).  ``cache``: ``"auto"`` keeps layer timings in
@@ -123,10 +138,10 @@ class LatencyConfig:
     formats: tuple[str, ...] = ("contiguous", "channels_last")
     backend: str = "torch"
     ratios: tuple[float, ...] = DEFAULT_RATIOS
-    repeats: int = 10
+    repeats: int = 6
     min_run_time: float = 0.0
     e2e_rounds: int = 3
-    e2e_repeats: int = 3
+    e2e_repeats: int = 2
     max_iter: int = 5
     band: float = 0.10
     margin: float | None = None
@@ -134,6 +149,7 @@ class LatencyConfig:
     e2e_max_rounds: int = 9
     rel_halfwidth: float = 0.05
     max_aim_factor: float = 2.0
+    format_slack: float | None = 0.05
 
     def __post_init__(self):
         object.__setattr__(self, "formats", tuple(self.formats))
@@ -147,11 +163,20 @@ class LatencyConfig:
             raise ValueError(f"plan margin must be in [0, 1), got {self.margin}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown timing back-end {self.backend!r}; known: {', '.join(BACKENDS)}")
+        if self.format_slack is not None and self.format_slack < 0:
+            raise ValueError(f"format_slack must be >= 0 or None, got {self.format_slack}")
         if self.e2e_max_rounds < self.e2e_rounds or self.max_aim_factor < 1:
             raise ValueError("need e2e_max_rounds >= e2e_rounds and max_aim_factor >= 1")
         for name in ("repeats", "e2e_rounds", "e2e_repeats", "max_iter"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def searched_formats(self, original_ms: dict[str, float]) -> list[str]:
+        """The formats given a layer table: within ``format_slack`` of the original's fastest."""
+        if self.format_slack is None:
+            return list(original_ms)
+        best = min(original_ms.values())
+        return [f for f, t in original_ms.items() if t <= (1 + self.format_slack) * best]
 
     def speedup_band(self, request: float) -> SpeedupBand:
         """The band a measured speed-up must land in for a request of ``request`` x."""
@@ -188,6 +213,25 @@ class LatencyConfig:
         return compare_models(models, example_input, threads=self.threads, timer=self.timer,
                               rounds=self.e2e_rounds, repeats=self.e2e_repeats, min_run_time=self.min_run_time,
                               backend=self.backend)
+
+    def original_times(self, model: nn.Module, example_input, formats: Sequence[str],
+                       cache: "LatencyCache") -> tuple[dict[str, float], bool]:
+        """``(ms per format, from cache)``: the original model in each format (step 1), looked up in
+        ``cache`` by the model's structure (:func:`model_signature`) and timed only when missing, so
+        that a warm plan's only model-level timing is the end-to-end checks.  The checks re-time the
+        original next to every try, so a stale figure can move the aim but never the verdict."""
+        inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+        x = inputs[0]
+        sig = json.dumps({"model": model_signature(model), "inputs": [list(t.shape) for t in inputs]})
+        keys = {f: cache.key(env_key(self.threads, x.dtype, x.shape, f, self.timer, self.backend), sig)
+                for f in formats}
+        found = {f: cache.get(k) for f, k in keys.items()}
+        if all(v is not None for v in found.values()):
+            return {f: float(v) for f, v in found.items()}, True
+        times = self.compare({f: (model, f) for f in formats}, example_input)
+        for f, k in keys.items():
+            cache.put(k, times[f])
+        return times, False
 
     def verify(self, original: nn.Module, candidate: nn.Module, example_input, formats: Sequence[str]
                ) -> SpeedComparison:
@@ -281,6 +325,16 @@ def compare_models(models: dict[str, tuple[nn.Module, str]], example_input, *, t
         group = {name: m for name, (m, f) in models.items() if f == fmt}
         out.update({name: statistics.median(t) for name, t in _round_robin(group, inputs, fmt, how).items()})
     return out
+
+
+def model_signature(model: nn.Module) -> str:
+    """A digest of what a model's run time depends on: its module tree (``repr``), and the name, shape
+    and dtype of every parameter and buffer; not the values (a dense float kernel runs as fast
+    whatever its weights)."""
+    tensors = [(n, list(t.shape), str(t.dtype)) for n, t in
+               [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]]
+    text = json.dumps({"repr": repr(model), "type": type(model).__qualname__, "tensors": tensors})
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def default_cache_path() -> Path:

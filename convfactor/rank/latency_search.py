@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -88,6 +89,8 @@ class TimingTable:
     original_ms: dict[str, float]          # the original model in each format
     other_ms: dict[str, float]             # what no layer choice changes: the model minus its dense layers
     scales: dict[str, float]               # factor the layer timings were scaled by to fit the model's time
+    original_cached: bool = False          # ``original_ms`` came from the timing cache
+    skipped_formats: dict[str, str] = field(default_factory=dict)   # format -> why it has no layer table
 
     @property
     def reference_format(self) -> str:
@@ -111,6 +114,14 @@ class TimingTable:
             if best is None or key < best[0]:
                 best = (key, Choice(fmt, tuple(indices), ok, pred, err))
         return best[1]
+
+    def digest(self) -> str:
+        """What the table predicts from (every option's time and error, the original's times): equal
+        digests predict alike, so earlier tries of the same table can aim a new plan."""
+        opts = {f: [[(o.method, o.ranks, round(o.ms, 6), round(o.error, 9)) for o in layer] for layer in table]
+                for f, table in self.options.items()}
+        text = json.dumps([opts, {f: round(v, 6) for f, v in self.original_ms.items()}], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def layer_plans(self, choice: Choice) -> dict[str, LayerPlan]:
         chosen = {}
@@ -177,8 +188,14 @@ def _fit_to_model(options: list[list[Option]], model_ms: float) -> tuple[list[li
 
 def time_table(model: nn.Module, example_input, layers: list[LayerFacts], formats: list[str], cfg: LatencyConfig,
                timer: LayerTimer, round_to: int | None, progress: bool = False) -> TimingTable:
-    """Steps 1 and 2: the original in each format, then each layer's options in each format."""
-    original = cfg.compare({f: (model, f) for f in formats}, example_input)
+    """Steps 1 and 2: the original in each format (cached by its structure), then each layer's
+    options in each format."""
+    original, cached = cfg.original_times(model, example_input, formats, timer.cache)
+    formats = cfg.searched_formats(original)
+    skipped = {f: (f"the original is {t / original[formats[0]] - 1:.0%} slower in {f} than in {formats[0]}; "
+                   f"no layer table (format_slack={cfg.format_slack:g})")
+               for f, t in original.items() if f not in formats}
+    formats.sort(key=original.get)
     work = [(f, facts) for f in formats for facts in layers]
     if progress:
         from tqdm.auto import tqdm
@@ -189,7 +206,8 @@ def time_table(model: nn.Module, example_input, layers: list[LayerFacts], format
     options, other, scales = {}, {}, {}
     for f in formats:
         options[f], other[f], scales[f] = _fit_to_model(raw[f], original[f])
-    return TimingTable(list(layers), options, original, other, scales)
+    return TimingTable(list(layers), options, original, other, scales, original_cached=cached,
+                       skipped_formats=skipped)
 
 
 def _next_aim(history: list[dict], value: float, speed: float, measured: float) -> float:
@@ -236,14 +254,19 @@ def _measure(table: TimingTable, model: nn.Module, example_input, choice: Choice
 
 
 def search(table: TimingTable, model: nn.Module, example_input, target: Target, band: SpeedupBand | None,
-           cfg: LatencyConfig, log=None) -> list[Trial]:
+           cfg: LatencyConfig, log=None, prior: Sequence[Sequence[float]] = ()) -> list[Trial]:
     """Step 3: measured tries, each aimed from the ones before, until one lands in ``band`` (judged by
     :meth:`Trial.lands_in`).  The aim never exceeds ``cfg.max_aim_factor`` x the first aim, and a noisy
     check (its interval too wide even after the extra rounds) ends the search instead of re-aiming: a
-    busy machine's timing never buys a deeper cut than the request needs."""
+    busy machine's timing never buys a deeper cut than the request needs.  ``prior``: ``(predicted,
+    measured)`` speed-ups of earlier plans from the same table; they aim the tries (a warm plan's first
+    try usually lands), but every try is still measured."""
     trials: list[Trial] = []
     seen = set()
+    earlier = [dict(predicted_speedup=p, measured_speedup=m) for p, m in prior]
     aim = band.aim if band else None
+    if band and earlier:
+        aim = min(_next_aim(earlier, band.aim, aim, earlier[-1]["measured_speedup"]), cfg.max_aim_factor * band.aim)
     for iteration in range(cfg.max_iter):
         choice = table.solve(target, aim)
         if (choice.memory_format, choice.indices) in seen:
@@ -259,7 +282,7 @@ def search(table: TimingTable, model: nn.Module, example_input, target: Target, 
             break               # even the fastest candidates everywhere miss: nothing tighter to try
         if trial.noise:
             break               # noisy evidence never moves the aim: no extra MACs cut on a busy machine's word
-        aim = min(_next_aim([t.record() for t in trials], band.aim, aim, trial.measured_speedup),
+        aim = min(_next_aim(earlier + [t.record() for t in trials], band.aim, aim, trial.measured_speedup),
                   cfg.max_aim_factor * band.aim)
     return trials
 
@@ -326,9 +349,12 @@ class LatencyCriterion(Criterion):
         cache = cfg.open_cache()
         table = time_table(context.model, example, layers, cfg.formats_for(x0), cfg, cfg.layer_timer(cache),
                            context.config.round_to, context.progress)
-        cache.save()
         band = cfg.speedup_band(target.value) if target.kind == "speedup" else None
-        trials = search(table, context.model, example, target, band, cfg, log=_logger(context.progress))
+        prior = cache.trials.get(table.digest(), [])
+        trials = search(table, context.model, example, target, band, cfg, log=_logger(context.progress), prior=prior)
+        cache.add_trials(table.digest(), [(t.predicted_speedup, t.measured_speedup) for t in trials
+                                          if not t.noise and t.plan_ms != t.reference_ms])
+        cache.save()
         trial, reachable = pick(trials, band)
         outcome = _outcome(trial, reachable, band, table)
         result = context.plan
@@ -343,5 +369,7 @@ class LatencyCriterion(Criterion):
             reference_format=table.reference_format, reference_ms=trial.reference_ms,
             predicted_speedup=table.reference_ms / trial.predicted_ms if trial.predicted_ms else None,
             rms_kernel_error=trial.rms_kernel_error, original_ms=dict(table.original_ms),
+            original_ms_cached=table.original_cached, skipped_formats=dict(table.skipped_formats),
+            aimed_from_earlier_tries=len(prior),
             layer_time_scale=dict(table.scales), history=[t.record() for t in trials])
         return trial.layers if trial.measured_speedup >= 1.0 else _dense_fallback(layers)

@@ -114,6 +114,9 @@ class PlanSummary:
     reference_ms: float | None = None
     plan_ms: float | None = None
     original_ms: dict[str, float] | None = None    # the original model per memory format
+    original_ms_cached: bool | None = None         # ``original_ms`` read from the timing cache (a warm plan)
+    skipped_formats: dict[str, str] | None = None  # memory formats given no layer table, and why
+    aimed_from_earlier_tries: int | None = None    # earlier tries of the same timing table that aimed this plan
     layer_time_scale: dict[str, float] | None = None
     history: list[dict[str, Any]] | None = None    # latency: one record per measured try
     # whole-model costs

@@ -84,3 +84,25 @@ def test_the_cli_preloads_an_installed_fast_allocator_by_itself():
         pytest.skip("neither jemalloc nor tcmalloc is installed here (make setup installs jemalloc where apt works)")
     assert f"allocator: {found[0]} (preloaded" in _compare_allocator_line()
     assert "allocator: retain" in _compare_allocator_line("--malloc", "retain")        # opting out is honoured
+
+
+def test_reexec_prefers_tcmalloc_and_keeps_jemalloc_from_purging(monkeypatch):
+    """tcmalloc comes first; a jemalloc re-exec gets MALLOC_CONF with purging off (its shipped decay
+    returned freed activations to the OS: EDSR measured 1.59x instead of 3.3x), unless the user set one."""
+    assert list(allocator.FAST_ALLOCATORS)[0] == "tcmalloc"
+    calls = []
+    monkeypatch.setattr(allocator, "preloaded_allocator", lambda: None)
+    monkeypatch.setattr(allocator, "fast_allocator", lambda: ("jemalloc", "/x/libjemalloc.so.2"))
+    monkeypatch.setattr(allocator.os, "execve", lambda exe, argv, env: calls.append(env))
+    monkeypatch.delenv("CONVFACTOR_ALLOCATOR_REEXEC", raising=False)
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
+    allocator.reexec_with_fast_allocator()
+    assert calls[-1]["MALLOC_CONF"] == allocator.JEMALLOC_CONF
+    assert calls[-1]["LD_PRELOAD"].startswith("/x/libjemalloc.so.2")
+    monkeypatch.setenv("MALLOC_CONF", "narenas:1")
+    allocator.reexec_with_fast_allocator()
+    assert calls[-1]["MALLOC_CONF"] == "narenas:1"
+    monkeypatch.setattr(allocator, "fast_allocator", lambda: ("tcmalloc", "/x/libtcmalloc_minimal.so.4"))
+    monkeypatch.delenv("MALLOC_CONF")
+    allocator.reexec_with_fast_allocator()
+    assert "MALLOC_CONF" not in calls[-1]
