@@ -73,6 +73,8 @@ class Outcome:
 def run(args) -> int:
     """``convfactor bench``: write the sections (or one experiment, or ``--update`` some) to ``-o``."""
     set_malloc(args.malloc)
+    if args.experiment and getattr(args, "backends", None):
+        raise ValueError("--backend applies to sections; an --experiment times eager PyTorch only")
     if args.output:
         check_writable(args.output)                     # fail before any work
     kept = _kept_sections(args) if args.update else {}
@@ -124,11 +126,12 @@ def _run_sections(args, kept: dict[str, str]) -> Outcome:
     unknown = [n for n in names if n not in available]
     if unknown:
         raise ValueError(f"no such section(s): {', '.join(unknown)}; available: {', '.join(available)}")
+    names = _with_backends(args, names)
     result = Outcome()
     for i, name in enumerate(names):
         t0 = time.perf_counter()
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        text = _section_text(name, args.quick, result.failed)
+        text = _section_text(name, args.quick, result.failed, getattr(args, "backends", None))
         took = time.perf_counter() - t0
         print(f"[bench] {name}: {took:.1f} s", file=sys.stderr, flush=True)
         result.parts[name] = text.rstrip() + f"\n\n{stamp(name, took)}\n"
@@ -138,11 +141,26 @@ def _run_sections(args, kept: dict[str, str]) -> Outcome:
     return result
 
 
-def _section_text(name: str, quick: bool, failed: list[str]) -> str:
+def _with_backends(args, names: list[str]) -> list[str]:
+    """With ``--backend``: the sections that take back-ends (all of them by default); a named section that
+    times eager PyTorch only is refused before anything runs."""
+    if not getattr(args, "backends", None):
+        return names
+    takes = [n for n in bench.available() if bench.load_section(n).backends is not None]
+    if args.sections is None:
+        return takes
+    eager_only = [n for n in names if n not in takes]
+    if eager_only:
+        raise ValueError(f"--backend applies to the section(s) {', '.join(takes)}; {', '.join(eager_only)} "
+                         "time eager PyTorch only")
+    return names
+
+
+def _section_text(name: str, quick: bool, failed: list[str], backends: list[str] | None = None) -> str:
     """The section's Markdown, or, when it raises, its heading and the traceback (``name`` joins ``failed``)."""
     section = bench.load_section(name)
     try:
-        return section.run(quick)
+        return section.run(quick, tuple(backends) if backends else None)
     except Exception:  # noqa: BLE001 - one broken section must not lose the others' results
         failed.append(name)
         text = f"## {section.title}\n\n**This section failed:**\n\n```\n{traceback.format_exc(limit=6)}```\n"

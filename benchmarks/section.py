@@ -5,7 +5,8 @@ A section is a :class:`Section`: ``measure(quick)`` runs the experiment and retu
 with ``## {title}`` (tables and prose).  ``quick=True`` is the seconds-long smoke configuration the
 tests use; the full run is what BENCHMARKS.md holds.  Each section module defines ``SECTION``; the
 seeds' experiments (:mod:`benchmarks.experiments`) are Sections too, whose Markdown is a ``###``
-subsection of the ``experiments`` section.
+subsection of the ``experiments`` section.  A section with ``backends`` set also takes
+``measure(quick, backends=...)``: the timing back-ends chosen with ``convfactor bench --backend``.
 """
 from __future__ import annotations
 
@@ -21,9 +22,14 @@ class Section:
 
     name: str
     title: str
-    measure: Callable[[bool], Any]     # quick -> the measured data
+    measure: Callable[..., Any]        # quick (, backends=...) -> the measured data
     render: Callable[[Any], str]       # data -> Markdown, starting with "## {title}"
+    backends: tuple[str, ...] | None = None   # timing back-ends it can run on (default first); None: eager only
 
-    def run(self, quick: bool = False) -> str:
-        """Measure, then render: the section's Markdown."""
-        return self.render(self.measure(quick))
+    def run(self, quick: bool = False, backends: tuple[str, ...] | None = None) -> str:
+        """Measure (on ``backends``, for a section that takes them), then render: the section's Markdown."""
+        if backends and self.backends is None:
+            raise ValueError(f"the {self.name} section times eager PyTorch only; it takes no back-ends")
+        if self.backends is None:
+            return self.render(self.measure(quick))
+        return self.render(self.measure(quick, backends=tuple(backends or self.backends)))

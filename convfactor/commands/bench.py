@@ -25,6 +25,9 @@ def add_arguments(p) -> None:
     p.add_argument("--experiment", default=None,
                    help="run one of the seeds' headline experiments (see 'convfactor bench --list')")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every timing (default: 2)")
+    p.add_argument("--backend", dest="backends", action="append", choices=["torch", "compile", "onnxruntime"],
+                   help="timing back-end (repeatable) for the sections that take one (e.g. runtimes: plan and "
+                        "time on each); without --sections, runs those sections only")
     p.add_argument("--list", action="store_true", help="list the sections and experiments, then exit")
 
 

@@ -312,27 +312,32 @@ import json, sys
 import torch
 import convfactor
 from convfactor import models
-from convfactor.measure.allocator import set_malloc
+from convfactor.measure.allocator import malloc_setting, set_malloc
 from convfactor.measure.compare import compare_speed
-name, directory, shape, threads, repeats, malloc = json.loads(sys.argv[1])
-set_malloc(malloc)
+name, directory, shape, threads, repeats, malloc, backend = json.loads(sys.argv[1])
+if malloc in ("default", "retain"):
+    set_malloc(malloc)
 original = models.get(name, pretrained=True)
 compressed = convfactor.load(directory, models.get(name))
 x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
-res = compare_speed(original, compressed, x, threads=threads, repeats=repeats, rounds=3)
+res = compare_speed(original, compressed, x, threads=threads, repeats=repeats, rounds=3, backend=backend)
 print("RESULT " + json.dumps(res.to_dict()))
 """
 
 
 def compare_in_fresh_process(model_name: str, compressed: nn.Module, input_shape, *, threads: int = 2,
-                             repeats: int = 9, malloc: str = "default", timeout: float = 900.0) -> dict:
+                             repeats: int = 9, malloc: str = "default", timeout: float = 900.0,
+                             backend: str = "torch", env: dict[str, str] | None = None) -> dict:
     """:func:`compare_speed` of the zoo model ``model_name`` (shipped weights) against ``compressed``,
     run in a new Python process (so process-wide settings such as the allocator start clean).
 
-    ``compressed`` is saved with :func:`convfactor.save` to a temporary directory and loaded there.
-    Returns ``SpeedComparison.to_dict()``.
+    ``malloc``: ``"default"``/``"retain"`` (set by mallopt there; a preload this process inherited is
+    not passed on), or ``"preload"`` to leave the allocator as ``env`` makes it (e.g. ``{"LD_PRELOAD":
+    ".../libtcmalloc_minimal.so.4"}``); the result's ``env["malloc"]`` records what was loaded.  ``compressed`` is saved with :func:`convfactor.save` to
+    a temporary directory and loaded there.  Returns ``SpeedComparison.to_dict()``.
     """
     import json
+    import os
     import subprocess
     import sys
     import tempfile
@@ -340,9 +345,24 @@ def compare_in_fresh_process(model_name: str, compressed: nn.Module, input_shape
     from ..io import save
     with tempfile.TemporaryDirectory() as tmp:
         save(compressed, f"{tmp}/model")
-        arg = json.dumps([model_name, f"{tmp}/model", list(input_shape), threads, repeats, malloc])
-        res = subprocess.run([sys.executable, "-c", _FRESH, arg], capture_output=True, text=True, timeout=timeout)
+        arg = json.dumps([model_name, f"{tmp}/model", list(input_shape), threads, repeats, malloc, backend])
+        res = subprocess.run([sys.executable, "-c", _FRESH, arg], capture_output=True, text=True, timeout=timeout,
+                             env=_child_env(malloc, env))
     if res.returncode != 0:
         raise RuntimeError(f"timing in a fresh process failed:\n{res.stderr[-2000:]}")
     line = next(v for v in reversed(res.stdout.splitlines()) if v.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
+
+
+def _child_env(malloc: str, extra: dict[str, str] | None) -> dict[str, str]:
+    """The environment of a fresh timing process: glibc modes drop an inherited ``LD_PRELOAD``/``MALLOC_CONF``
+    (a CLI re-executed under tcmalloc would otherwise pass it on and mislabel the figure)."""
+    import os
+    env = dict(os.environ)
+    if malloc in ("default", "retain"):
+        for key in ("LD_PRELOAD", "MALLOC_CONF"):
+            env.pop(key, None)
+    elif malloc != "preload":
+        raise ValueError(f"malloc must be 'default', 'retain' or 'preload', got {malloc!r}")
+    env.update(extra or {})
+    return env

@@ -20,6 +20,7 @@ from typing import Sequence
 
 from torch import nn
 
+from ..measure.backends import get_backend
 from ..measure.latency import environment
 from ..methods import registry
 from ..spec.convspec import ConvSpec
@@ -347,8 +348,9 @@ class LatencyCriterion(Criterion):
         example = context.example_input
         x0 = example[0] if isinstance(example, tuple) else example
         cache = cfg.open_cache()
+        round_to = context.config.round_to or get_backend(cfg.backend).channel_multiple()
         table = time_table(context.model, example, layers, cfg.formats_for(x0), cfg, cfg.layer_timer(cache),
-                           context.config.round_to, context.progress)
+                           round_to, context.progress)
         band = cfg.speedup_band(target.value) if target.kind == "speedup" else None
         prior = cache.trials.get(table.digest(), [])
         trials = search(table, context.model, example, target, band, cfg, log=_logger(context.progress), prior=prior)
@@ -370,6 +372,6 @@ class LatencyCriterion(Criterion):
             predicted_speedup=table.reference_ms / trial.predicted_ms if trial.predicted_ms else None,
             rms_kernel_error=trial.rms_kernel_error, original_ms=dict(table.original_ms),
             original_ms_cached=table.original_cached, skipped_formats=dict(table.skipped_formats),
-            aimed_from_earlier_tries=len(prior),
+            aimed_from_earlier_tries=len(prior), round_to=round_to,
             layer_time_scale=dict(table.scales), history=[t.record() for t in trials])
         return trial.layers if trial.measured_speedup >= 1.0 else _dense_fallback(layers)

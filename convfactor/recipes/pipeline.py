@@ -51,9 +51,9 @@ class PipelineConfig:
     planner: str = "latency"              # "latency" (measured), "budget" (MACs = 1/speedup) or "fixed"
     keep_image_layers: bool = True        # leave convs with <= 4 input or output channels (RGB/grey) dense
     train_side: int | None = None         # centre-crop the training photos (None: full images)
-    plan_repeats: int = 10
+    plan_repeats: int = 6
     plan_e2e_rounds: int = 3
-    plan_e2e_repeats: int = 3
+    plan_e2e_repeats: int = 2
     plan_max_iter: int = 4
     plan_margin: float = 0.12             # aim at speedup * (1 + m); accept speedup * [1 + m/2, 1 + 3m/2] (SpeedupBand.at_least)
     speed_repeats: int = 9

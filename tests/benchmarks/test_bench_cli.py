@@ -98,3 +98,25 @@ def test_update_dates_old_style_stamps_from_the_header():
     section = split_sections(doc)["a"]
     assert _dated(section, doc).endswith("_(section `a`: 1.5 s; 2026-11-22 04:03 UTC; Some CPU)_\n")
     assert _dated(_dated(section, doc), doc) == _dated(section, doc)
+
+
+def test_backend_goes_to_the_sections_that_take_it(tmp_path, monkeypatch):
+    """``--backend`` reaches a section's ``measure(quick, backends=...)``; an eager-only section named
+    with it is refused before anything is written; without --sections only the sections taking it run."""
+    seen = {}
+    takes = bench.Section("takes", "Takes", measure=lambda quick, backends: seen.update(b=backends) or backends,
+                          render=lambda b: f"## Takes\n\n{list(b)}\n", backends=("torch", "onnxruntime"))
+    eager = bench.Section("eager", "Eager", measure=lambda quick: seen.setdefault("eager", True),
+                          render=lambda _: "## Eager\n")
+    sections = {"takes": takes, "eager": eager}
+    monkeypatch.setattr(bench, "available", lambda: list(sections))
+    monkeypatch.setattr(bench, "load_section", lambda name: sections[name])
+    out = tmp_path / "b.md"
+    assert main(["bench", "--quick", "--malloc", "retain", "--backend", "onnxruntime", "-o", str(out)]) == 0
+    assert seen == {"b": ("onnxruntime",)} and "## Eager" not in out.read_text()
+    assert main(["bench", "--quick", "--malloc", "retain", "--sections", "eager", "--backend", "torch",
+                 "-o", str(tmp_path / "c.md")]) == 2
+    assert not (tmp_path / "c.md").exists() and "eager" not in seen
+    assert main(["bench", "--quick", "--malloc", "retain", "--sections", "takes", "-o", str(tmp_path / "d.md")]) == 0
+    assert "['torch', 'onnxruntime']" in (tmp_path / "d.md").read_text()          # the section's own default
+    assert main(["bench", "--experiment", "lebedev_cp", "--backend", "torch", "--malloc", "retain"]) == 2

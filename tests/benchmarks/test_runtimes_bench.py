@@ -17,3 +17,9 @@ def test_runtimes_quick_renders_every_backend_row():
         assert lo <= s.speedup <= hi
     assert data.planning_s["cold_layers_timed"] > 0 == data.planning_s["warm_layers_timed"]   # from the disk cache
     assert "no CUDA row" in text or data.gpu
+    assert [r.planned_on for r in data.rows] == ["torch", "onnxruntime"]           # compile is left out in quick mode
+    # the allocator table: each fresh process ran under the allocator its line names
+    recorded = {(e["model"], e["backend"], e["allocator"]): e.get("recorded") for e in data.allocators}
+    assert {m for m, _, _ in recorded} == {"edsr_baseline_x2", "dncnn"}
+    assert all(v == ("default" if a == "glibc default" else "retain") for (_, _, a), v in recorded.items())
+    assert "### The CPU allocator" in text

@@ -268,3 +268,17 @@ def test_a_plan_with_a_measured_environment_saves_as_yaml(tmp_path):
     p.save(tmp_path / "p.yaml")
     assert "torch:" in (tmp_path / "p.yaml").read_text()
     assert Plan.load(tmp_path / "p.yaml").environment["torch"] == p.environment["torch"]
+
+
+def test_onnxruntime_plans_round_ranks_to_its_channel_block(resnet):
+    """ORT's CPU convs are blocked by 16 channels (AVX-512) or 8: its plans round ranks to that."""
+    from convfactor.measure.backends import OnnxRuntimeBackend
+    pytest.importorskip("onnxruntime")
+    model, x = resnet
+    block = OnnxRuntimeBackend().channel_multiple()
+    assert block in (8, 16)
+    p = plan(model, x, target="speedup=1.5x", latency=fast(FakeTimer(), backend="onnxruntime"), **FAST)
+    assert p.summary["round_to"] == block and p.compressed
+    assert all(r % block == 0 for layer in p.compressed for r in layer.ranks)
+    eager = plan(model, x, target="speedup=1.5x", latency=fast(FakeTimer()), **FAST)
+    assert eager.summary["round_to"] is None
