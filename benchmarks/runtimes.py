@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -75,10 +76,17 @@ def _config(spec: dict, backend: str, timed_on: tuple[str, ...], quick: bool) ->
                              **quick_only})
 
 
+def _progress(backend: str, quiet: bool):
+    """The pipeline's step lines on stderr, tagged with the row (a full run takes most of an hour)."""
+    if quiet:
+        return lambda *a: None
+    return lambda line: print(f"  [runtimes/{backend}] {line}", file=sys.stderr, flush=True)
+
+
 def measure_row(spec: dict, backend: str, timed_on: tuple[str, ...], quick: bool) -> tuple[Row, object]:
     """The row planned on ``backend``, and its compressed model (None when it failed)."""
     try:
-        res = compress_finetune_measure(_config(spec, backend, timed_on, quick), log=lambda *a: None)
+        res = compress_finetune_measure(_config(spec, backend, timed_on, quick), log=_progress(backend, quick))
     except Exception:  # noqa: BLE001 - one back-end failing must not lose the others' rows
         return Row(backend, failed=traceback.format_exc(limit=3).strip().splitlines()[-1]), None
     loss = res.quality["original"]["psnr"] - res.quality["compressed"]["psnr"]

@@ -27,7 +27,7 @@ from torch import nn
 
 from .io import check_output
 
-__all__ = ["export_model", "check_onnx", "output_leaves", "onnx_opset", "DEFAULT_OPSET"]
+__all__ = ["export_model", "check_onnx", "output_leaves", "onnx_opset", "DEFAULT_OPSET", "OnnxModule"]
 
 #: the opset written when none is asked for (the oldest the dynamo exporter writes natively)
 DEFAULT_OPSET = 18
@@ -91,19 +91,23 @@ def _unavailable(exporter: str, opset: int) -> str | None:
 
 
 def _run_exporter(exporter: str, model: nn.Module, example: torch.Tensor, file: str, opset: int,
-                  names: list[str]) -> None:
-    """One ``torch.onnx.export`` call with the batch axis (axis 0) of the input and outputs dynamic."""
+                  names: list[str], spatial: bool = False) -> None:
+    """One ``torch.onnx.export`` call with the batch axis (axis 0) of the input and outputs dynamic, and
+    with ``spatial`` the input's and outputs' spatial axes too."""
     common = dict(input_names=["input"], output_names=names, opset_version=opset)
+    rest = range(2, example.dim()) if spatial else ()
     if exporter == "dynamo":
-        torch.onnx.export(model, (example,), file, dynamo=True, external_data=False,
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), **common)
+        shape = {0: torch.export.Dim("batch"), **{a: torch.export.Dim(f"size{a}") for a in rest}}
+        torch.onnx.export(model, (example,), file, dynamo=True, external_data=False, dynamic_shapes=(shape,),
+                          **common)
     else:
-        axes = {name: {0: "batch"} for name in ["input", *names]}
+        axes = {name: {0: "batch", **{a: f"{name}_size{a}" for a in rest}} for name in ["input", *names]}
         torch.onnx.export(model, (example,), file, dynamo=False, do_constant_folding=True, dynamic_axes=axes,
                           **common)
 
 
-def _export_onnx(model: nn.Module, example: torch.Tensor, file: str, opset: int) -> tuple[str, list[str]]:
+def _export_onnx(model: nn.Module, example: torch.Tensor, file: str, opset: int,
+                 spatial: bool = False) -> tuple[str, list[str]]:
     """Write ``file`` with the first exporter that succeeds at ``opset``; returns (exporter, the other
     attempts' reasons).  Raises a one-line ValueError when none does."""
     with torch.no_grad():
@@ -115,7 +119,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, file: str, opset: int)
         if reason is None:
             try:
                 with _quiet():
-                    _run_exporter(exporter, model, example, file, opset, names)
+                    _run_exporter(exporter, model, example, file, opset, names, spatial)
                 written = onnx_opset(file)
                 if written == opset:
                     return exporter, attempts
@@ -127,8 +131,10 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, file: str, opset: int)
 
 
 def export_model(model: nn.Module, example: torch.Tensor, path, fmt: str = "onnx", *, opset: int = DEFAULT_OPSET,
-                 overwrite: bool = True, log: Callable[[str], None] | None = None) -> Path:
-    """Write ``model`` (traced at ``example``; batch axis dynamic for ONNX) to ``path`` atomically.
+                 overwrite: bool = True, log: Callable[[str], None] | None = None,
+                 dynamic_spatial: bool = False) -> Path:
+    """Write ``model`` (traced at ``example``; batch axis dynamic for ONNX, and with ``dynamic_spatial``
+    the image size too) to ``path`` atomically.
 
     ONNX: written by the first exporter that succeeds at ``opset`` (see the module docstring); the
     file's ``opset_import`` is the one requested.  ``log`` receives one line naming the exporter
@@ -143,7 +149,7 @@ def export_model(model: nn.Module, example: torch.Tensor, path, fmt: str = "onnx
     os.close(fd)
     try:
         if fmt == "onnx":
-            exporter, attempts = _export_onnx(model, example, tmp, opset)
+            exporter, attempts = _export_onnx(model, example, tmp, opset, dynamic_spatial)
             message = f"ONNX opset {opset} written by {EXPORTER_NAMES[exporter]}" + (
                 f" ({'; '.join(attempts)})" if attempts else "")
         else:
@@ -184,3 +190,23 @@ def check_onnx(path, model: nn.Module, example: torch.Tensor) -> dict:
     params = int(sum(int(np.prod(t.dims)) for t in graph.initializer))
     return {"rel_error": max(rel), "max_abs_error": max_abs, "rel_errors": rel, "outputs": len(got),
             "params_in_file": params, "output_shape": list(got[0].shape)}
+
+
+class OnnxModule(nn.Module):
+    """An ONNX file run by ONNX Runtime's CPU provider behind an ``nn.Module`` face (one tensor in, the
+    first output out, float32), so the quality metrics that take a model (``evaluate_sr``, ...) score
+    an exported or int8 file exactly as it will be served.  Not trainable."""
+
+    def __init__(self, path, threads: int | None = None):
+        super().__init__()
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = int(threads or torch.get_num_threads())
+        self.path = str(path)
+        self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(out)

@@ -36,7 +36,7 @@ from convfactor.spec.convspec import ConvSpec
 #: relative output error allowed at full rank, in float64
 EXACT = 1e-6
 
-METHODS = ("channel_svd", "spatial_svd", "tucker2", "cp", "depthwise", "basis", "linear_svd", "tt", "lowrank_sparse")
+METHODS = ("channel_svd", "sliced_svd", "spatial_svd", "tucker2", "cp", "depthwise", "basis", "linear_svd", "tt", "lowrank_sparse")
 
 
 @dataclass(frozen=True)

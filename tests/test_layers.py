@@ -15,7 +15,7 @@ LAYERS: list[set[str]] = [
     {"utils", "models", "data"},        # leaves
     {"spec"},                           # 1. what a conv is: ConvSpec, make_conv, im2col
     {"methods"},                        # 2. one module per method
-    {"compression", "io", "export"},    # 3. rules, surgery, factorize/compress, inspect, calibration; save/load/export
+    {"compression", "io", "export", "quantize"},   # 3. rules, surgery, compress, inspect, calibration; save/load/export/int8
     {"measure"},                        # 4. count, timing, quality (the planner measures, so it sits below rank)
     {"rank"},                           # 5. criteria, budget, latency table, planner, plan files
     {"train"},                          # 6. fine-tuning, distillation, checkpoints, DDP

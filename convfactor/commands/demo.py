@@ -45,6 +45,9 @@ def add_arguments(p) -> None:
     p.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"],
                    help="back-ends the final models are also timed on, side by side in the report "
                         "(default: torch onnxruntime; add compile for torch.compile)")
+    p.add_argument("--stages", type=int, default=1,
+                   help="multi-stage compression: K rounds of plan (for speedup^(k/K)), fine-tune, fold back; "
+                        "finished stages are kept in OUT/stages and a re-run resumes after them (default 1)")
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long smoke run (tiny input, 3 steps, small crops); its numbers mean nothing")
 
@@ -61,7 +64,8 @@ def pipeline_config(args) -> PipelineConfig:
     cfg = PipelineConfig(model=args.model, speedup=args.speedup, input_size=args.input_size, threads=args.threads,
                          steps=args.steps, batch_size=args.batch_size, patch_size=args.patch_size, lr=args.lr,
                          eval_side=args.eval_side or None, eval_limit=args.eval_images or None, planner=args.planner,
-                         backend=args.backend, report_backends=tuple(args.backends))
+                         backend=args.backend, report_backends=tuple(args.backends), stages=args.stages,
+                         checkpoint_dir=str(Path(args.output) / "stages") if args.stages > 1 else None)
     if args.quick:
         cfg.plan_repeats, cfg.plan_e2e_repeats, cfg.plan_max_iter, cfg.speed_repeats = 2, 2, 1, 3
         cfg.train_side = 64

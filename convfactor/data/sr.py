@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["imresize", "mod_crop", "bicubic_downscale", "bicubic_upscale", "to_tensor", "to_uint8",
+__all__ = ["calibration_crops", "imresize", "mod_crop", "bicubic_downscale", "bicubic_upscale", "to_tensor", "to_uint8",
            "read_image", "SRPatchDataset", "SRFolder", "sr_eval_pairs", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".webp")
@@ -372,3 +372,16 @@ def sr_eval_pairs(images, scale: int) -> list[tuple[str, torch.Tensor, torch.Ten
     images: as for :class:`SRPatchDataset` (HR is mod-cropped; LR is its bicubic downscale unless given).
     """
     return [(name, to_tensor(lr), to_tensor(hr)) for name, lr, hr in _as_pairs(images, _check_scale(scale))]
+
+
+def calibration_crops(images, scale: int, side: int, limit: int | None = None) -> list[np.ndarray]:
+    """LR centre crops ``(1, 3, side, side)`` float32 in [0, 1] of ``images`` (``[(name, hr uint8)]``,
+    e.g. the built-in training photos): inputs for calibrating an int8 model; a photo whose LR is
+    smaller than ``side`` is used whole."""
+    out = []
+    for _, lr, _ in _as_pairs(images[:limit] if limit else images, _check_scale(scale)):
+        h, w = lr.shape[:2]
+        top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
+        crop = lr[top:top + side, left:left + side]
+        out.append(to_tensor(crop)[None].numpy())
+    return out

@@ -37,6 +37,8 @@ __all__ = ["Runnable", "TimingBackend", "EagerBackend", "CompileBackend", "OnnxR
 
 #: the memory formats tried when looking for a model's fastest form
 FORMS = ("contiguous", "channels_last")
+#: how many compiled variants of one forward (one model class) a process may hold
+COMPILE_LIMIT = 4096
 
 
 @dataclass
@@ -174,8 +176,12 @@ class CompileBackend(TimingBackend):
                 continue
             t0 = time.perf_counter()
             try:
-                fn = torch.compile(eager.module, **self.options)
-                no_grad_call(fn, eager.inputs)()           # the first call compiles
+                # Every model of one class shares its forward's code object, and dynamo stops compiling it
+                # after ``recompile_limit`` (8) variants, silently running eager from then on (a planner's
+                # checks compile many); raise the limit while compiling, and fail rather than fall back.
+                with torch._dynamo.config.patch(recompile_limit=COMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+                    fn = torch.compile(eager.module, **self.options)
+                    no_grad_call(fn, eager.inputs)()           # the first call compiles
             except Exception as exc:  # noqa: BLE001 - any inductor failure means "not available here"
                 out[key] = f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                 continue
@@ -196,8 +202,8 @@ class OnnxRuntimeBackend(TimingBackend):
         try:
             import onnxruntime  # noqa: F401
         except ImportError as exc:
-            raise ValueError("the onnxruntime back-end needs the onnxruntime package "
-                             "(pip install 'convfactor[ort]')") from exc
+            raise ValueError("the onnxruntime back-end needs the onnxruntime package (a dependency of "
+                             "convfactor: pip install onnxruntime)") from exc
 
     def channel_multiple(self) -> int:
         """ONNX Runtime's CPU convs run in a blocked NCHWc layout whose block is 16 channels with AVX-512

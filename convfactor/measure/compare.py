@@ -27,7 +27,8 @@ from .backends import FORMS, CompileBackend, EagerBackend, Runnable, TimingBacke
 from .count import count
 from .latency import environment, latency_of
 
-__all__ = ["compare_speed", "SpeedComparison", "TimingConfig", "Verdict", "prepare_forms", "compare_in_fresh_process"]
+__all__ = ["compare_speed", "SpeedComparison", "TimingConfig", "Verdict", "prepare_forms", "compare_in_fresh_process",
+           "ratio_interval"]
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ def _one_round(forms: dict, backend_of: dict, cfg: TimingConfig, r: int) -> dict
     return out
 
 
-def _ratio_interval(orig_rounds: list[list[float]], comp_rounds: list[list[float]],
+def ratio_interval(orig_rounds: list[list[float]], comp_rounds: list[list[float]],
                     n_boot: int = 400) -> tuple[float, float]:
     """95% percentile bootstrap interval of median(original) / median(compressed).
 
@@ -257,7 +258,7 @@ def _best_pair(forms: dict, rounds: list[dict]) -> tuple[str, str]:
 
 def _interval(forms: dict, rounds: list[dict]) -> tuple[float, float]:
     best_o, best_c = _best_pair(forms, rounds)
-    return _ratio_interval([r[("original", best_o)] for r in rounds], [r[("compressed", best_c)] for r in rounds])
+    return ratio_interval([r[("original", best_o)] for r in rounds], [r[("compressed", best_c)] for r in rounds])
 
 
 def _tight_enough(forms: dict, rounds: list[dict], cfg: TimingConfig) -> bool:

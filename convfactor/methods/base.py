@@ -203,6 +203,24 @@ class Method(abc.ABC):
         gives this configuration back."""
         return {k: _json(v) for k, v in dataclasses.asdict(self).items() if v is not None}
 
+    def changed_options(self) -> dict[str, Any]:
+        """The fields that differ from the method's defaults, as JSON values (``{}`` for the default
+        configuration): what a plan records per layer, so ``registry.get(name, **changed)`` is this."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else object())
+            if value != default:
+                out[f.name] = _json(value)
+        return out
+
+    def key(self) -> str:
+        """A name for this configuration: ``sliced_svd`` or ``sliced_svd:slices=4`` (see
+        :func:`convfactor.methods.registry.parse`)."""
+        changed = self.changed_options()
+        return self.name + (":" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) if changed else "")
+
     def declares(self, factor: str) -> bool:
         """Whether ``factor`` is one of :attr:`factor_names` (``axis1`` belongs to a family ``axis*``)."""
         for declared in self.factor_names:

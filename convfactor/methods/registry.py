@@ -13,11 +13,12 @@ import importlib
 from ..utils import UnknownName
 from .base import Method
 
-__all__ = ["get", "register", "available"]
+__all__ = ["get", "register", "available", "parse"]
 
 #: name -> "module:ClassName" (relative to convfactor.methods)
 _METHODS: dict[str, str] = {
     "channel_svd": "channel_svd:ChannelSVD",
+    "sliced_svd": "sliced_svd:SlicedSVD",
     "linear_svd": "channel_svd:LinearSVD",
     "spatial_svd": "spatial_svd:SpatialSVD",
     "tucker2": "tucker2:Tucker2",
@@ -74,3 +75,17 @@ def register(method: Method) -> Method:
         raise ValueError("a method needs a name")
     _DEFAULTS[method.name] = method
     return method
+
+
+def parse(text: str) -> Method:
+    """A configured method from ``"name"`` or ``"name:key=value,key=value"`` (values read as YAML
+    scalars: ``sliced_svd:slices=4``, ``cp:form=folded,n_iter=25``), as the CLI's ``--method`` takes it."""
+    import yaml
+    name, _, rest = text.partition(":")
+    options = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"method {text!r}: options are key=value pairs separated by commas, got {item!r}")
+        options[key.strip()] = yaml.safe_load(value.strip())
+    return get(name.strip(), **options)

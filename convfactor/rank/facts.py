@@ -36,8 +36,8 @@ class LayerFacts:
     weight: torch.Tensor              # float64 copy of the kernel
     kappa: float                      # condition number of the (N/g, C/g k^2) kernel matrix
     methods: list                     # applicable Method objects, in preference order
-    spectra: dict[str, list[torch.Tensor]] = field(default_factory=dict)   # method name -> its spectra
-    errors: dict[tuple, float] = field(default_factory=dict)   # (method name, ranks) -> fitted kernel error
+    spectra: dict[str, list[torch.Tensor]] = field(default_factory=dict)   # method key -> its spectra
+    errors: dict[tuple, float] = field(default_factory=dict)   # (method key, ranks) -> fitted kernel error
 
     @property
     def dense_macs(self) -> int:
@@ -45,15 +45,15 @@ class LayerFacts:
 
     def spectra_of(self, method) -> list[torch.Tensor]:
         """``method.spectra`` of this layer, computed once."""
-        if method.name not in self.spectra:
-            self.spectra[method.name] = method.spectra(self.weight, self.spec)
-        return self.spectra[method.name]
+        if method.key() not in self.spectra:
+            self.spectra[method.key()] = method.spectra(self.weight, self.spec)
+        return self.spectra[method.key()]
 
     def kernel_error(self, method, ranks: Ranks) -> float:
         """Relative kernel error of ``method`` at ``ranks``: from spectra where exact, else by fitting."""
         if spectral_error_is_exact(method):
             return error_estimate(self.spectra_of(method), ranks)
-        key = (method.name, tuple(ranks))
+        key = (method.key(), tuple(ranks))
         if key not in self.errors:
             factors = method.factorize(self.weight, self.spec, tuple(ranks))
             self.errors[key] = relative_error(method.reconstruct(factors, self.spec), self.weight)
@@ -88,6 +88,7 @@ class LayerFacts:
             return p
         cost = method.cost(self.spec, tuple(ranks), self.size)
         p.method, p.ranks = method.name, [int(r) for r in ranks]
+        p.options = method.changed_options() or None
         p.macs_after, p.params_after = cost.macs * self.batch, cost.params
         p.error = error if error is not None else self.kernel_error(method, tuple(ranks))
         return p

@@ -354,6 +354,7 @@ class Option:
     error: float          # relative kernel error
     macs: int = 0
     params: int = 0
+    options: dict | None = None     # the method's non-default options (e.g. sliced_svd's slices)
 
 
 def _pick(options: list[list[Option]], lam: float, mode: str) -> list[int]:

@@ -119,7 +119,8 @@ class TimingTable:
     def digest(self) -> str:
         """What the table predicts from (every option's time and error, the original's times): equal
         digests predict alike, so earlier tries of the same table can aim a new plan."""
-        opts = {f: [[(o.method, o.ranks, round(o.ms, 6), round(o.error, 9)) for o in layer] for layer in table]
+        opts = {f: [[(o.method, o.options, o.ranks, round(o.ms, 6), round(o.error, 9)) for o in layer]
+                    for layer in table]
                 for f, table in self.options.items()}
         text = json.dumps([opts, {f: round(v, 6) for f, v in self.original_ms.items()}], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
@@ -128,7 +129,7 @@ class TimingTable:
         chosen = {}
         for facts, opts, i in zip(self.layers, self.options[choice.memory_format], choice.indices):
             o = opts[i]
-            method = registry.get(o.method) if o.method else None
+            method = registry.get(o.method, **(o.options or {})) if o.method else None
             p = facts.layer_plan(method, o.ranks, LatencyCriterion.name, error=o.error if method else None,
                                  note=None if method or len(opts) > 1 else "no candidate is faster than the dense layer")
             p.dense_ms, p.factorized_ms = opts[0].ms, (o.ms if method else None)
@@ -137,6 +138,7 @@ class TimingTable:
 
 
 def _signature(spec: ConvSpec, method: str | None = None, ranks=None) -> str:
+    """What a layer timing depends on: the layer and the candidate (``method``: its key, options included)."""
     return json.dumps({"spec": spec.to_dict(), "method": method, "ranks": list(ranks) if ranks else None},
                       sort_keys=True)
 
@@ -151,8 +153,8 @@ def _candidates(facts: LayerFacts, ratios: Sequence[float], round_to: int | None
             except ValueError:
                 continue
             ranks, _ = facts.bounded(m, ranks, round_to)
-            if ranks is not None and (m.name, ranks) not in seen:
-                seen.add((m.name, ranks))
+            if ranks is not None and (m.key(), ranks) not in seen:
+                seen.add((m.key(), ranks))
                 out.append((m, ranks))
     return out
 
@@ -164,7 +166,7 @@ def _options_for(facts: LayerFacts, fmt: str, timer: LayerTimer, cfg: LatencyCon
     cands = _candidates(facts, cfg.ratios, round_to)
     items = [(facts.layer, _signature(facts.spec))]
     items += [(m.build(facts.spec, ranks, None, dtype=weight.dtype, device=weight.device),
-               _signature(facts.spec, m.name, ranks)) for m, ranks in cands]
+               _signature(facts.spec, m.key(), ranks)) for m, ranks in cands]
     times = timer.time_group(items, facts.input_shape, dtype=weight.dtype, memory_format=fmt)
     dense_ms = times[0]
     opts = [Option(None, None, dense_ms, 0.0, facts.dense_macs, facts.spec.dense_params())]
@@ -172,7 +174,8 @@ def _options_for(facts: LayerFacts, fmt: str, timer: LayerTimer, cfg: LatencyCon
         if t > dense_ms * (1 - cfg.min_gain):
             continue            # not faster than the dense layer: never a candidate
         c = m.cost(facts.spec, ranks, facts.size)
-        opts.append(Option(m.name, ranks, t, facts.kernel_error(m, ranks), c.macs * facts.batch, c.params))
+        opts.append(Option(m.name, ranks, t, facts.kernel_error(m, ranks), c.macs * facts.batch, c.params,
+                           m.changed_options() or None))
     return opts
 
 

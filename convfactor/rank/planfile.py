@@ -68,8 +68,11 @@ class LayerPlan:
     dense_ms: float | None = None            # measured latency of the dense layer
     factorized_ms: float | None = None       # measured latency of the chosen candidate
     note: str | None = None
+    options: dict[str, Any] | None = None    # the method's non-default options, e.g. {"slices": 4}
 
     def __post_init__(self):
+        if self.options is not None and not isinstance(self.options, dict):
+            raise ValueError(f"plan layer {self.name!r}: options must be a mapping, got {self.options!r}")
         if self.ranks is not None:
             self.ranks = [int(r) for r in self.ranks]
         if self.method is not None and not self.ranks:
@@ -78,6 +81,13 @@ class LayerPlan:
     @property
     def compressed(self) -> bool:
         return self.method is not None
+
+    @property
+    def method_key(self) -> str | None:
+        """``method`` with its options, e.g. ``sliced_svd:slices=4`` (as ``--method`` takes it)."""
+        if self.method is None or not self.options:
+            return self.method
+        return self.method + ":" + ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
 
 
 @dataclass
@@ -218,6 +228,7 @@ class Plan:
             rule = {"op_names": [glob.escape(layer.name)], "method": layer.method,
                     "rank": layer.ranks[0] if len(layer.ranks) == 1 else tuple(layer.ranks)}
             rule.update(self.options.get(layer.method, {}) if isinstance(self.options.get(layer.method), dict) else {})
+            rule.update(layer.options or {})
             rules.append(rule)
         return rules
 
@@ -258,7 +269,7 @@ class Plan:
         for L in self.layers:
             ratio = (f"{L.macs_after / L.macs_before:.3f}" if L.macs_before and L.macs_after is not None else "-")
             lines.append(
-                f"{L.name[:28]:<28} {(L.method or 'dense'):<12} {','.join(map(str, L.ranks or [])) or '-':<10} "
+                f"{L.name[:28]:<28} {(L.method_key or 'dense'):<12} {','.join(map(str, L.ranks or [])) or '-':<10} "
                 f"{L.criterion[:10]:<10} {ratio:>8} {_f(L.error, '.4f'):>7} {_f(L.kappa, '.3g'):>9} "
                 f"{_f(L.dense_ms, '.3f'):>9} {_f(L.factorized_ms, '.3f'):>8}" + (f"  {L.note}" if L.note else ""))
         lines.append("-" * len(head))

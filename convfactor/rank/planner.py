@@ -26,6 +26,7 @@ from torch import nn
 
 from ..compression.batchnorm import folded_copy
 from ..methods import registry
+from ..methods.base import Method
 from ..utils import eval_mode
 from .criterion import (BudgetCriterion, Criterion, EnergyCriterion, PlanContext, RankConfig, RankCriterion,
                         UniformCriterion, VBMFCriterion)
@@ -99,7 +100,8 @@ def _criterion(criterion: str | Criterion | None, target: Target | None) -> Crit
 
 
 def _methods(method: str | None, methods: Sequence[str] | str | None, criterion: Criterion) -> list:
-    """The Method objects to use: those named, else the criterion's defaults that the registry has."""
+    """The Method objects to use: those given (configured methods, or names such as
+    ``sliced_svd:slices=4``), else the criterion's defaults that the registry has."""
     names = methods if methods is not None else ([method] if method else None)
     if isinstance(names, str):
         names = [names]
@@ -107,7 +109,7 @@ def _methods(method: str | None, methods: Sequence[str] | str | None, criterion:
         available = set(registry.available())
         names = [n for n in criterion.default_methods if n in available]
     try:
-        return [registry.get(n) for n in names]
+        return [n if isinstance(n, Method) else registry.parse(n) for n in names]
     except KeyError as exc:
         raise ValueError(exc.args[0]) from None
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -19,14 +21,18 @@ from torch import nn
 
 from .. import models
 from ..compression.api import CompressionReport, compress
+from ..compression.fold import fold_factorized
 from ..data.images import builtin_images
 from ..measure.compare import SpeedComparison, Verdict, compare_speed
 from ..measure.count import count
 from ..measure.quality import evaluate
-from ..rank import LatencyConfig, Target, plan
+from ..io import atomic_write
+from ..io import load as load_model
+from ..io import save as save_model
+from ..rank import LatencyConfig, Plan, Target, plan
 from ..train.datasets import training_set
 from ..train.finetune import CheckpointConfig, DistillConfig, FinetuneConfig, OptimizerConfig, finetune
-from ..utils import torch_threads
+from ..utils import plain_data, torch_threads
 
 __all__ = ["PipelineConfig", "PipelineResult", "Counts", "StageTimes", "compress_finetune_measure",
            "summary_rows", "image_layers", "plan_for_speedup"]
@@ -65,7 +71,14 @@ class PipelineConfig:
     progress: bool = True
     pretrained: bool = True
     checkpoint_dir: str | None = None
+    stages: int = 1                       # multi-stage: plan for speedup^(k/K), fine-tune, fold back, repeat
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.stages, int) or isinstance(self.stages, bool) or self.stages < 1:
+            raise ValueError(f"stages must be a positive int, got {self.stages!r}")
+        if self.stages > 1 and self.steps < self.stages:
+            raise ValueError(f"{self.stages} stages need at least one fine-tuning step each, got steps={self.steps}")
 
 
 def image_layers(model: nn.Module) -> list[str]:
@@ -272,6 +285,88 @@ def _speed(original: nn.Module, compressed: nn.Module, example: torch.Tensor, cf
     return speeds, Counts(c0["params"], c1["params"]), Counts(c0["macs"], c1["macs"])
 
 
+# ---------------------------------------------------------------------------------------------- multi-stage
+@dataclass
+class _Stage:
+    """What one stage of :func:`_staged` hands on: the fine-tuned model, its state before fine-tuning,
+    the compression report, the plan (as a dict) and how it was made, the fine-tuning history."""
+    compressed: nn.Module
+    before_finetune: nn.Module
+    report: CompressionReport
+    plan: dict
+    how: str
+    history: list[dict]
+
+
+def stage_settings(cfg: PipelineConfig, k: int) -> PipelineConfig:
+    """Stage ``k`` (0-based) of ``cfg.stages``: speed-up ``cfg.speedup ** ((k + 1) / K)`` (the last one
+    is the request), ``cfg.steps / K`` fine-tuning steps (the last takes the remainder), checkpoints
+    in ``checkpoint_dir/stage{k + 1}``."""
+    K = cfg.stages
+    steps = cfg.steps // K + (cfg.steps % K if k == K - 1 else 0)
+    ckpt = f"{cfg.checkpoint_dir}/stage{k + 1}" if cfg.checkpoint_dir else None
+    return dataclasses.replace(cfg, speedup=cfg.speedup ** ((k + 1) / K), steps=steps, checkpoint_dir=ckpt, stages=1)
+
+
+def _one_stage(base: nn.Module, original: nn.Module, example, plan_example, info: dict, cfg: PipelineConfig,
+               log: Callable) -> tuple[_Stage, float, float]:
+    """Plan ``base`` for ``cfg.speedup``, factorize, fine-tune against ``original`` -> (stage, plan s, fine-tune s).
+    With ``cfg.checkpoint_dir``, a finished stage found there is loaded instead of redone."""
+    done = Path(cfg.checkpoint_dir, "stage.json") if cfg.checkpoint_dir else None
+    settings = _settings_record(cfg)
+    if done is not None and done.is_file():
+        record = json.loads(done.read_text())
+        if record.get("settings") != settings:
+            raise ValueError(f"{done.parent} holds a finished stage made with other settings; remove it to start over")
+        plan_or_rules = record["plan"]["rules"] if "rules" in record["plan"] else Plan.from_dict(record["plan"])
+        compressed, report, plan_dict = _compress(base, plan_or_rules, example, cfg, log)
+        before = copy.deepcopy(compressed)
+        compressed.load_state_dict(load_model(done.parent / "model", base).state_dict())
+        log(f"  stage found finished in {done.parent}; loaded")
+        return _Stage(compressed, before, report, plan_dict, record["how"], record["history"]), 0.0, 0.0
+    if done is not None:
+        done.parent.mkdir(parents=True, exist_ok=True)      # the fine-tuning checkpoints go there too
+    (plan_or_rules, how), plan_s = _timed(plan_for_speedup, base, plan_example, cfg, log)
+    compressed, report, plan_dict = _compress(base, plan_or_rules, example, cfg, log)
+    before = copy.deepcopy(compressed)
+    history, finetune_s = _timed(_finetune, compressed, original, info, cfg)
+    if done is not None:
+        save_model(compressed, done.parent / "model", overwrite=True)
+        atomic_write(done, json.dumps(plain_data({"plan": plan_dict, "how": how, "history": history,
+                                                  "settings": settings})))
+    return _Stage(compressed, before, report, plan_dict, how, history), plan_s, finetune_s
+
+
+def _settings_record(cfg: PipelineConfig) -> dict:
+    """The settings a finished stage must match to be reused (what shapes its plan and weights)."""
+    keep = dataclasses.asdict(cfg)
+    for name in ("progress", "timer", "checkpoint_dir", "report_backends", "speed_repeats", "speed_max_rounds",
+                 "eval_side", "eval_limit", "extra"):
+        keep.pop(name, None)
+    return json.loads(json.dumps(plain_data(keep)))
+
+
+def _staged(original: nn.Module, example, plan_example, info: dict, cfg: PipelineConfig, times: "StageTimes",
+            log: Callable) -> _Stage:
+    """MUSCO-style stages (see :mod:`convfactor.compression.fold`): each plans the previous stage's
+    fine-tuned model folded back to dense, for a larger share of the request."""
+    base, history, stage = original, [], None
+    for k in range(cfg.stages):
+        sub = stage_settings(cfg, k)
+        log(f"  stage {k + 1}/{cfg.stages}: planning for {sub.speedup:.3g}x, then {sub.steps} fine-tuning steps")
+        stage, plan_s, finetune_s = _one_stage(base, original, example, plan_example, info, sub, log)
+        times.plan += plan_s
+        times.finetune += finetune_s
+        history += [{**h, "stage": k + 1} for h in stage.history]
+        if k + 1 < cfg.stages:
+            base, kept = fold_factorized(stage.compressed)
+            if kept:
+                raise ValueError(f"stage {k + 1}: cannot fold {', '.join(kept)} back to dense: {next(iter(kept.values()))}")
+    stage.history = history
+    stage.how = f"{cfg.stages} stages, the last: {stage.how}"
+    return stage
+
+
 # ---------------------------------------------------------------------------------------------- the workflow
 def compress_finetune_measure(cfg: PipelineConfig, log: Callable = print) -> PipelineResult:
     """Run the whole pipeline (plan, compress, fine-tune, measure) with ``cfg.threads`` torch threads."""
@@ -283,12 +378,19 @@ def compress_finetune_measure(cfg: PipelineConfig, log: Callable = print) -> Pip
         example, plan_example = _inputs(cfg, info["input_shape"][0])
         log(f"[2/5] planning for a measured {cfg.speedup:g}x speed-up at input {tuple(plan_example.shape)}, "
             f"{cfg.threads} threads")
-        (plan_or_rules, how), times.plan = _timed(plan_for_speedup, original, plan_example, cfg, log)
-        compressed, report, plan_dict = _compress(original, plan_or_rules, example, cfg, log)
-        before_ft = copy.deepcopy(compressed)
-        log(f"[3/5] fine-tuning {cfg.steps} steps with distillation from the original "
-            f"(batch {cfg.batch_size}, patch {cfg.patch_size}, Adam lr {cfg.lr:g}, cosine)")
-        history, times.finetune = _timed(_finetune, compressed, original, info, cfg)
+        if cfg.stages > 1:
+            log(f"[3/5] {cfg.stages} stages of planning and fine-tuning ({cfg.steps} steps in all, distillation "
+                f"from the original, batch {cfg.batch_size}, patch {cfg.patch_size}, Adam lr {cfg.lr:g}, cosine)")
+            st = _staged(original, example, plan_example, info, cfg, times, log)
+            compressed, report, plan_dict, how, history, before_ft = (st.compressed, st.report, st.plan, st.how,
+                                                                      st.history, st.before_finetune)
+        else:
+            (plan_or_rules, how), times.plan = _timed(plan_for_speedup, original, plan_example, cfg, log)
+            compressed, report, plan_dict = _compress(original, plan_or_rules, example, cfg, log)
+            before_ft = copy.deepcopy(compressed)
+            log(f"[3/5] fine-tuning {cfg.steps} steps with distillation from the original "
+                f"(batch {cfg.batch_size}, patch {cfg.patch_size}, Adam lr {cfg.lr:g}, cosine)")
+            history, times.finetune = _timed(_finetune, compressed, original, info, cfg)
         log("[4/5] measuring quality on the held-out built-in photos"
             + (f" (centre crops of {cfg.eval_side} px)" if cfg.eval_side else " (full images)"))
         stages = dict(zip(QUALITY_STAGES, (original, before_ft, compressed)))

@@ -98,3 +98,22 @@ def test_onnxruntime_backend_times_the_exported_model():
     res = compare_speed(big, small, x, backend="onnxruntime", threads=1, repeats=3, rounds=3)
     assert res.original_best == res.compressed_best == "onnxruntime"
     assert res.env["backend"] == "onnxruntime" and res.speedup > 0 and res.setup_s
+
+
+def test_compile_keeps_compiling_many_models_of_one_class():
+    """dynamo gives up on a forward after 8 variants and runs eager silently: a planner's checks compile
+    more than that, so each prepared form must really be compiled (counted by the compiler backend)."""
+    from convfactor.measure.backends import CompileBackend
+    compiled = []
+
+    def counting(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+    backend = CompileBackend(memory_formats=("contiguous",), options={"backend": counting})
+    x = (torch.randn(1, 3, 8, 8),)
+    for width in range(1, 13):                 # 12 distinct nn.Sequential models: one code object
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3), torch.nn.ReLU())
+        form = backend.prepare(model, x)["compiled/contiguous"]
+        assert not isinstance(form, str), form
+        assert torch.allclose(form.call(), model(*x))
+    assert len(compiled) >= 12

@@ -282,3 +282,32 @@ def test_onnxruntime_plans_round_ranks_to_its_channel_block(resnet):
     assert all(r % block == 0 for layer in p.compressed for r in layer.ranks)
     eager = plan(model, x, target="speedup=1.5x", latency=fast(FakeTimer()), **FAST)
     assert eager.summary["round_to"] is None
+
+
+def test_latency_planner_tries_slice_and_rank_pairs_and_the_plan_keeps_them(resnet, tmp_path):
+    """ALDS-style candidates: sliced_svd at several slice counts is timed as (slices, rank) pairs; the
+    plan records each layer's slices, survives a save/load, and applies them."""
+    from convfactor.rank import Plan
+    model, x = resnet
+    methods = ("channel_svd", "sliced_svd:slices=2", "sliced_svd:slices=4")
+    p = plan(model, x, target="speedup=1.5x", latency=fast(FakeTimer()), methods=methods)
+    table = p.table()
+    sliced = [L for L in p.compressed if L.method == "sliced_svd"]
+    assert sliced, table
+    assert all(L.options in ({"slices": 2}, {"slices": 4}) for L in sliced)
+    assert all(L.options is None for L in p.compressed if L.method == "channel_svd")
+    assert "sliced_svd:slices=" in table
+    path = tmp_path / "plan.yaml"
+    p.save(path)
+    again = Plan.load(path)
+    assert [(L.method, L.ranks, L.options) for L in again.layers] == [(L.method, L.ranks, L.options) for L in p.layers]
+    compressed, _ = again.apply(model, x)
+    built = dict(compressed.named_modules())
+    for L in sliced:
+        assert built[L.name].options["slices"] == L.options["slices"] and list(built[L.name].ranks) == L.ranks
+
+
+def test_a_plan_layer_with_bad_options_is_refused(tmp_path):
+    from convfactor.rank import Plan
+    with pytest.raises(ValueError, match="options must be a mapping"):
+        Plan.from_dict({"layers": [{"name": "a", "method": "sliced_svd", "ranks": [2], "options": 4}]})
