@@ -357,9 +357,11 @@ class LatencyCriterion(Criterion):
         band = cfg.speedup_band(target.value) if target.kind == "speedup" else None
         prior = cache.trials.get(table.digest(), [])
         trials = search(table, context.model, example, target, band, cfg, log=_logger(context.progress), prior=prior)
-        cache.add_trials(table.digest(), [(t.predicted_speedup, t.measured_speedup) for t in trials
-                                          if not t.noise and t.plan_ms != t.reference_ms])
-        cache.save()
+        busy = any(t.noise for t in trials)
+        if not busy:            # timings taken on a busy machine would mislead every later plan: not kept
+            cache.add_trials(table.digest(), [(t.predicted_speedup, t.measured_speedup) for t in trials
+                                              if t.plan_ms != t.reference_ms])
+            cache.save()
         trial, reachable = pick(trials, band)
         outcome = _outcome(trial, reachable, band, table)
         result = context.plan
@@ -376,5 +378,6 @@ class LatencyCriterion(Criterion):
             rms_kernel_error=trial.rms_kernel_error, original_ms=dict(table.original_ms),
             original_ms_cached=table.original_cached, skipped_formats=dict(table.skipped_formats),
             aimed_from_earlier_tries=len(prior), round_to=round_to,
+            timings_cached=bool(cache.path) and not busy,
             layer_time_scale=dict(table.scales), history=[t.record() for t in trials])
         return trial.layers if trial.measured_speedup >= 1.0 else _dense_fallback(layers)

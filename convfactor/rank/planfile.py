@@ -127,6 +127,7 @@ class PlanSummary:
     original_ms_cached: bool | None = None         # ``original_ms`` read from the timing cache (a warm plan)
     skipped_formats: dict[str, str] | None = None  # memory formats given no layer table, and why
     aimed_from_earlier_tries: int | None = None    # earlier tries of the same timing table that aimed this plan
+    timings_cached: bool | None = None             # this plan's timings were saved to the on-disk cache (not when busy)
     layer_time_scale: dict[str, float] | None = None
     history: list[dict[str, Any]] | None = None    # latency: one record per measured try
     # whole-model costs

@@ -2,6 +2,7 @@
 lower edge), never chases a noisy check to far more MACs reduction than needed, keeps its layer
 table on disk across runs, reports each check as it goes, and plans on ONNX Runtime too."""
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -73,6 +74,8 @@ def test_noise_cannot_push_the_plan_past_the_aim_cap():
 def test_layer_timings_persist_on_disk_across_runs(tmp_path, monkeypatch):
     tmp_path = tmp_path / "not" / "yet"                   # a fresh machine: the cache folder does not exist
     monkeypatch.setenv("CONVFACTOR_CACHE_DIR", str(tmp_path))
+    import convfactor.measure.compare as compare          # real clocks under a parallel test run are noisy, and a
+    monkeypatch.setattr(compare, "_noise", lambda *a: [])   # noisy plan keeps nothing (tested below)
     model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
     x = torch.randn(1, 8, 16, 16)
     cfg = LatencyConfig(repeats=2, e2e_rounds=2, e2e_repeats=1, e2e_max_rounds=2, max_iter=1,
@@ -80,9 +83,25 @@ def test_layer_timings_persist_on_disk_across_runs(tmp_path, monkeypatch):
     plan(model, x, target="speedup=1.2x", latency=cfg, progress=False, **FAST)
     path = default_cache_path()
     assert path.parent == tmp_path and path.is_file()
-    entries = path.read_text()
+    import json
+    entries = json.loads(path.read_text())["timings"]
     plan(model, x, target="speedup=1.2x", latency=cfg, progress=False, **FAST)
-    assert path.read_text() == entries                          # warm: nothing new was timed per layer
+    assert json.loads(path.read_text())["timings"] == entries    # warm: nothing new was timed per layer
+
+
+def test_a_busy_plan_keeps_no_timings_on_disk(tmp_path):
+    """Layer timings taken while the end-to-end checks were noisy would mislead every later plan on this
+    machine (seen: a demo under a burner, then a quiet demo reusing its table), so none are saved."""
+    torch.manual_seed(0)
+    model, x = models.get("resnet20"), models.default_input("resnet20")
+    path = tmp_path / "latency.json"
+    busy = LatencyConfig(timer=BusyE2E(-0.6, 0.6, seed=1), repeats=1, e2e_rounds=3, e2e_repeats=2, e2e_max_rounds=4,
+                         cache=str(path))
+    p = plan(model, x, target="speedup=1.5x", latency=busy, progress=False, **FAST)
+    assert p.summary.history[0]["noise"] and p.summary.timings_cached is False and not path.exists()
+    quiet = plan(model, x, target="speedup=1.5x", latency=replace(busy, timer=BusyE2E(0.0, 0.0)), progress=False,
+                 **FAST)
+    assert quiet.summary.timings_cached is True and path.is_file()
 
 
 def test_each_end_to_end_check_is_reported(capsys):
