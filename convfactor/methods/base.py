@@ -39,7 +39,7 @@ from torch import nn
 from ..spec.convspec import ConvSpec, UnsupportedLayer, conv_of
 
 __all__ = ["Method", "Factorized", "Cost", "Ranks", "LayerTarget", "energy_rank", "check_target",
-           "AUXILIARY_FACTORS"]
+           "AUXILIARY_FACTORS", "method_key"]
 
 Ranks = tuple[int, ...]
 
@@ -78,6 +78,12 @@ class Factorized(nn.Sequential):
 
     def extra_repr(self) -> str:
         return f"method={self.method}, ranks={self.ranks}"
+
+
+def method_key(name: str, options: dict[str, Any] | None = None) -> str:
+    """``name``, or ``name:key=value,...`` with ``options`` (sorted): how a configured method is named
+    on the command line and in plan tables."""
+    return name + (":" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) if options else "")
 
 
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
@@ -218,8 +224,7 @@ class Method(abc.ABC):
     def key(self) -> str:
         """A name for this configuration: ``sliced_svd`` or ``sliced_svd:slices=4`` (see
         :func:`convfactor.methods.registry.parse`)."""
-        changed = self.changed_options()
-        return self.name + (":" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) if changed else "")
+        return method_key(self.name, self.changed_options())
 
     def declares(self, factor: str) -> bool:
         """Whether ``factor`` is one of :attr:`factor_names` (``axis1`` belongs to a family ``axis*``)."""

@@ -25,6 +25,7 @@ from torch import nn
 from ..compression.api import CompressionReport, compress
 from ..compression.surgery import candidate_layers, conv_and_linear_layers
 from ..io import atomic_write, check_output, read_structured
+from ..methods.base import method_key
 from ..utils import plain_data
 
 __all__ = ["LayerPlan", "Plan", "PlanSummary", "PLAN_VERSION", "layer_signature"]
@@ -85,9 +86,7 @@ class LayerPlan:
     @property
     def method_key(self) -> str | None:
         """``method`` with its options, e.g. ``sliced_svd:slices=4`` (as ``--method`` takes it)."""
-        if self.method is None or not self.options:
-            return self.method
-        return self.method + ":" + ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return None if self.method is None else method_key(self.method, self.options)
 
 
 @dataclass
