@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from .io import check_output
+from .utils import cpu_has
 
 __all__ = ["QuantConfig", "QuantReport", "quantize_int8", "image_conv_nodes", "CALIBRATIONS"]
 
@@ -82,15 +83,6 @@ def image_conv_nodes(model, max_channels: int = 4) -> list[str]:
     return out
 
 
-def _has_vnni() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
 class _Reader:
     """``onnxruntime.quantization.CalibrationDataReader`` over a list of input arrays."""
 
@@ -123,7 +115,7 @@ def quantize_int8(src, dst, inputs: Sequence[np.ndarray], config: QuantConfig | 
     unknown = sorted(set(kept) - {n.name for n in model.graph.node})
     if unknown:
         raise ValueError(f"keep_fp32 names nodes the graph does not have: {', '.join(unknown[:5])}")
-    reduce_range = (not _has_vnni()) if config.reduce_range is None else bool(config.reduce_range)
+    reduce_range = (not cpu_has("avx512_vnni", "avx_vnni")) if config.reduce_range is None else bool(config.reduce_range)
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[config.calibration]
     fd, tmp = tempfile.mkstemp(dir=dst.resolve().parent, prefix=f".{dst.name}.", suffix=".tmp")

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["torch_threads", "eval_mode", "UnknownName", "plain_data"]
+__all__ = ["torch_threads", "eval_mode", "UnknownName", "plain_data", "cpu_has"]
 
 
 class UnknownName(KeyError):
@@ -67,3 +67,13 @@ def plain_data(value: Any, *, nan: Any = float("nan")) -> Any:
     if isinstance(value, float) and value != value:
         return nan
     return value
+
+
+def cpu_has(*flags: str) -> bool:
+    """Whether /proc/cpuinfo lists any of ``flags`` (e.g. ``"avx512f"``); False where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            listed = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in listed for flag in flags)

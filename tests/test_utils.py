@@ -45,3 +45,16 @@ def test_plain_data_is_json_and_yaml_ready():
     assert json.loads(json.dumps(out))["1"] == [[1.5, 2.0], 0.25]
     safe = plain_data(value, nan=None)
     assert safe["nan"] is None and yaml.safe_load(yaml.safe_dump(safe))["n"] == 3
+
+
+def test_cpu_has_reads_the_flags_line(monkeypatch, tmp_path):
+    import builtins
+
+    from convfactor.utils import cpu_has
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor : 0\nflags : fpu sse avx512f avx512_vnni\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(fake if p == "/proc/cpuinfo" else p, *a, **k))
+    assert cpu_has("avx512f") and cpu_has("avx_vnni", "avx512_vnni") and not cpu_has("avx512")   # whole flags only
+    fake.unlink()
+    assert not cpu_has("avx512f")                    # unreadable: False, no exception

@@ -29,7 +29,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..utils import torch_threads
+from ..utils import cpu_has, torch_threads
 
 __all__ = ["Runnable", "TimingBackend", "EagerBackend", "CompileBackend", "OnnxRuntimeBackend", "TimerBackend",
            "BACKENDS", "get_backend", "to_memory_format", "sample_ms", "no_grad_call", "FORMS", "prepare_one",
@@ -211,7 +211,7 @@ class OnnxRuntimeBackend(TimingBackend):
         reorders around it.  Measured 2026-12-02 (EDSR x2 at 256x256, 2 threads, every body conv by
         spatial SVD): rank 11 ran 2.28x faster than dense at 4.65x fewer MACs, rank 16 2.71x at 3.83x
         fewer (reorders 51 ms of 252 at rank 11)."""
-        return 16 if _cpu_has("avx512f") else 8
+        return 16 if cpu_has("avx512f") else 8
 
     def prepare(self, model, inputs):
         import onnxruntime as ort
@@ -232,15 +232,6 @@ class OnnxRuntimeBackend(TimingBackend):
         return {"onnxruntime": Runnable("onnxruntime", lambda: session.run(None, feeds), session, inputs,
                                         setup_s=time.perf_counter() - t0,
                                         info={"intra_op_threads": opts.intra_op_num_threads, "opset": self.opset})}
-
-
-def _cpu_has(flag: str) -> bool:
-    """Whether /proc/cpuinfo lists ``flag`` (False where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and flag in line.split() for line in f)
-    except OSError:
-        return False
 
 
 @dataclass
