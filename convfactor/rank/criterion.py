@@ -40,6 +40,9 @@ class RankConfig:
     criterion (an ``energy=`` target overrides it); ``weakening``: VBMF's ``w`` in [0, 1];
     ``tolerance``: the budget criterion's relative tolerance on its target; ``fold_bn``: plan on the
     kernels with each eval-mode BatchNorm folded in, as :func:`convfactor.compress` does by default.
+    ``error``: what a candidate's error is: ``"kernel"`` (relative kernel error, a weight-space proxy)
+    or ``"output"`` (relative error of the layer's output on the inputs the example input gives it:
+    data-aware; give an example made of real data).
     """
 
     round_to: int | None = None
@@ -48,8 +51,11 @@ class RankConfig:
     weakening: float = 1.0
     tolerance: float = 0.02
     fold_bn: bool = True
+    error: str = "kernel"
 
     def __post_init__(self):
+        if self.error not in ("kernel", "output"):
+            raise ValueError(f"error must be 'kernel' or 'output', got {self.error!r}")
         if not isinstance(self.fold_bn, bool):
             raise ValueError(f"fold_bn must be True or False, got {self.fold_bn!r}")
         if self.round_to is not None and (isinstance(self.round_to, bool) or int(self.round_to) < 1):

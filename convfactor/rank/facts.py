@@ -13,12 +13,13 @@ from torch import nn
 from ..compression.api import capture_layer_io, relative_error
 from ..compression.surgery import candidate_layers
 from ..measure.count import count_params
+from ..methods.data_aware import patches
 from ..spec.convspec import ConvSpec, UnsupportedLayer
 from .criteria import below_dense, clip_to_speed_bound, layer_kappa, round_ranks
 from .energy import error_estimate, spectral_error_is_exact
 from .planfile import LayerPlan
 
-__all__ = ["LayerFacts", "Totals", "collect"]
+__all__ = ["LayerFacts", "Totals", "collect", "input_gram", "output_error"]
 
 Ranks = tuple[int, ...]
 
@@ -38,6 +39,7 @@ class LayerFacts:
     methods: list                     # applicable Method objects, in preference order
     spectra: dict[str, list[torch.Tensor]] = field(default_factory=dict)   # method key -> its spectra
     errors: dict[tuple, float] = field(default_factory=dict)   # (method key, ranks) -> fitted kernel error
+    gram: torch.Tensor | None = None  # (groups, C/g k, C/g k) input patch Gram: errors are then output errors
 
     @property
     def dense_macs(self) -> int:
@@ -50,13 +52,15 @@ class LayerFacts:
         return self.spectra[method.key()]
 
     def kernel_error(self, method, ranks: Ranks) -> float:
-        """Relative kernel error of ``method`` at ``ranks``: from spectra where exact, else by fitting."""
-        if spectral_error_is_exact(method):
+        """Relative error of ``method`` at ``ranks``: of the kernel (from spectra where exact, else by
+        fitting), or with :attr:`gram` set, of the layer's output on its example inputs."""
+        if self.gram is None and spectral_error_is_exact(method):
             return error_estimate(self.spectra_of(method), ranks)
         key = (method.key(), tuple(ranks))
         if key not in self.errors:
-            factors = method.factorize(self.weight, self.spec, tuple(ranks))
-            self.errors[key] = relative_error(method.reconstruct(factors, self.spec), self.weight)
+            approx = method.reconstruct(method.factorize(self.weight, self.spec, tuple(ranks)), self.spec)
+            self.errors[key] = (relative_error(approx, self.weight) if self.gram is None
+                                else output_error(approx, self.weight, self.gram))
         return self.errors[key]
 
     def bounded(self, method, ranks: Sequence[int], round_to: int | None) -> tuple[Ranks | None, str | None]:
@@ -112,22 +116,50 @@ class Totals:
                     params_ratio=params / max(1, self.params))
 
 
+def input_gram(x: torch.Tensor, spec: ConvSpec, chunk: int = 8192) -> torch.Tensor:
+    """``sum_p patch_p patch_p^T`` per group over every output position of ``x``: ``(g, C/g k, C/g k)``
+    float64 (``patches`` is the im2col of :mod:`convfactor.methods.data_aware`)."""
+    rows = patches(x.detach(), spec)                       # (P, g, C/g k)
+    gram = torch.zeros(rows.shape[1], rows.shape[2], rows.shape[2], dtype=torch.float64)
+    for i in range(0, rows.shape[0], chunk):
+        block = rows[i:i + chunk].double()
+        gram += torch.einsum("pgi,pgj->gij", block, block)
+    return gram
+
+
+def output_error(approx: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:
+    """``||(approx - weight) * x|| / ||weight * x||`` over the inputs ``gram`` summarizes (bias left
+    out: it cancels in the difference): ``tr(D G D^T) / tr(W G W^T)`` per group, ``weight: (N, C/g, *k)``."""
+    g = gram.shape[0]
+    d = (approx.double() - weight.double()).reshape(g, weight.shape[0] // g, -1)
+    w = weight.double().reshape(g, weight.shape[0] // g, -1)
+    num = torch.einsum("gni,gij,gnj->", d, gram, d).clamp_min(0)
+    den = torch.einsum("gni,gij,gnj->", w, gram, w)
+    return float((num / den).sqrt()) if den > 0 else float(num.sqrt())
+
+
 def collect(model: nn.Module, example_input, methods: list, op_names: Sequence[str] | None = None,
-            exclude: Sequence[str] | None = None) -> tuple[list[LayerFacts], Totals]:
-    """Facts of the selected layers the forward pass runs, and the model's totals (one forward pass)."""
+            exclude: Sequence[str] | None = None, on_data: bool = False) -> tuple[list[LayerFacts], Totals]:
+    """Facts of the selected layers the forward pass runs, and the model's totals (one forward pass).
+    With ``on_data``, each layer's input Gram (:func:`input_gram`) is kept, so its candidates' errors
+    are output errors on the example input's data (not for transposed convs: those keep kernel errors)."""
     layers = candidate_layers(model)
     names = [n for n in layers
              if (not op_names or any(fnmatch.fnmatchcase(n, p) for p in op_names))
              and not any(fnmatch.fnmatchcase(n, p) for p in (exclude or []))]
     if not names:
         raise ValueError("no Conv/Linear layer selected" + (f" by {op_names}" if op_names else ""))
-    shapes = {n: tuple(x.shape) for n, (x, _) in capture_layer_io(model, layers, example_input).items()}
+    io = capture_layer_io(model, layers, example_input)
+    shapes = {n: tuple(x.shape) for n, (x, _) in io.items()}
     specs = {n: ConvSpec.from_module(layers[n]) for n in shapes}
     macs = 0
     for n, shape in shapes.items():
         size, batch = _size_and_batch(specs[n], shape)
         macs += specs[n].dense_macs(size) * batch
     facts = [_facts(n, layers[n], specs[n], shapes[n], methods) for n in names if n in shapes]
+    if on_data:
+        for f in facts:
+            f.gram = None if f.spec.transposed else input_gram(io[f.name][0], f.spec)
     return facts, Totals(int(macs), count_params(model))
 
 

@@ -112,6 +112,7 @@ class PlanSummary:
     weakening: float | None = None
     kappa_threshold: float | None = None
     round_to: int | None = None
+    error_metric: str | None = None                # "kernel" (weight-space) or "output" (on the example's data)
     # the outcome
     reachable: bool | None = None
     message: str | None = None

@@ -71,10 +71,11 @@ def plan(model: nn.Module, example_input, target=None, criterion: str | Criterio
     x0 = example_input[0] if isinstance(example_input, tuple) else example_input
     model = folded_copy(model, example_input) if config.fold_bn else model     # the kernels compress factorizes
     with eval_mode(model):
-        layers, totals = collect(model, example_input, chosen_methods, op_names, exclude)
+        layers, totals = collect(model, example_input, chosen_methods, op_names, exclude,
+                                 on_data=config.error == "output")
         result = Plan(criterion=chooser.name, target=goal.as_dict() if goal else {}, model=model_name,
                       input_shape=list(x0.shape), model_layers=layer_signature(model))
-        result.summary.update(kappa_threshold=config.kappa_threshold,
+        result.summary.update(kappa_threshold=config.kappa_threshold, error_metric=config.error,
                               round_to=int(config.round_to) if config.round_to else None)
         active, dense_notes = _mark(layers, config.kappa_threshold)
         progress = chooser.name == "latency" if progress is None else progress
