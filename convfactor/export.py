@@ -27,7 +27,7 @@ from torch import nn
 
 from .io import check_output
 
-__all__ = ["export_model", "check_onnx", "output_leaves", "onnx_opset", "DEFAULT_OPSET", "OnnxModule"]
+__all__ = ["export_model", "check_onnx", "output_leaves", "onnx_opset", "DEFAULT_OPSET", "OnnxModule", "ort_session"]
 
 #: the opset written when none is asked for (the oldest the dynamo exporter writes natively)
 DEFAULT_OPSET = 18
@@ -192,6 +192,17 @@ def check_onnx(path, model: nn.Module, example: torch.Tensor) -> dict:
             "params_in_file": params, "output_shape": list(got[0].shape)}
 
 
+def ort_session(path, threads: int | None = None):
+    """An ONNX Runtime session of ``path`` as convfactor times and serves it: CPU execution provider, all
+    graph optimizations, ``threads`` intra-op threads (default: torch's), one inter-op thread."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = int(threads or torch.get_num_threads())
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 class OnnxModule(nn.Module):
     """An ONNX file run by ONNX Runtime's CPU provider behind an ``nn.Module`` face (one tensor in, the
     first output out, float32), so the quality metrics that take a model (``evaluate_sr``, ...) score
@@ -199,12 +210,8 @@ class OnnxModule(nn.Module):
 
     def __init__(self, path, threads: int | None = None):
         super().__init__()
-        import onnxruntime as ort
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = int(threads or torch.get_num_threads())
         self.path = str(path)
-        self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
+        self.session = ort_session(self.path, threads)
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

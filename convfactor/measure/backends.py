@@ -214,24 +214,19 @@ class OnnxRuntimeBackend(TimingBackend):
         return 16 if cpu_has("avx512f") else 8
 
     def prepare(self, model, inputs):
-        import onnxruntime as ort
-
-        from ..export import export_model
+        from ..export import export_model, ort_session
         if len(inputs) != 1:
             return {"onnxruntime": "the onnxruntime back-end takes models with one input tensor"}
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             path = export_model(copy.deepcopy(model).eval(), inputs[0], os.path.join(tmp, "model.onnx"),
                                 opset=self.opset)
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.intra_op_num_threads = int(self.threads or torch.get_num_threads())
-            opts.inter_op_num_threads = 1
-            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            session = ort_session(path, self.threads)
         feeds = {session.get_inputs()[0].name: inputs[0].detach().cpu().numpy()}
+        threads = session.get_session_options().intra_op_num_threads
         return {"onnxruntime": Runnable("onnxruntime", lambda: session.run(None, feeds), session, inputs,
                                         setup_s=time.perf_counter() - t0,
-                                        info={"intra_op_threads": opts.intra_op_num_threads, "opset": self.opset})}
+                                        info={"intra_op_threads": threads, "opset": self.opset})}
 
 
 @dataclass

@@ -339,17 +339,17 @@ def compare_in_fresh_process(model_name: str, compressed: nn.Module, input_shape
     a temporary directory and loaded there.  Returns ``SpeedComparison.to_dict()``.
     """
     import json
-    import os
     import subprocess
     import sys
     import tempfile
 
     from ..io import save
+    child_env = _child_env(malloc, env)          # a bad malloc mode fails before anything is saved
     with tempfile.TemporaryDirectory() as tmp:
         save(compressed, f"{tmp}/model")
         arg = json.dumps([model_name, f"{tmp}/model", list(input_shape), threads, repeats, malloc, backend])
         res = subprocess.run([sys.executable, "-c", _FRESH, arg], capture_output=True, text=True, timeout=timeout,
-                             env=_child_env(malloc, env))
+                             env=child_env)
     if res.returncode != 0:
         raise RuntimeError(f"timing in a fresh process failed:\n{res.stderr[-2000:]}")
     line = next(v for v in reversed(res.stdout.splitlines()) if v.startswith("RESULT "))

@@ -355,11 +355,12 @@ class LatencyCriterion(Criterion):
         table = time_table(context.model, example, layers, cfg.formats_for(x0), cfg, cfg.layer_timer(cache),
                            round_to, context.progress)
         band = cfg.speedup_band(target.value) if target.kind == "speedup" else None
-        prior = cache.trials.get(table.digest(), [])
+        digest = table.digest()
+        prior = cache.trials.get(digest, [])
         trials = search(table, context.model, example, target, band, cfg, log=_logger(context.progress), prior=prior)
         busy = any(t.noise for t in trials)
         if not busy:            # timings taken on a busy machine would mislead every later plan: not kept
-            cache.add_trials(table.digest(), [(t.predicted_speedup, t.measured_speedup) for t in trials
+            cache.add_trials(digest, [(t.predicted_speedup, t.measured_speedup) for t in trials
                                               if t.plan_ms != t.reference_ms])
             cache.save()
         trial, reachable = pick(trials, band)
