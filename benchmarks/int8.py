@@ -47,26 +47,36 @@ class Results:
     env: dict
 
 
-def _files(res, spec: dict, tmp: Path) -> tuple[dict[str, Path], list[str]]:
+def onnx_files(models: dict[str, torch.nn.Module], example: torch.Tensor, tmp: Path, spec: dict
+               ) -> tuple[dict[str, Path], list[str]]:
+    """Per ``label -> model``: ``"LABEL fp32"`` (exported with a dynamic image size) and ``"LABEL int8"``
+    (static int8, calibrated on LR crops of the training photos); and the node names kept in float32."""
     crops = calibration_crops(builtin_images("train", limit=spec["calib_images"]), 2, spec["calib_side"])
     files, kept = {}, []
-    for label, model in (("dense", res.original), ("low-rank", res.compressed)):
-        fp32 = export_model(model.eval(), res.example, tmp / f"{label}.onnx", opset=17, dynamic_spatial=True,
+    for label, model in models.items():
+        fp32 = export_model(model.eval(), example, tmp / f"{label}.onnx", opset=17, dynamic_spatial=True,
                             log=lambda m: None)
         report = quantize_int8(fp32, tmp / f"{label}-int8.onnx", crops)
         files[f"{label} fp32"], files[f"{label} int8"], kept = fp32, Path(report.path), report.kept_fp32
     return files, kept
 
 
-def _times(sessions: dict[str, OnnxModule], x: torch.Tensor, spec: dict) -> dict[str, list[list[float]]]:
-    """Per variant, per round: ms samples; the order rotates every round."""
+def interleaved_ms(sessions: dict[str, OnnxModule], x: torch.Tensor, rounds: int, per_round: int
+                   ) -> dict[str, list[list[float]]]:
+    """Per session, per round: ms samples (2 threads); the order rotates every round."""
     names = list(sessions)
     out = {n: [] for n in names}
-    for r in range(spec["rounds"]):
+    for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            out[n].append(sample_ms(lambda: sessions[n](x), (x,), repeats=spec["per_round"], warmup=2 if r == 0 else 1,
+            out[n].append(sample_ms(lambda: sessions[n](x), (x,), repeats=per_round, warmup=2 if r == 0 else 1,
                                     threads=2))
     return out
+
+
+def speed_row(times: dict[str, list[list[float]]], name: str, reference: str) -> dict:
+    """``name``'s median ms and its speed-up over ``reference`` (ratio of medians, 95% interval)."""
+    med = {n: statistics.median([t for r in times[n] for t in r]) for n in (name, reference)}
+    return dict(ms=med[name], speedup=med[reference] / med[name], interval=ratio_interval(times[reference], times[name]))
 
 
 def measure(quick: bool = False) -> Results:
@@ -79,16 +89,12 @@ def measure(quick: bool = False) -> Results:
     res = compress_finetune_measure(cfg, log=lambda *a: None)
     images = builtin_images("test", max_side=spec["eval_side"], limit=spec["eval_limit"])
     with tempfile.TemporaryDirectory() as tmp:
-        files, kept = _files(res, spec, Path(tmp))
+        files, kept = onnx_files({"dense": res.original, "low-rank": res.compressed}, res.example, Path(tmp), spec)
         sessions = {n: OnnxModule(files[n], threads=2) for n in VARIANTS}
-        times = _times(sessions, res.example, spec)
-        rows = []
-        for n in VARIANTS:
-            lo, hi = ratio_interval(times["dense fp32"], times[n])
-            ms = statistics.median([t for r in times[n] for t in r])
-            rows.append(dict(variant=n, ms=ms, speedup=statistics.median([t for r in times["dense fp32"] for t in r]) / ms,
-                             interval=(lo, hi), psnr=evaluate_sr(sessions[n], images, 2, baseline=False)["psnr"],
-                             mbytes=files[n].stat().st_size / 2 ** 20))
+        times = interleaved_ms(sessions, res.example, spec["rounds"], spec["per_round"])
+        rows = [dict(variant=n, **speed_row(times, n, "dense fp32"),
+                     psnr=evaluate_sr(sessions[n], images, 2, baseline=False)["psnr"],
+                     mbytes=files[n].stat().st_size / 2 ** 20) for n in VARIANTS]
     return Results(quick, rows, kept, res.plan_message, res.macs.original / res.macs.compressed, environment(2))
 
 

@@ -131,7 +131,8 @@ def _run_sections(args, kept: dict[str, str]) -> Outcome:
     for i, name in enumerate(names):
         t0 = time.perf_counter()
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        text = _section_text(name, args.quick, result.failed, getattr(args, "backends", None))
+        figure_dir = Path(args.output).parent / "figures" if args.output else None
+        text = _section_text(name, args.quick, result.failed, getattr(args, "backends", None), figure_dir)
         took = time.perf_counter() - t0
         print(f"[bench] {name}: {took:.1f} s", file=sys.stderr, flush=True)
         result.parts[name] = text.rstrip() + f"\n\n{stamp(name, took)}\n"
@@ -156,11 +157,13 @@ def _with_backends(args, names: list[str]) -> list[str]:
     return names
 
 
-def _section_text(name: str, quick: bool, failed: list[str], backends: list[str] | None = None) -> str:
-    """The section's Markdown, or, when it raises, its heading and the traceback (``name`` joins ``failed``)."""
+def _section_text(name: str, quick: bool, failed: list[str], backends: list[str] | None = None,
+                  figure_dir: Path | None = None) -> str:
+    """The section's Markdown (its figures written to ``figure_dir``), or, when it raises, its heading and
+    the traceback (``name`` joins ``failed``)."""
     section = bench.load_section(name)
     try:
-        return section.run(quick, tuple(backends) if backends else None)
+        return section.run(quick, tuple(backends) if backends else None, figure_dir)
     except Exception:  # noqa: BLE001 - one broken section must not lose the others' results
         failed.append(name)
         text = f"## {section.title}\n\n**This section failed:**\n\n```\n{traceback.format_exc(limit=6)}```\n"

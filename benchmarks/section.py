@@ -7,11 +7,16 @@ tests use; the full run is what BENCHMARKS.md holds.  Each section module define
 seeds' experiments (:mod:`benchmarks.experiments`) are Sections too, whose Markdown is a ``###``
 subsection of the ``experiments`` section.  A section with ``backends`` set also takes
 ``measure(quick, backends=...)``: the timing back-ends chosen with ``convfactor bench --backend``.
+A section with ``figures`` also draws PNGs from the same data (``data -> {name: png bytes}``); the
+runner writes them to ``figures/NAME.png`` next to the Markdown file, which links them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
+
+from convfactor.io import atomic_write
 
 __all__ = ["Section"]
 
@@ -25,11 +30,20 @@ class Section:
     measure: Callable[..., Any]        # quick (, backends=...) -> the measured data
     render: Callable[[Any], str]       # data -> Markdown, starting with "## {title}"
     backends: tuple[str, ...] | None = None   # timing back-ends it can run on (default first); None: eager only
+    figures: Callable[[Any], dict[str, bytes]] | None = None   # data -> {figure name: PNG bytes}
 
-    def run(self, quick: bool = False, backends: tuple[str, ...] | None = None) -> str:
-        """Measure (on ``backends``, for a section that takes them), then render: the section's Markdown."""
+    def run(self, quick: bool = False, backends: tuple[str, ...] | None = None,
+            figure_dir: str | Path | None = None) -> str:
+        """Measure (on ``backends``, for a section that takes them), then render: the section's Markdown.
+        Its figures, if any, are written to ``figure_dir/NAME.png`` (atomically) when a directory is given."""
         if backends and self.backends is None:
             raise ValueError(f"the {self.name} section times eager PyTorch only; it takes no back-ends")
         if self.backends is None:
-            return self.render(self.measure(quick))
-        return self.render(self.measure(quick, backends=tuple(backends or self.backends)))
+            data = self.measure(quick)
+        else:
+            data = self.measure(quick, backends=tuple(backends or self.backends))
+        if self.figures is not None and figure_dir is not None:
+            Path(figure_dir).mkdir(parents=True, exist_ok=True)
+            for name, png in self.figures(data).items():
+                atomic_write(Path(figure_dir) / f"{name}.png", png)
+        return self.render(data)

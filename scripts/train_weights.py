@@ -43,6 +43,8 @@ RECIPES = {
         "task": "sr", "scale": 2, "patch_size": 32, "length": 100_000, "augment": True, "data_seed": 0,
         "steps": 2000, "batch_size": 16, "optimizer": "adam", "lr": 4e-4, "schedule": "cosine", "warmup": 50,
         "min_lr_ratio": 0.02, "loss": "l1", "seed": 0, "init": "interp_init", "checkpoint_every": 100,
+        # issue 15: the 2000-step weights, trained on for 4000 more steps (a fresh optimizer and cosine schedule)
+        "stages": [{}, {"steps": 4000, "lr": 2e-4, "warmup": 50, "seed": 1, "data_seed": 1}],
     },
     "dncnn": {
         "task": "denoise", "sigma": 25, "patch_size": 40, "length": 100_000, "grey": True, "data_seed": 0,
@@ -70,13 +72,29 @@ def finetune_config(stage: dict, checkpoint_dir: Path, progress: bool, desc: str
                           optimizer=optimizer, checkpoint=checkpoint, progress=progress, desc=desc)
 
 
-def train(name: str, recipe: dict, work: Path, progress: bool, history: list) -> torch.nn.Module:
-    """A fresh ``name`` trained by ``recipe`` (each stage from the last one's weights, a fresh optimizer)."""
+def first_stage_from(shipped_json: Path, recipe: dict) -> bool:
+    """Whether the shipped weights are exactly ``recipe``'s first stage (its recorded recipe matches).
+
+    Then ``--from-shipped`` starts at stage 2 from them instead of re-training stage 1."""
+    if not shipped_json.is_file():
+        return False
+    recorded = json.loads(shipped_json.read_text()).get("recipe", {})
+    first = {k: v for k, v in recipe.items() if k != "stages"}
+    return recorded == first             # weights of a multi-stage run record their stages: not stage 1
+
+
+def train(name: str, recipe: dict, work: Path, progress: bool, history: list,
+          from_shipped: bool = False) -> torch.nn.Module:
+    """``name`` trained by ``recipe`` (each stage from the last one's weights, a fresh optimizer).
+
+    ``from_shipped``: stage 1 is the shipped weights (checked by :func:`first_stage_from`)."""
     torch.manual_seed(recipe["seed"])
-    model = models.get(name).train()
-    if recipe["init"] == "interp_init":
+    model = models.get(name, pretrained=from_shipped).train()
+    if recipe["init"] == "interp_init" and not from_shipped:
         bilinear_init(model)
     for k, overrides in enumerate(recipe.get("stages") or [{}]):
+        if from_shipped and k == 0:
+            continue
         stage = {**recipe, **overrides}
         desc = f"train {name}" + (f" (stage {k + 1})" if k else "")
         finetune(model, build_data(stage), finetune_config(stage, work if k == 0 else work / f"stage{k + 1}",
@@ -111,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--eval-only", action="store_true", help="only (re-)measure the shipped weights and rewrite the JSON")
+    p.add_argument("--from-shipped", action="store_true",
+                   help="take the shipped weights as stage 1 (only when their recorded recipe is stage 1's)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -119,8 +139,10 @@ def main(argv=None) -> int:
         recipe["steps"] = args.steps
     out_dir = Path(args.out)
     check_writable(out_dir / f"{args.name}.safetensors")
+    if args.from_shipped and not first_stage_from(models.WEIGHTS_DIR / f"{args.name}.json", recipe):
+        p.error(f"--from-shipped: the shipped {args.name} weights were not trained by this recipe's first stage")
     work = Path(args.work or ROOT / "runs" / f"train-{args.name}")
-    work.parent.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
 
     history: list = []
     train_s = None
@@ -128,7 +150,7 @@ def main(argv=None) -> int:
         model = models.get(args.name, pretrained=True)
     else:
         t0 = time.time()
-        model = train(args.name, recipe, work, not args.no_progress, history)
+        model = train(args.name, recipe, work, not args.no_progress, history, args.from_shipped)
         train_s = time.time() - t0
         total_steps = sum({**recipe, **o}["steps"] for o in recipe.get("stages") or [{}])
         print(f"trained {total_steps} steps ({len(history)} in this process) in {train_s:.0f} s", flush=True)
@@ -144,6 +166,7 @@ def main(argv=None) -> int:
             "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
             "train_seconds_this_process": round(train_s, 1) if train_s is not None else
             previous.get("train_seconds_this_process"),
+            "stage_1_from_shipped_weights": bool(args.from_shipped),
             "steps_this_process": len(history) if train_s is not None else previous.get("steps_this_process"),
             "final_loss": history[-1]["loss"] if history else previous.get("final_loss"),
             "environment": {"torch": torch.__version__, "python": platform.python_version(),

@@ -14,6 +14,7 @@ from ..io import check_writable, save
 from ..measure import quality
 from ..recipes.pipeline import PipelineConfig, PipelineResult, compress_finetune_measure, summary_rows
 from ..report import backend_rows, collect, image_panel, latency_rows, write_report
+from ..report.published import SR_REFERENCES
 from ..utils import eval_mode
 from .common import add_malloc_argument, apply_malloc
 
@@ -48,6 +49,9 @@ def add_arguments(p) -> None:
     p.add_argument("--stages", type=int, default=1,
                    help="multi-stage compression: K rounds of plan (for speedup^(k/K)), fine-tune, fold back; "
                         "finished stages are kept in OUT/stages and a re-run resumes after them (default 1)")
+    p.add_argument("--error", choices=["kernel", "output"], default="kernel",
+                   help="what the planner minimizes per layer: kernel (relative kernel error, a weight-space proxy; "
+                        "default) or output (the layer's relative output error on training-photo patches: data-aware)")
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long smoke run (tiny input, 3 steps, small crops); its numbers mean nothing")
 
@@ -65,7 +69,7 @@ def pipeline_config(args) -> PipelineConfig:
                          steps=args.steps, batch_size=args.batch_size, patch_size=args.patch_size, lr=args.lr,
                          eval_side=args.eval_side or None, eval_limit=args.eval_images or None, planner=args.planner,
                          backend=args.backend, report_backends=tuple(args.backends), stages=args.stages,
-                         checkpoint_dir=str(Path(args.output) / "stages") if args.stages > 1 else None)
+                         error=args.error, checkpoint_dir=str(Path(args.output) / "stages") if args.stages > 1 else None)
     if args.quick:
         cfg.plan_repeats, cfg.plan_e2e_repeats, cfg.plan_max_iter, cfg.speed_repeats = 2, 2, 1, 3
         cfg.train_side = 64
@@ -155,6 +159,19 @@ def report_headline(result: PipelineResult) -> str:
             "slower": f"slower than the original ({s.speedup:.2f}x); the original is shipped"}[result.verdict.kind]
 
 
+def frontier_data(result: PipelineResult, rows: list[dict]) -> dict:
+    """The report's speed-up vs loss figure: per timed back-end, the original (1x, 0 dB) and the
+    fine-tuned model at its measured speed-up; for SR, the published reference marks."""
+    loss = rows[0]["psnr"] - rows[2]["psnr"]
+    points = []
+    for backend, s in result.speeds.items():
+        points += [{"group": backend, "speedup": 1.0, "loss": 0.0},
+                   {"group": backend, "speedup": s.speedup, "loss": loss, "interval": list(s.interval) if s.interval else None,
+                    "label": f"{s.speedup:.2f}x, {loss:.3f} dB"}]
+    name = "PSNR-Y loss (dB)" if result.task == "sr" else "PSNR loss (dB)"
+    return {"points": points, "references": list(SR_REFERENCES) if result.task == "sr" else [], "loss_name": name}
+
+
 def build_report_data(result: PipelineResult, rows: list[dict], quick: bool = False) -> dict:
     """The report's data (:func:`convfactor.report.write_report`), with the demo's own figures under ``"demo"``."""
     cfg, s = result.config, result.speed
@@ -168,6 +185,7 @@ def build_report_data(result: PipelineResult, rows: list[dict], quick: bool = Fa
     data["quality_name"] = q + " on held-out built-in photos"
     data["tradeoff"] = [{"label": r["label"], "macs": r["macs"], "latency_ms": r["latency_ms"], "quality": r["psnr"]}
                         for r in rows if r["macs"] is not None]
+    data["frontier"] = frontier_data(result, rows)
     data["images"] = image_crops(result)
     figures = result.to_dict()
     data["demo"] = {"summary": rows, **{k: figures[k] for k in ("plan_kind", "plan", "quality", "timings_s", "config",

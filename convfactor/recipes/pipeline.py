@@ -29,13 +29,13 @@ from ..measure.quality import evaluate
 from ..io import atomic_write
 from ..io import load as load_model
 from ..io import save as save_model
-from ..rank import LatencyConfig, Plan, Target, plan
+from ..rank import LatencyConfig, Plan, RankConfig, Target, plan
 from ..train.datasets import training_set
 from ..train.finetune import CheckpointConfig, DistillConfig, FinetuneConfig, OptimizerConfig, finetune
 from ..utils import plain_data, torch_threads
 
 __all__ = ["PipelineConfig", "PipelineResult", "Counts", "StageTimes", "compress_finetune_measure",
-           "summary_rows", "image_layers", "plan_for_speedup"]
+           "summary_rows", "image_layers", "plan_for_speedup", "photo_example"]
 
 
 @dataclass
@@ -72,9 +72,12 @@ class PipelineConfig:
     pretrained: bool = True
     checkpoint_dir: str | None = None
     stages: int = 1                       # multi-stage: plan for speedup^(k/K), fine-tune, fold back, repeat
+    error: str = "kernel"                 # candidates' error: "kernel" (weight proxy) or "output" (data-aware)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.error not in ("kernel", "output"):
+            raise ValueError(f"error must be 'kernel' (weight proxy) or 'output' (data-aware), got {self.error!r}")
         if not isinstance(self.stages, int) or isinstance(self.stages, bool) or self.stages < 1:
             raise ValueError(f"stages must be a positive int, got {self.stages!r}")
         if self.stages > 1 and self.steps < self.stages:
@@ -103,14 +106,14 @@ def plan_for_speedup(model: nn.Module, example: torch.Tensor, cfg: PipelineConfi
                                e2e_rounds=cfg.plan_e2e_rounds,
                                e2e_repeats=cfg.plan_e2e_repeats, max_iter=cfg.plan_max_iter, margin=cfg.plan_margin)
         p = plan(model, example, target=Target("speedup", cfg.speedup), criterion="latency", exclude=exclude or None,
-                 latency=timing, model_name=cfg.model, progress=cfg.progress)
+                 latency=timing, model_name=cfg.model, progress=cfg.progress, config=RankConfig(error=cfg.error))
         if p.summary.message:
             log(f"  PLANNER: {p.summary.message}")
         return p, (f"latency planner (measured speed-up of at least {cfg.speedup:g}x, "
                    f"aimed at {p.summary.aimed_speedup:.3g}x)")
     if cfg.planner == "budget":
         p = plan(model, example, target=Target("macs", 1.0 / cfg.speedup), criterion="budget", model_name=cfg.model,
-                 exclude=exclude or None)
+                 exclude=exclude or None, config=RankConfig(error=cfg.error))
         return p, f"MACs budget of 1/{cfg.speedup:g} (a MACs target, not a measured speed-up)"
     log("  fixed channel-SVD plan at per-layer MACs = 1/speed-up; this is a MACs target, not a measured speed-up")
     rules = [{"op_types": ["Conv2d"], "method": "channel_svd", "macs_ratio": 1.0 / cfg.speedup,
@@ -214,13 +217,29 @@ def _task_of(cfg: PipelineConfig) -> dict:
     return info
 
 
-def _inputs(cfg: PipelineConfig, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(timed input, planning input): uniform noise of batch 1, seeded; the same tensor when the sizes agree."""
+def _inputs(cfg: PipelineConfig, info: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timed input, planning input), batch 1, seeded: uniform noise (speed does not depend on the
+    values); with ``cfg.error == "output"`` the planning input is :func:`photo_example`, since the
+    data-aware errors are only as good as the data they are measured on."""
     def noise(side: int) -> torch.Tensor:
-        return torch.rand(1, channels, side, side, generator=torch.Generator().manual_seed(0))
+        return torch.rand(1, info["input_shape"][0], side, side, generator=torch.Generator().manual_seed(0))
     example = noise(cfg.input_size)
-    same = not cfg.plan_size or cfg.plan_size == cfg.input_size
-    return example, example if same else noise(cfg.plan_size)
+    side = cfg.plan_size or cfg.input_size
+    if cfg.error == "output":
+        return example, photo_example(info, cfg, side)
+    return example, example if side == cfg.input_size else noise(side)
+
+
+def photo_example(info: dict, cfg: PipelineConfig, side: int) -> torch.Tensor:
+    """(1, C, side, side): a 2x2 mosaic of four seeded model-input patches of the built-in *training*
+    photos (LR patches for SR, noisy patches for denoising), so one batch-1 example shows the
+    planner several photos' statistics.  Never the held-out photos."""
+    half = (side + 1) // 2
+    data = training_set(info["task"], scale=info.get("scale"), sigma=cfg.sigma, patch_size=half, length=4,
+                        seed=cfg.seed + 7, grey=info["input_shape"][0] == 1, max_side=cfg.train_side)
+    tiles = [data[i][0] for i in range(4)]
+    mosaic = torch.cat([torch.cat(tiles[:2], dim=2), torch.cat(tiles[2:], dim=2)], dim=1)
+    return mosaic[None, :, :side, :side].contiguous()
 
 
 def _compress(original: nn.Module, plan_or_rules, example: torch.Tensor, cfg: PipelineConfig,
@@ -375,7 +394,7 @@ def compress_finetune_measure(cfg: PipelineConfig, log: Callable = print) -> Pip
     with torch_threads(cfg.threads):
         log(f"[1/5] loading {cfg.model}" + (" with its shipped weights" if cfg.pretrained else " (random weights)"))
         original = models.get(cfg.model, pretrained=cfg.pretrained).eval()
-        example, plan_example = _inputs(cfg, info["input_shape"][0])
+        example, plan_example = _inputs(cfg, info)
         log(f"[2/5] planning for a measured {cfg.speedup:g}x speed-up at input {tuple(plan_example.shape)}, "
             f"{cfg.threads} threads")
         if cfg.stages > 1:

@@ -13,6 +13,8 @@ rendered only when its data is present::
     speed       SpeedComparison.to_dict()
     images      [{label, array | file, psnr?, ssim?}]   crops side by side
     tradeoff    [{label, group?, macs, latency_ms?, quality}] and quality_name
+    frontier    {points: [{group, speedup, loss, label?, interval?}], references?: [...], loss_name?}
+                measured speed-up vs quality loss, one line per approach or back-end
 
 :func:`collect` builds such a dict from an original and a compressed model.
 """
@@ -44,7 +46,8 @@ __all__ = ["write_report", "collect", "image_panel", "latency_rows", "float_psnr
            "fmt", "FIGURES"]
 
 #: figure name -> the data key it needs
-FIGURES = {"layers": "layers", "spectra": "spectra", "latency": "latency", "crops": "images", "tradeoff": "tradeoff"}
+FIGURES = {"layers": "layers", "spectra": "spectra", "latency": "latency", "crops": "images", "tradeoff": "tradeoff",
+           "frontier": "frontier"}
 
 
 def fmt(value: Any) -> str:
@@ -148,6 +151,9 @@ def render_figures(data: dict) -> dict[str, bytes]:
         out["crops"] = figures.crops(data["images"])
     if data.get("tradeoff"):
         out["tradeoff"] = figures.tradeoff(data["tradeoff"], data.get("quality_name", "quality"))
+    if data.get("frontier"):
+        f = data["frontier"]
+        out["frontier"] = figures.frontier(f["points"], f.get("references", ()), loss_name=f.get("loss_name", "loss"))
     return out
 
 
@@ -155,7 +161,9 @@ _CAPTIONS = {"layers": "Per-layer parameters and MACs before and after (log scal
              "spectra": "Singular-value spectra and condition number per layer, with the threshold.",
              "latency": "Measured latency (median of repeats after warm-up; whiskers: IQR).",
              "crops": "Crops side by side with their PSNR against the ground truth.",
-             "tradeoff": "Quality vs MACs vs latency across operating points."}
+             "tradeoff": "Quality vs MACs vs latency across operating points.",
+             "frontier": "Measured speed-up against quality loss, one line per back-end or approach; grey marks: "
+                         "published points on other data (their x is not a measured speed-up)."}
 
 
 # ---------------------------------------------------------------------------------- renderers

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["layer_bars", "spectra", "latency_bars", "crops", "tradeoff", "to_png"]
+__all__ = ["layer_bars", "spectra", "latency_bars", "crops", "tradeoff", "frontier", "to_png"]
 
 DPI = 100
 
@@ -142,4 +142,49 @@ def tradeoff(points: Sequence[dict], quality_name: str = "quality") -> bytes:
         elif len(groups) <= 10:
             ax.legend(fontsize=7)
     fig.suptitle(f"{quality_name} vs MACs vs latency")
+    return to_png(fig)
+
+
+def frontier(points: Sequence[dict], references: Sequence[dict] = (), title: str = "Speed / quality frontier",
+             loss_name: str = "PSNR-Y loss (dB)") -> bytes:
+    """Measured speed-up (x) against quality loss (y, lower is better), one line per approach.
+
+    ``points``: ``{'group', 'speedup', 'loss', 'label'?, 'interval'?: (lo, hi)}``; each group is drawn
+    in speed-up order (horizontal whiskers: the interval).  ``references``: published marks
+    ``{'label', 'loss', 'x'?}``: drawn as hollow diamonds at ``x`` (what ``x`` is belongs in the label:
+    a params or MACs ratio is not a measured speed-up), or, without ``x``, as dotted horizontal lines.
+    """
+    fig = _figure(8, 5)
+    ax = fig.add_subplot(1, 1, 1)
+    groups: dict[str, list[dict]] = {}
+    for p in points:
+        groups.setdefault(p["group"], []).append(p)
+    for group, members in groups.items():
+        members = sorted(members, key=lambda p: p["speedup"])
+        xs, ys = [p["speedup"] for p in members], [p["loss"] for p in members]
+        line, = ax.plot(xs, ys, "o-", ms=5, label=group)
+        for p in members:
+            if p.get("interval"):
+                lo, hi = p["interval"]
+                ax.plot([lo, hi], [p["loss"]] * 2, "-", lw=3, alpha=0.35, color=line.get_color())
+            if p.get("label"):
+                ax.annotate(p["label"], (p["speedup"], p["loss"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for ref in references:
+        if ref.get("x") is None:
+            ax.axhline(ref["loss"], ls=":", lw=1, color="#7f7f7f")
+            ax.annotate(ref["label"], (0.01, ref["loss"]), xycoords=("axes fraction", "data"), fontsize=6,
+                        color="#555555", xytext=(0, 2), textcoords="offset points")
+        else:
+            ax.plot([ref["x"]], [ref["loss"]], "D", mfc="none", color="#555555", ms=7)
+            ax.annotate(ref["label"], (ref["x"], ref["loss"]), fontsize=6, color="#555555", xytext=(4, -8),
+                        textcoords="offset points")
+    if not points:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    ax.axhline(0.0, color="black", lw=0.6)
+    ax.set_xlabel("measured speed-up (x), against the same back-end's fastest dense form")
+    ax.set_ylabel(loss_name + ", lower is better")
+    ax.grid(alpha=0.3)
+    if groups:
+        ax.legend(fontsize=7)
+    ax.set_title(title)
     return to_png(fig)

@@ -69,6 +69,10 @@ def report_dir(tmp_path_factory):
                         {"label": "channel_svd @0.25", "group": "channel_svd", "macs": 500, "latency_ms": None,
                          "quality": 25.0}]
     data["quality_name"] = "PSNR (dB)"
+    data["frontier"] = {"points": [{"group": "torch", "speedup": 1.0, "loss": 0.0},
+                                   {"group": "torch", "speedup": 2.5, "loss": 0.1, "interval": [2.4, 2.6], "label": "a"}],
+                        "references": [{"label": "paper, params ratio", "x": 4.0, "loss": 0.09},
+                                       {"label": "paper, no speed", "x": None, "loss": 0.3}], "loss_name": "PSNR loss"}
     out = tmp_path_factory.mktemp("run")
     write_report(out, data)
     return out
@@ -78,12 +82,12 @@ def test_files_and_embedded_figures(report_dir):
     page = _Page()
     page.feed((report_dir / "report.html").read_text())
     assert not page.external                                           # self-contained
-    assert len(page.images) == 5                                       # layers, spectra, latency, crops, trade-off
+    assert len(page.images) == 6                     # layers, spectra, latency, crops, trade-off, frontier
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         png = base64.b64decode(src.split(",", 1)[1])
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
-    assert (report_dir / "report.md").read_text().count("![") == 5
+    assert (report_dir / "report.md").read_text().count("![") == 6
     assert (report_dir / "crops" / "01.png").is_file()
 
 
