@@ -168,7 +168,7 @@ def test_report_opens_in_headless_chromium(report_dir, tmp_path):
              f"--user-data-dir={tmp_path / 'chromium-profile'}"]
     dom = subprocess.run(flags + ["--dump-dom", probe.as_uri()], check=True, timeout=120, capture_output=True,
                          text=True).stdout
-    assert 'data-decoded="5"' in dom
+    assert 'data-decoded="6"' in dom                    # the six figures, frontier included
     shot = tmp_path / "page.png"
     subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,3000", (report_dir / "report.html").as_uri()],
                    check=True, timeout=120, capture_output=True)
