@@ -129,6 +129,9 @@ def train_epochs(model: nn.Module, data, epochs: int, lr: float, batch: int = 64
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+    # BatchNorm's running statistics lag a constant-lr Adam: re-estimate them on the final weights
+    # (a momentum-0.1 average of the last batches left ResNet-20 at 54% in eval mode, 98% in train mode)
+    torch.optim.swa_utils.update_bn([x[i:i + 256] for i in range(0, len(y), 256)], model)
     model.eval()
 
 

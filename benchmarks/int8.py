@@ -24,9 +24,10 @@ from convfactor.measure.compare import ratio_interval
 from convfactor.measure.latency import environment
 from convfactor.measure.quality import evaluate_sr
 from convfactor.quantize import quantize_int8
-from convfactor.recipes.pipeline import PipelineConfig, compress_finetune_measure
+from convfactor.recipes.pipeline import compress_finetune_measure
 
 from .markdown import heading, table
+from .pipeline_settings import bench_config
 from .section import Section
 
 TITLE = "Low rank + int8 on ONNX Runtime"
@@ -81,11 +82,8 @@ def speed_row(times: dict[str, list[list[float]]], name: str, reference: str) ->
 
 def measure(quick: bool = False) -> Results:
     spec = QUICK if quick else FULL
-    settings = dict(input_size=spec["side"], steps=spec["steps"], batch_size=spec["batch"], patch_size=spec["patch"],
-                    threads=2, progress=False, backend="onnxruntime", report_backends=("onnxruntime",), plan_margin=0.06)
-    if quick:
-        settings.update(planner="budget", train_side=64, threads=1, eval_side=48, eval_limit=1)
-    cfg = PipelineConfig(**settings)
+    cfg = bench_config(quick, input_size=spec["side"], steps=spec["steps"], batch_size=spec["batch"],
+                       patch_size=spec["patch"], backend="onnxruntime", report_backends=("onnxruntime",), plan_margin=0.06)
     res = compress_finetune_measure(cfg, log=lambda *a: None)
     images = builtin_images("test", max_side=spec["eval_side"], limit=spec["eval_limit"])
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,6 +29,7 @@ from convfactor.train.finetune import DistillConfig, FinetuneConfig, OptimizerCo
 
 from .experiments import accuracy, digits_data, train_epochs
 from .markdown import fastest_ms, heading, noisy_mark, table
+from .pipeline_settings import bench_config
 from .section import Section
 
 TITLE = "Compressed zoo models: measured speed-up, quality loss, fine-tuning time"
@@ -46,11 +47,8 @@ QUICK = [("edsr_baseline_x2", 24, 24, 2, 2, 16)]
 def _pipeline_config(name: str, side: int, plan_side: int, steps: int, batch: int, patch: int,
                      quick: bool) -> PipelineConfig:
     """The pipeline settings of one row; quick: no timing sweep (a MACs budget), tiny crops, one thread."""
-    quick_only = dict(planner="budget", train_side=64, speed_repeats=3, threads=1) if quick else {}
-    return PipelineConfig(**{**dict(model=name, input_size=side, plan_size=plan_side, steps=steps, batch_size=batch,
-                                    patch_size=patch, threads=2, progress=False, eval_side=48 if quick else None,
-                                    plan_e2e_rounds=5, plan_e2e_repeats=5, plan_max_iter=5,
-                                    eval_limit=2 if quick else None), **quick_only})
+    return bench_config(quick, model=name, input_size=side, plan_size=plan_side, steps=steps, batch_size=batch,
+                        patch_size=patch, plan_e2e_rounds=5, plan_e2e_repeats=5, plan_max_iter=5)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from convfactor.rank import LatencyCache, LatencyConfig, Target, plan
 from convfactor.recipes.pipeline import PipelineConfig, compress_finetune_measure, image_layers
 
 from .markdown import heading, table
+from .pipeline_settings import bench_config
 from .section import Section
 
 TITLE = "Runtimes: the same compressed model on eager PyTorch, ONNX Runtime and torch.compile"
@@ -68,12 +69,9 @@ class Results:
 
 
 def _config(spec: dict, backend: str, timed_on: tuple[str, ...], quick: bool) -> PipelineConfig:
-    quick_only = dict(planner="budget", train_side=64, speed_repeats=3, threads=1, eval_side=48, eval_limit=2) \
-        if quick else {}
-    return PipelineConfig(**{**dict(model=spec["model"], speedup=REQUEST, input_size=spec["side"], steps=spec["steps"],
-                                    batch_size=spec["batch"], patch_size=spec["patch"], threads=2, progress=False,
-                                    backend=backend, report_backends=timed_on, plan_margin=spec["margin"]),
-                             **quick_only})
+    return bench_config(quick, model=spec["model"], speedup=REQUEST, input_size=spec["side"], steps=spec["steps"],
+                        batch_size=spec["batch"], patch_size=spec["patch"], backend=backend, report_backends=timed_on,
+                        plan_margin=spec["margin"])
 
 
 def _progress(backend: str, quiet: bool):

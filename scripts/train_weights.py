@@ -92,10 +92,9 @@ def train(name: str, recipe: dict, work: Path, progress: bool, history: list,
     model = models.get(name, pretrained=from_shipped).train()
     if recipe["init"] == "interp_init" and not from_shipped:
         bilinear_init(model)
-    for k, overrides in enumerate(recipe.get("stages") or [{}]):
+    for k, stage in enumerate(models.training_stages(recipe)):
         if from_shipped and k == 0:
             continue
-        stage = {**recipe, **overrides}
         desc = f"train {name}" + (f" (stage {k + 1})" if k else "")
         finetune(model, build_data(stage), finetune_config(stage, work if k == 0 else work / f"stage{k + 1}",
                                                            progress, desc), history=history)
@@ -152,7 +151,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         model = train(args.name, recipe, work, not args.no_progress, history, args.from_shipped)
         train_s = time.time() - t0
-        total_steps = sum({**recipe, **o}["steps"] for o in recipe.get("stages") or [{}])
+        total_steps = sum(stage["steps"] for stage in models.training_stages(recipe))
         print(f"trained {total_steps} steps ({len(history)} in this process) in {train_s:.0f} s", flush=True)
         write_weights(model, args.name, recipe, out_dir)
         with open(work / "history.jsonl", "a") as f:

@@ -165,8 +165,9 @@ def frontier_data(result: PipelineResult, rows: list[dict]) -> dict:
     loss = rows[0]["psnr"] - rows[2]["psnr"]
     points = []
     for backend, s in result.speeds.items():
+        interval = list(s.interval) if s.interval else None
         points += [{"group": backend, "speedup": 1.0, "loss": 0.0},
-                   {"group": backend, "speedup": s.speedup, "loss": loss, "interval": list(s.interval) if s.interval else None,
+                   {"group": backend, "speedup": s.speedup, "loss": loss, "interval": interval,
                     "label": f"{s.speedup:.2f}x, {loss:.3f} dB"}]
     name = "PSNR-Y loss (dB)" if result.task == "sr" else "PSNR loss (dB)"
     return {"points": points, "references": list(SR_REFERENCES) if result.task == "sr" else [], "loss_name": name}

@@ -21,7 +21,8 @@ from torch import nn
 from ..utils import UnknownName, eval_mode
 from . import thirdparty
 
-__all__ = ["get", "names", "info", "pretrained_names", "register", "default_input", "check_input", "WEIGHTS_DIR"]
+__all__ = ["get", "names", "info", "pretrained_names", "register", "default_input", "check_input", "WEIGHTS_DIR",
+           "training_stages"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
@@ -62,6 +63,13 @@ def register(name: str, factory: Callable[..., nn.Module], input_shape=(3, 32, 3
     _ZOO.setdefault(name, ("", tuple(input_shape), task))
     if scale is not None:
         _SCALE[name] = int(scale)
+
+
+def training_stages(recipe: dict) -> list[dict]:
+    """A weights recipe's stages, each as its full settings: the recipe's own keys (``stages`` removed)
+    under each entry of ``recipe["stages"]`` (one stage, the recipe itself, when it has none)."""
+    base = {k: v for k, v in recipe.items() if k != "stages"}
+    return [{**base, **overrides} for overrides in recipe.get("stages") or [{}]]
 
 
 def info(name: str) -> dict:

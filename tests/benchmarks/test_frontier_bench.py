@@ -26,7 +26,14 @@ def test_gains_are_reported_against_the_same_request_baseline():
     lines = frontier.gain_lines([_p(BASELINE, 3.0, 3.2, 0.08, before=2.0), _p("data-aware", 3.0, 3.1, 0.05, before=1.5),
                                  _p(INT8, 3.0, 4.0, 0.1, backend="onnxruntime")])
     assert lines == ["- edsr_baseline_x2 at 3x, data-aware vs latency planner: speed-up 3.10x vs 3.20x, loss 0.050 "
-                     "vs 0.080 dB (+0.030 dB better); before fine-tuning 1.500 vs 2.000 dB."]
+                     "vs 0.080 dB (0.030 dB less lost); before fine-tuning 1.500 vs 2.000 dB."]
+
+
+def test_a_refinement_that_loses_more_is_not_called_better():
+    lines = frontier.gain_lines([_p(BASELINE, 5.0, 3.9, 0.365), _p("multi-stage", 5.0, 4.1, 0.379),
+                                 _p("data-aware", 5.0, 4.5, 0.365)])
+    assert "(0.014 dB more lost)" in lines[0] and "better" not in lines[0]
+    assert "(the same loss)" in lines[1]
 
 
 def test_quick_run_measures_every_approach_and_writes_the_figure(tmp_path):
@@ -48,3 +55,17 @@ def test_a_section_without_a_figure_directory_writes_no_figure(tmp_path, monkeyp
     assert section.run(True).startswith("## ") and not any(tmp_path.iterdir())
     section.run(True, figure_dir=tmp_path / "f")
     assert [p.name for p in (tmp_path / "f").iterdir()] == ["frontier.png"]
+
+
+def test_each_measured_model_gets_its_own_pareto_figure():
+    points = [_p(BASELINE, 3.0, 3.1, 0.2), _p(BASELINE, 3.0, 3.4, 0.09, model="dncnn"),
+              _p("data-aware", 3.0, 3.2, 0.05, model="dncnn"),
+              Point("dncnn", "multi-stage", 3.0, failed="RuntimeError: boom")]
+    r = Results(False, points, {"threads": 2}, {})
+    drawn = frontier.figures(r)
+    assert sorted(drawn) == ["frontier", "frontier_dncnn"]
+    assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in drawn.values())
+    text = frontier.render(r)
+    assert "![frontier](figures/frontier.png)" in text and "![frontier_dncnn](figures/frontier_dncnn.png)" in text
+    only_failed = Results(False, [points[-1]], {"threads": 2}, {})
+    assert frontier.figures(only_failed) == {} and "![" not in frontier.render(only_failed)

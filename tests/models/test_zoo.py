@@ -153,3 +153,12 @@ def test_unknown_model_and_missing_weights():
     if missing:
         with pytest.raises(FileNotFoundError, match="no shipped weights"):
             models.get(missing[0], pretrained=True)
+
+
+def test_training_stages_lay_each_stage_over_the_recipe():
+    recipe = {"steps": 2000, "lr": 1e-3, "seed": 0, "stages": [{}, {"steps": 4000, "lr": 2e-4}]}
+    stages = models.training_stages(recipe)
+    assert stages == [{"steps": 2000, "lr": 1e-3, "seed": 0}, {"steps": 4000, "lr": 2e-4, "seed": 0}]
+    assert models.training_stages({"steps": 5}) == [{"steps": 5}]
+    assert recipe["stages"] == [{}, {"steps": 4000, "lr": 2e-4}]          # the recipe is not changed
+
