@@ -252,7 +252,8 @@ def render(r: Results) -> str:
     lines += [""] + table(["model", "approach", "request", "back-end", "speed-up (95%)", "MACs /", "loss before FT dB",
                     "loss dB", "FT min", "noisy"], [_cells(p) for p in r.points])
     shown = dict.fromkeys(FIGURES[p.model][0] for p in r.points if not p.failed and p.model in FIGURES)
-    lines += ["", *(f"![{name}](figures/{name}.png)" for name in shown), "", "**Targets**", "", *target_lines(r.points), "",
+    lines += ["", *(f"![{name}](figures/{name}.png)" for name in shown), "",
+              "**Targets**", "", *target_lines(r.points), "",
               "**What each refinement bought** (same request, same fine-tuning budget)", "", *gain_lines(r.points)]
     for p in r.points:
         if p.planner:

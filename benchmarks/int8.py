@@ -83,7 +83,8 @@ def speed_row(times: dict[str, list[list[float]]], name: str, reference: str) ->
 def measure(quick: bool = False) -> Results:
     spec = QUICK if quick else FULL
     cfg = bench_config(quick, input_size=spec["side"], steps=spec["steps"], batch_size=spec["batch"],
-                       patch_size=spec["patch"], backend="onnxruntime", report_backends=("onnxruntime",), plan_margin=0.06)
+                       patch_size=spec["patch"], backend="onnxruntime", report_backends=("onnxruntime",),
+                       plan_margin=0.06)
     res = compress_finetune_measure(cfg, log=lambda *a: None)
     images = builtin_images("test", max_side=spec["eval_side"], limit=spec["eval_limit"])
     with tempfile.TemporaryDirectory() as tmp:
