@@ -251,7 +251,7 @@ def render(r: Results) -> str:
                          f"{'-Y' if name.startswith('edsr') else ''} {w['psnr']:.3f} dB.")
     lines += [""] + table(["model", "approach", "request", "back-end", "speed-up (95%)", "MACs /", "loss before FT dB",
                     "loss dB", "FT min", "noisy"], [_cells(p) for p in r.points])
-    shown = dict.fromkeys(FIGURES[p.model][0] for p in r.points if not p.failed and p.model in FIGURES)
+    shown = [FIGURES[model][0] for model in _figure_models(r)]
     lines += ["", *(f"![{name}](figures/{name}.png)" for name in shown), "",
               "**Targets**", "", *target_lines(r.points), "",
               "**What each refinement bought** (same request, same fine-tuning budget)", "", *gain_lines(r.points)]
@@ -270,6 +270,11 @@ FIGURES = {"edsr_baseline_x2": ("frontier", "EDSR-baseline x2, LR", "PSNR-Y loss
            "dncnn": ("frontier_dncnn", "DnCNN sigma 25, grey", "PSNR loss (dB)", ())}
 
 
+def _figure_models(r: Results) -> list[str]:
+    """The models with a figure: those of :data:`FIGURES` with at least one measured point, in order."""
+    return list(dict.fromkeys(p.model for p in r.points if not p.failed and p.model in FIGURES))
+
+
 def _side(r: Results, model: str) -> int:
     return next((s["side"] for s in (QUICK if r.quick else FULL) if s["model"] == model), 0)
 
@@ -278,7 +283,7 @@ def figures(r: Results) -> dict[str, bytes]:
     """One figure per measured model (:data:`FIGURES`): a line per approach (eager, and the int8 line on
     ORT) from the original at (1x, 0 dB), with the published marks where they are on the same task."""
     out = {}
-    for model in dict.fromkeys(p.model for p in r.points if not p.failed and p.model in FIGURES):
+    for model in _figure_models(r):
         name, stem, loss_name, references = FIGURES[model]
         pts = [{"group": p.approach + (" (eager)" if p.backend == "torch" else ""), "speedup": p.speedup,
                 "loss": p.loss_db, "interval": p.interval, "label": f"{p.request:g}x"}

@@ -79,8 +79,8 @@ def first_stage_from(shipped_json: Path, recipe: dict) -> bool:
     if not shipped_json.is_file():
         return False
     recorded = json.loads(shipped_json.read_text()).get("recipe", {})
-    first = {k: v for k, v in recipe.items() if k != "stages"}
-    return recorded == first             # weights of a multi-stage run record their stages: not stage 1
+    # weights of a multi-stage run record their stages: not stage 1
+    return recorded == models.training_stages(recipe)[0]
 
 
 def train(name: str, recipe: dict, work: Path, progress: bool, history: list,
