@@ -15,7 +15,7 @@ from pathlib import Path
 
 import benchmarks as bench
 from benchmarks import experiments
-from convfactor.io import atomic_write, check_writable
+from convfactor.files import atomic_write, check_writable
 from convfactor.measure.allocator import set_malloc
 from convfactor.measure.latency import environment
 from convfactor.utils import torch_threads

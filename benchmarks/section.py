@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from convfactor.io import atomic_write
+from convfactor.files import atomic_write
 
 __all__ = ["Section"]
 

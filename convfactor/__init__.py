@@ -29,7 +29,8 @@ _EXPORTS = {
     "finetune": "convfactor.train.finetune",
     "basis_regularizer": "convfactor.methods.basis",
 }
-_SUBMODULES = {"models", "methods", "measure", "rank", "train", "data", "report", "io", "spec", "compression", "recipes"}
+_SUBMODULES = {"models", "methods", "measure", "rank", "train", "data", "report", "io", "files", "spec", "compression",
+               "recipes"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

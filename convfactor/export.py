@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .io import check_output
+from .files import check_output
 
 __all__ = ["export_model", "check_onnx", "output_leaves", "onnx_opset", "DEFAULT_OPSET", "OnnxModule", "ort_session"]
 

@@ -13,8 +13,8 @@ written when validation fails.
 Outputs are never replaced by surprise: :func:`check_output` refuses an existing output unless the
 caller asks to overwrite it, and writing into an existing directory replaces only the files
 convfactor writes there (a user's other files are kept).  Inputs fail with one line naming the file:
-a corrupt safetensors file, weights of another architecture (:func:`load_weights`), a malformed
-YAML/JSON file (:func:`read_structured`, with the line and column).
+a corrupt safetensors file, or weights of another architecture (:func:`load_weights`).  The generic
+file helpers (atomic writes, output checks, the YAML/JSON reader) are :mod:`convfactor.files`.
 """
 from __future__ import annotations
 
@@ -22,23 +22,20 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from .files import check_output, read_safetensors, temporary_sibling_dir
 from .spec.convspec import ConvSpec
 from .compression.batchnorm import folded_of, restore_folds
 from .compression.surgery import set_submodule
 from .methods import registry
 from .methods.base import Factorized
 
-__all__ = ["save", "load", "load_weights", "recipe_of", "atomic_write", "check_writable", "check_output",
-           "check_model_output", "read_structured", "read_safetensors", "nonfinite_parameters"]
+__all__ = ["save", "load", "load_weights", "recipe_of", "check_model_output", "nonfinite_parameters"]
 
 FORMAT = "convfactor"
 VERSION = 1
@@ -50,39 +47,8 @@ def recipe_of(model: nn.Module) -> dict:
     return {name: m.recipe() for name, m in model.named_modules() if isinstance(m, Factorized)}
 
 
-def check_writable(path: str | os.PathLike) -> Path:
-    """Fail early (before any work) if ``path``'s parent directory is missing or not writable."""
-    path = Path(path)
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise OSError(f"cannot write {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OSError(f"cannot write {path}: directory {parent} is not writable")
-    return path
 
 
-def check_output(path: str | os.PathLike, *, overwrite: bool = False, directory: bool = False) -> Path:
-    """Fail before any work when writing ``path`` would replace something the caller did not agree to.
-
-    A file output (``directory=False``) that exists is replaced only with ``overwrite``; a directory
-    in its place never is.  A directory output that exists and is not empty needs ``overwrite``, and
-    then only the files convfactor writes there are replaced (the others are kept); a file in its
-    place never is.  Also checks that the parent directory exists and is writable.
-    """
-    path = check_writable(path)
-    if not path.exists():
-        return path
-    if directory and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory; refusing to replace it")
-    if not directory and path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; give a file name")
-    if directory and not any(path.iterdir()):
-        return path
-    if not overwrite:
-        what = "is a directory that is not empty" if directory else "exists"
-        raise FileExistsError(f"{path} {what}; pass --overwrite (overwrite=True) to replace "
-                              + ("the files convfactor writes there (other files are kept)" if directory else "it"))
-    return path
 
 
 def check_model_output(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -94,23 +60,6 @@ def check_model_output(path: str | os.PathLike, *, overwrite: bool = False) -> P
     return path
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write a file via a temporary sibling and ``os.replace`` (no temporary is left on failure)."""
-    path = check_writable(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot write {path}: it is a directory")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -139,7 +88,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = N
     path = check_model_output(path, overwrite=overwrite)
     recipe = {"format": FORMAT, "version": VERSION, "layers": recipe_of(model), "metadata": metadata or {},
               "shared": _shared_names(model), "folded_bn": folded_of(model)}
-    tmp = Path(tempfile.mkdtemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = temporary_sibling_dir(path)
     try:
         save_file(_unique_state(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True))
@@ -212,42 +161,8 @@ def _tie(model: nn.Module, shared: list[list[str]]) -> None:
             setattr(model.get_submodule(owner), attr, param)
 
 
-def read_safetensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; a missing, truncated or corrupt file is one ValueError line."""
-    file = Path(file)
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist")
-    try:
-        return load_file(str(file))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types (and OSError, ...)
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise ValueError(f"{file} is not a valid safetensors file ({reason})") from None
 
 
-def read_structured(path: str | os.PathLike, what: str = "file") -> Any:
-    """The data of a YAML file (JSON for ``.json``); an unreadable, empty or malformed file is one
-    ValueError line naming it (with the line and column of a syntax error)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise ValueError(f"{what} {path} is not a text file") from None
-    if not text.strip():
-        raise ValueError(f"{what} {path} is empty")
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{what} {path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ValueError(f"{what} {path}: invalid YAML{where}: {problem}") from None
 
 
 def _read_state(file: Path, trust_pickle: bool) -> dict:

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .io import check_output
+from .files import check_output
 from .utils import cpu_has
 
 __all__ = ["QuantConfig", "QuantReport", "quantize_int8", "image_conv_nodes", "CALIBRATIONS"]

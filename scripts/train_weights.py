@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from convfactor import models
 from convfactor.data.images import builtin_images
-from convfactor.io import atomic_write, check_writable
+from convfactor.files import atomic_write, check_writable
 from convfactor.measure.quality import evaluate
 from convfactor.models.edsr import bilinear_init
 from convfactor.train.datasets import training_set

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "convfactor"
 
 #: bottom to top; an import may point to its own layer or below, never above
 LAYERS: list[set[str]] = [
-    {"utils", "models", "data"},        # leaves
+    {"utils", "files", "models", "data"},   # leaves
     {"spec"},                           # 1. what a conv is: ConvSpec, make_conv, im2col
     {"methods"},                        # 2. one module per method
     {"compression", "io", "export", "quantize"},   # 3. rules, surgery, compress, inspect, calibration; save/load/export/int8

@@ -51,7 +51,7 @@ def rules_from_args(args) -> list[dict]:
 
 def read_rules(path) -> list[dict]:
     """The rules of a YAML/JSON rules file: a list of mappings (a malformed file is one error line)."""
-    from ..io import read_structured
+    from ..files import read_structured
     rules = read_structured(path, "rules file")
     if isinstance(rules, dict) and isinstance(rules.get("rules"), list):
         rules = rules["rules"]

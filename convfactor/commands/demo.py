@@ -10,7 +10,8 @@ import torch
 from ..data.denoise import denoise_eval_images, eval_noisy
 from ..data.images import builtin_images
 from ..data.sr import bicubic_upscale, sr_eval_pairs
-from ..io import check_writable, save
+from ..files import check_writable
+from ..io import save
 from ..measure import quality
 from ..recipes.pipeline import PipelineConfig, PipelineResult, compress_finetune_measure, summary_rows
 from ..report import backend_rows, collect, image_panel, latency_rows, write_report

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from ..export import DEFAULT_OPSET, check_onnx, export_model
-from ..io import check_output
+from ..files import check_output
 from ..measure.count import count_params
 from .common import load_model
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import check_output
+from ..files import check_output
 from ..rank import LatencyConfig, RankConfig, Target, plan
 from ..rank.planner import CRITERIA
 from .common import add_malloc_argument, add_model_arguments, apply_malloc, load_model

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..compression.api import CompressionReport, compress
 from ..compression.surgery import candidate_layers, conv_and_linear_layers
-from ..io import atomic_write, check_output, read_structured
+from ..files import atomic_write, check_output, read_structured
 from ..methods.base import method_key
 from ..utils import plain_data
 

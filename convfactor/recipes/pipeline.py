@@ -26,7 +26,7 @@ from ..data.images import builtin_images
 from ..measure.compare import SpeedComparison, Verdict, compare_speed
 from ..measure.count import count
 from ..measure.quality import evaluate
-from ..io import atomic_write
+from ..files import atomic_write
 from ..io import load as load_model
 from ..io import save as save_model
 from ..rank import LatencyConfig, Plan, RankConfig, Target, plan

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..compression.api import capture_layer_io
 from ..compression.inspect import layer_facts
-from ..io import atomic_write
+from ..files import atomic_write
 from ..measure.compare import SpeedComparison, compare_speed
 from ..measure.count import count
 from ..measure.latency import environment

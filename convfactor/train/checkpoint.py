@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..io import atomic_write, read_safetensors
+from ..files import atomic_write, read_safetensors
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_step", "checkpoint_meta", "clear_checkpoints",
            "flatten_optimizer_state", "unflatten_optimizer_state"]

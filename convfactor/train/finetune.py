@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..io import check_writable
+from ..files import check_writable
 from ..methods.basis import BasisConv2d, basis_regularizer
 from . import checkpoint as ckpt
 from .distill import FeatureTap, feature_loss, kd_loss
