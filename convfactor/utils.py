@@ -22,6 +22,11 @@ class UnknownName(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+def as_inputs(example_input: Any) -> tuple:
+    """A model's positional inputs as a tuple: ``x`` -> ``(x,)``; a tuple stays as it is."""
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[int]:
     """Run the block with ``torch.set_num_threads(threads)`` (``None``: keep the current count),

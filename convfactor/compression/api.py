@@ -20,7 +20,7 @@ from torch import nn
 from ..methods.base import Cost, Factorized, Method, Ranks
 from ..methods.data_aware import DataAwareSettings, factorize_data_aware, fit_note
 from ..spec.convspec import ConvSpec, SamePad, UnsupportedLayer
-from ..utils import eval_mode
+from ..utils import as_inputs, eval_mode
 from .batchnorm import accepted_layers, check_fold_mode, fold_batchnorm
 from .calibration import clone_tree, collect_inputs
 from .safety import seeded, unsafe_layers
@@ -178,10 +178,6 @@ def _si(n: float) -> str:
     return str(int(n))
 
 
-def _as_tuple_input(example_input) -> tuple:
-    return example_input if isinstance(example_input, tuple) else (example_input,)
-
-
 @torch.no_grad()
 def _capture(model: nn.Module, names: Iterable[str], example_input) -> tuple[dict, Any]:
     """Run ``model`` once in eval mode on a copy of ``example_input`` -> (``{name: (input, output)}``
@@ -197,7 +193,7 @@ def _capture(model: nn.Module, names: Iterable[str], example_input) -> tuple[dic
         handles.append(layer.register_forward_hook(hook))
     try:
         with eval_mode(model), seeded():
-            output = model(*clone_tree(_as_tuple_input(example_input)))
+            output = model(*clone_tree(as_inputs(example_input)))
     finally:
         for h in handles:
             h.remove()
@@ -257,7 +253,7 @@ def compress(model: nn.Module, rules, example_input=None, *, calibration=None,
     parsed = parse_rules(rules)
     work = copy.deepcopy(model)
     chosen = select(work, parsed)
-    report = CompressionReport(input_shape=tuple(_as_tuple_input(example_input)[0].shape)
+    report = CompressionReport(input_shape=tuple(as_inputs(example_input)[0].shape)
                                if example_input is not None else None)
     problems = layer_problems(work, {n: work.get_submodule(n) for n in chosen})
     kept = {n: r for n, r in chosen.items() if n not in problems}
@@ -313,7 +309,7 @@ def _skip_unsafe(work: nn.Module, chosen: dict[str, Rule], example_input, output
         report.notes.append("the parent check did not run (no example input): only layers known up front "
                             "(nn.MultiheadAttention's out_proj) were skipped for being read by their parent")
         return chosen
-    unsafe = unsafe_layers(work, list(chosen), _as_tuple_input(example_input), output)
+    unsafe = unsafe_layers(work, list(chosen), as_inputs(example_input), output)
     _report_skipped(work, chosen, unsafe, io, report)
     return {n: r for n, r in chosen.items() if n not in unsafe}
 

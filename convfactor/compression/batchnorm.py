@@ -54,7 +54,7 @@ from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils._pytree import tree_leaves
 
 from ..spec.convspec import ConvSpec, is_conv
-from ..utils import eval_mode
+from ..utils import as_inputs, eval_mode
 from .calibration import clone_tree
 from .safety import seeded
 from .surgery import candidate_layers, set_submodule
@@ -342,7 +342,7 @@ def _hook_pairs(model: nn.Module, example_input) -> tuple[_Pairing | None, str |
         elif isinstance(m, _BatchNorm):
             handles.append(m.register_forward_pre_hook(watch.bn_pre_hook(name)))
             handles.append(m.register_forward_hook(watch.bn_post_hook))
-    inputs = clone_tree(example_input if isinstance(example_input, tuple) else (example_input,))
+    inputs = clone_tree(as_inputs(example_input))
     try:
         with torch.no_grad(), eval_mode(model), seeded(), watch:
             out = model(*inputs)

@@ -19,7 +19,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..utils import eval_mode
+from ..utils import as_inputs, eval_mode
 
 __all__ = ["collect_inputs", "as_batches", "clone_tree"]
 
@@ -136,7 +136,7 @@ def collect_inputs(model: nn.Module, layer_names: Iterable[str], calibration_bat
     try:
         with eval_mode(model):
             for batch in as_batches(calibration_batches):
-                model(*clone_tree(batch if isinstance(batch, tuple) else (batch,)))
+                model(*clone_tree(as_inputs(batch)))
     finally:
         for h in handles:
             h.remove()

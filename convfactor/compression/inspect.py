@@ -15,6 +15,7 @@ from ..methods.base import energy_rank
 from ..methods.channel_svd import grouped_matrix
 from ..methods.linalg import singular_values
 from ..spec.convspec import ConvSpec
+from ..utils import as_inputs
 from .api import _si, _tokens, capture_layer_io, check_finite
 from .surgery import candidate_layers
 
@@ -47,7 +48,7 @@ def inspect_model(model: nn.Module, example_input=None) -> list[dict[str, Any]]:
     ``example_input``'s sizes (per output position / token if None)."""
     layers = candidate_layers(model)
     io = capture_layer_io(model, layers, example_input) if example_input is not None else {}
-    batch = next(iter(example_input if isinstance(example_input, tuple) else (example_input,))).shape[0] \
+    batch = next(iter(as_inputs(example_input))).shape[0] \
         if example_input is not None else 1
     facts = []
     for name, layer in layers.items():

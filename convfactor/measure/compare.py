@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..utils import torch_threads
+from ..utils import as_inputs, torch_threads
 from .backends import FORMS, CompileBackend, EagerBackend, Runnable, TimingBackend, get_backend
 from .count import count
 from .latency import environment, latency_of
@@ -216,7 +216,7 @@ def compare_speed(original: nn.Module, compressed: nn.Module, example_input, con
     names = {f.name for f in fields(TimingConfig)}
     cfg = config or TimingConfig(**{k: v for k, v in settings.items() if k in names})
     env_extra = {k: v for k, v in settings.items() if k not in names}
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    inputs = as_inputs(example_input)
     threads = cfg.threads or torch.get_num_threads()
     backends = _backends(cfg)
     with torch_threads(threads):

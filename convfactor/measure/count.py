@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..compression.calibration import clone_tree
-from ..utils import eval_mode
+from ..utils import as_inputs, eval_mode
 
 __all__ = ["count", "count_params"]
 
@@ -37,7 +37,7 @@ def count(model: nn.Module, example_input) -> dict[str, Any]:
     Totals are for one forward pass on ``example_input`` (a tensor or a tuple of tensors; the model
     runs on a copy, so a model that changes its input in place leaves the caller's as it was).
     """
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    inputs = as_inputs(example_input)
     with eval_mode(model), FlopCounterMode(display=False) as counter:
         model(*clone_tree(inputs))
     raw = counter.get_flop_counts()

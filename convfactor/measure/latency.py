@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..utils import torch_threads
+from ..utils import as_inputs, torch_threads
 from .allocator import malloc_setting
 from .backends import FORMS, CompileBackend, EagerBackend, get_backend, no_grad_call, sample_ms, to_memory_format
 
@@ -60,7 +60,7 @@ def measure_latency(module: nn.Module | Callable, inputs, *, threads: int | None
                     warmup: int = 3, min_run_time: float = 0.0, memory_format: str = "contiguous",
                     timer: Callable | None = None, **env_extra) -> Latency:
     """Median and IQR (ms) of ``module(*inputs)`` over ``repeats`` timed blocks after ``warmup`` calls."""
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    inputs = as_inputs(inputs)
     if isinstance(module, nn.Module):
         module.eval()
         module, inputs = to_memory_format(module, inputs, memory_format)
@@ -90,7 +90,7 @@ def measure_forms(module: nn.Module, inputs, *, memory_formats=FORMS, compile: b
 
     Each form uses its own copy of the module, so ``module`` itself is left as it was.
     """
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    inputs = as_inputs(inputs)
     backends = [EagerBackend(tuple(memory_formats))] + ([CompileBackend(tuple(memory_formats))] if compile else [])
     out: dict[str, Latency | str] = {}
     for backend in backends:

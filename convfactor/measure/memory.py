@@ -23,7 +23,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ..utils import torch_threads
+from ..utils import as_inputs, torch_threads
 
 __all__ = ["peak_memory", "replay_peak"]
 
@@ -67,7 +67,7 @@ def peak_memory(module: nn.Module | Callable, inputs, *, threads: int | None = 1
 
     ``peak_bytes``: the peak of memory allocated during the call (see the module docstring).
     """
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    inputs = as_inputs(inputs)
     if isinstance(module, nn.Module):
         module.eval()
     device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))

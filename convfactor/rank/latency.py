@@ -32,7 +32,7 @@ from ..measure.allocator import malloc_setting
 from ..measure.backends import BACKENDS, TimingBackend, get_backend, prepare_one
 from ..measure.compare import SpeedComparison, compare_speed
 from ..measure.latency import environment
-from ..utils import torch_threads
+from ..utils import as_inputs, torch_threads
 from .target import SpeedupBand
 
 __all__ = ["LatencyCache", "LatencyConfig", "LayerTimer", "Option", "choose", "compare_models", "env_key",
@@ -220,7 +220,7 @@ class LatencyConfig:
         ``cache`` by the model's structure (:func:`model_signature`) and timed only when missing, so
         that a warm plan's only model-level timing is the end-to-end checks.  The checks re-time the
         original next to every try, so a stale figure can move the aim but never the verdict."""
-        inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+        inputs = as_inputs(example_input)
         x = inputs[0]
         sig = json.dumps({"model": model_signature(model), "inputs": [list(t.shape) for t in inputs]})
         keys = {f: cache.key(env_key(self.threads, x.dtype, x.shape, f, self.timer, self.backend), sig)
@@ -318,7 +318,7 @@ def compare_models(models: dict[str, tuple[nn.Module, str]], example_input, *, t
     Interleaving puts slow drifts of a shared machine on every model alike, so the ratios hold
     even when absolute times wander.  The models are deep-copied (formats are set on the copies).
     """
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    inputs = as_inputs(example_input)
     how = _RoundRobin(get_backend(backend, timer=timer), max(1, rounds), repeats, warmup, threads, min_run_time)
     out = {}
     for fmt in dict.fromkeys(f for _, f in models.values()):

@@ -24,6 +24,7 @@ from ..measure.backends import get_backend
 from ..measure.latency import environment
 from ..methods import registry
 from ..spec.convspec import ConvSpec
+from ..utils import as_inputs
 from .criterion import Criterion, PlanContext
 from .facts import LayerFacts
 from .latency import LatencyConfig, LayerTimer, Option, choose
@@ -349,7 +350,7 @@ class LatencyCriterion(Criterion):
     def __call__(self, layers: Sequence[LayerFacts], context: PlanContext) -> dict[str, LayerPlan]:
         cfg, target, layers = context.latency, context.target, list(layers)
         example = context.example_input
-        x0 = example[0] if isinstance(example, tuple) else example
+        x0 = as_inputs(example)[0]
         cache = cfg.open_cache()
         round_to = context.config.round_to or get_backend(cfg.backend).channel_multiple()
         table = time_table(context.model, example, layers, cfg.formats_for(x0), cfg, cfg.layer_timer(cache),

@@ -27,7 +27,7 @@ from torch import nn
 from ..compression.batchnorm import folded_copy
 from ..methods import registry
 from ..methods.base import Method
-from ..utils import eval_mode
+from ..utils import as_inputs, eval_mode
 from .criterion import (BudgetCriterion, Criterion, EnergyCriterion, PlanContext, RankConfig, RankCriterion,
                         UniformCriterion, VBMFCriterion)
 from .facts import LayerFacts, collect
@@ -68,7 +68,7 @@ def plan(model: nn.Module, example_input, target=None, criterion: str | Criterio
     config = config if config is not None else RankConfig()
     latency = latency if latency is not None else LatencyConfig()
     chosen_methods = _methods(method, methods, chooser)
-    x0 = example_input[0] if isinstance(example_input, tuple) else example_input
+    x0 = as_inputs(example_input)[0]
     model = folded_copy(model, example_input) if config.fold_bn else model     # the kernels compress factorizes
     with eval_mode(model):
         layers, totals = collect(model, example_input, chosen_methods, op_names, exclude,

@@ -39,7 +39,7 @@ from ..measure.compare import SpeedComparison, compare_speed
 from ..measure.count import count
 from ..measure.latency import environment
 from ..methods.base import Factorized
-from ..utils import plain_data
+from ..utils import as_inputs, plain_data
 from . import figures
 
 __all__ = ["write_report", "collect", "image_panel", "latency_rows", "float_psnr", "render_markdown", "render_html",
@@ -286,7 +286,7 @@ def collect(original, compressed, example_input, *, compression_report=None, mea
     original layers that were factorized (``spectra=True``; needs ``original``'s real weights), and
     with ``measure=True`` latency (whole models and the first ``max_layers`` factorized layers) and
     the speed-up."""
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    inputs = as_inputs(example_input)
     data: dict[str, Any] = {"title": title or "convfactor report", "model": model_name,
                             "input_shape": list(inputs[0].shape),
                             "env": environment(threads, batch=int(inputs[0].shape[0]), dtype=str(inputs[0].dtype))}
