@@ -1,15 +1,20 @@
-"""Benchmarks behind ``convfactor bench`` / ``make bench``: one module per BENCHMARKS.md section.
+"""Benchmarks behind ``python -m benchmarks`` / ``make bench``: one module per BENCHMARKS.md section.
 
 They live outside the installed package (``pip wheel .`` packages ``convfactor*`` only), use only
 convfactor's public API, and need the optional ``bench`` extras.  Each section module defines
 ``SECTION``, a :class:`benchmarks.section.Section` (``measure`` the numbers, ``render`` the
 Markdown); :mod:`benchmarks.runner` runs them, stamps them and splices them into BENCHMARKS.md.
+Run them from the checkout root (``python -m benchmarks --help``); the installed package never
+imports them.  Nothing heavy is imported here (``Section`` loads on first use), so ``python -m
+benchmarks`` re-runs itself under a fast allocator before torch is imported.
 """
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from .section import Section
+if TYPE_CHECKING:
+    from .section import Section
 
 __all__ = ["SECTIONS", "Section", "available", "load_section"]
 
@@ -38,6 +43,13 @@ def load_section(name: str) -> Section:
     if name not in SECTIONS:
         raise ValueError(f"no such section {name!r}; available: {', '.join(SECTIONS)}")
     return importlib.import_module(f"{__name__}.{name}").SECTION
+
+
+def __getattr__(name: str):
+    if name == "Section":           # lazily: benchmarks.section imports torch
+        from .section import Section
+        return Section
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def available() -> list[str]:

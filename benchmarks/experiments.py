@@ -1,7 +1,7 @@
 """The seeds' headline experiments, in miniature, on this machine.
 
 Each experiment is a :class:`~benchmarks.section.Section` whose Markdown is a ``###`` subsection, and
-can be run alone with ``convfactor bench --experiment NAME``:
+can be run alone with ``python -m benchmarks --experiment NAME``:
 
 * ``lebedev_cp`` -- Lebedev et al., "Speeding-up Convolutional Neural Networks Using Fine-tuned
   CP-Decomposition" (ICLR 2015): CP-decomposed conv layers at 4x and 8x fewer MACs, measured
@@ -249,7 +249,7 @@ def measure(quick: bool = False) -> dict[str, tuple[object, float]]:
 
 def render(results: dict[str, tuple[object, float]]) -> str:
     parts = [*heading(TITLE),
-             "Each subsection is produced by `convfactor bench --experiment NAME` (names: "
+             "Each subsection is produced by `python -m benchmarks --experiment NAME` (names: "
              + ", ".join(f"`{n}`" for n in NAMES) + ").", ""]
     for name, (data, seconds) in results.items():
         parts.append(EXPERIMENTS[name].render(data))

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from convfactor import models
-from convfactor.measure.compare import SpeedComparison, compare_in_fresh_process, compare_speed
+from convfactor.measure.compare import SpeedComparison, compare_speed
 from convfactor.measure.count import count_params
 from convfactor.rank import LatencyConfig, plan
 from convfactor.recipes.pipeline import PipelineConfig, StageTimes, compress_finetune_measure, summary_rows
 from convfactor.train.finetune import DistillConfig, FinetuneConfig, OptimizerConfig, finetune
 
 from .experiments import accuracy, digits_data, train_epochs
+from .fresh_timing import compare_in_fresh_process
 from .markdown import fastest_ms, heading, noisy_mark, table
 from .pipeline_settings import bench_config
 from .section import Section

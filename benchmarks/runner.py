@@ -1,4 +1,4 @@
-"""The benchmark runner behind ``convfactor bench`` / ``make bench``: runs sections, stamps and splices them.
+"""The benchmark runner behind ``python -m benchmarks`` / ``make bench``: runs sections, stamps and splices them.
 
 Every section ends with a stamp line, ``_(section `NAME`: 12.3 s; 2026-12-01 09:00 UTC; CPU)_``, so
 ``--update`` can re-run some sections and splice them into an existing file, keeping the others
@@ -33,7 +33,7 @@ def stamp(name: str, seconds: float) -> str:
 
 
 def split_sections(doc: str) -> dict[str, str]:
-    """``name -> text`` (heading to stamp line, inclusive) of a file written by ``convfactor bench``."""
+    """``name -> text`` (heading to stamp line, inclusive) of a file written by ``python -m benchmarks``."""
     out = {}
     first = doc.find("\n## ")
     start = first + 1 if first >= 0 else len(doc)
@@ -46,10 +46,10 @@ def split_sections(doc: str) -> dict[str, str]:
 def header(quick: bool, threads: int, sections: list[str], updated: list[str] | None = None) -> str:
     env = environment(threads)
     when = _now()
-    written = (f"Sections {', '.join(updated)} re-run by `convfactor bench --update` on {when}; the others are "
+    written = (f"Sections {', '.join(updated)} re-run by `python -m benchmarks --update` on {when}; the others are "
                "kept from earlier runs. Each section's last line gives the date and CPU it was measured on; the "
                "table below is this run's environment.") if updated else \
-        f"Written by `convfactor bench{' --quick' if quick else ''}` on {when}."
+        f"Written by `python -m benchmarks{' --quick' if quick else ''}` on {when}."
     lines = ["# convfactor benchmarks", "", written, "",
              "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in env.items()]
@@ -64,14 +64,14 @@ def header(quick: bool, threads: int, sections: list[str], updated: list[str] | 
 
 @dataclass
 class Outcome:
-    """What one ``convfactor bench`` call produced: stamped Markdown per section name."""
+    """What one ``python -m benchmarks`` call produced: stamped Markdown per section name."""
 
     parts: dict[str, str] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)
 
 
 def run(args) -> int:
-    """``convfactor bench``: write the sections (or one experiment, or ``--update`` some) to ``-o``."""
+    """``python -m benchmarks``: write the sections (or one experiment, or ``--update`` some) to ``-o``."""
     set_malloc(args.malloc)
     if args.experiment and getattr(args, "backends", None):
         raise ValueError("--backend applies to sections; an --experiment times eager PyTorch only")
@@ -105,7 +105,7 @@ def _kept_sections(args) -> dict[str, str]:
     old = Path(args.output).read_text()
     kept = {n: _dated(t, old) for n, t in split_sections(old).items()}
     if not kept:
-        raise ValueError(f"{args.output}: no section stamps found; was it written by 'convfactor bench'?")
+        raise ValueError(f"{args.output}: no section stamps found; was it written by 'python -m benchmarks'?")
     return kept
 
 

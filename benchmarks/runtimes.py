@@ -22,11 +22,12 @@ import torch
 
 from convfactor import models
 from convfactor.measure.allocator import FAST_ALLOCATORS, JEMALLOC_CONF
-from convfactor.measure.compare import SpeedComparison, compare_in_fresh_process
+from convfactor.measure.compare import SpeedComparison
 from convfactor.measure.latency import environment
 from convfactor.rank import LatencyCache, LatencyConfig, Target, plan
 from convfactor.recipes.pipeline import PipelineConfig, compress_finetune_measure, image_layers
 
+from .fresh_timing import compare_in_fresh_process
 from .markdown import heading, table
 from .pipeline_settings import bench_config
 from .section import Section

@@ -6,7 +6,7 @@ with ``## {title}`` (tables and prose).  ``quick=True`` is the seconds-long smok
 tests use; the full run is what BENCHMARKS.md holds.  Each section module defines ``SECTION``; the
 seeds' experiments (:mod:`benchmarks.experiments`) are Sections too, whose Markdown is a ``###``
 subsection of the ``experiments`` section.  A section with ``backends`` set also takes
-``measure(quick, backends=...)``: the timing back-ends chosen with ``convfactor bench --backend``.
+``measure(quick, backends=...)``: the timing back-ends chosen with ``python -m benchmarks --backend``.
 A section with ``figures`` also draws PNGs from the same data (``data -> {name: png bytes}``); the
 runner writes them to ``figures/NAME.png`` next to the Markdown file, which links them.
 """

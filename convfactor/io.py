@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from . import models
 from .files import check_output, read_safetensors, temporary_sibling_dir
 from .spec.convspec import ConvSpec
 from .compression.batchnorm import folded_of, restore_folds
@@ -35,7 +36,7 @@ from .compression.surgery import set_submodule
 from .methods import registry
 from .methods.base import Factorized
 
-__all__ = ["save", "load", "load_weights", "recipe_of", "check_model_output", "nonfinite_parameters"]
+__all__ = ["save", "load", "load_weights", "recipe_of", "base_model_of", "check_model_output", "nonfinite_parameters"]
 
 FORMAT = "convfactor"
 VERSION = 1
@@ -45,6 +46,22 @@ MODEL_FILES = ("model.safetensors", "recipe.json")
 
 def recipe_of(model: nn.Module) -> dict:
     return {name: m.recipe() for name, m in model.named_modules() if isinstance(m, Factorized)}
+
+
+def base_model_of(source: str | os.PathLike) -> str | None:
+    """The base model ``source`` was built from, as :func:`convfactor.models.get` names it.
+
+    A convfactor model directory (one holding a ``recipe.json``): the model its metadata records
+    (``save(..., metadata={"model": ...})``), or None when it records none.  Anything else: ``source``
+    itself when it names a model (a zoo name, ``torchvision:NAME``, ``timm:NAME`` or
+    ``package.module:factory``), else None (e.g. a weights file, a missing path).
+    """
+    recipe = Path(source) / "recipe.json"
+    if recipe.is_file():
+        metadata = json.loads(recipe.read_text()).get("metadata") or {}
+        return metadata.get("model")
+    name = os.fspath(source)
+    return name if name in models.names() or models.thirdparty.is_spec(name) else None
 
 
 

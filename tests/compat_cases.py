@@ -42,7 +42,11 @@ METHODS = ("channel_svd", "sliced_svd", "spatial_svd", "tucker2", "cp", "depthwi
 @dataclass(frozen=True)
 class ModelCase:
     """One architecture: ``spec`` (as :func:`convfactor.models.get` takes it) built with ``kwargs``,
-    run at ``input_shape``.  ``library`` is the package tests/thirdparty.py must import first."""
+    run at ``input_shape``.  ``library`` is the package tests/thirdparty.py must import first.
+
+    ``nothing_factorized`` names the methods that, by design, factorize none of the model's selected
+    layers, each with the words its skip reasons hold (every reason holds one of them, and each occurs):
+    any other cell that factorizes nothing fails, so a matrix of skips cannot pass as a matrix of successes."""
 
     key: str
     spec: str
@@ -51,6 +55,7 @@ class ModelCase:
     kwargs: dict = field(default_factory=dict)
     export: bool = False
     note: str = ""
+    nothing_factorized: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _small_vit() -> dict:
@@ -73,13 +78,19 @@ CASES: tuple[ModelCase, ...] = (
               note="48 px, so its last stage is 2x2, not 1x1"),
     ModelCase("convnext_tiny", "torchvision:convnext_tiny", (1, 3, 32, 32), "torchvision"),
     ModelCase("vit (small)", "torchvision.models.vision_transformer:VisionTransformer", (1, 3, 32, 32),
-              "torchvision", kwargs=_small_vit(), note="torchvision's ViT class, 2 layers of width 32"),
+              "torchvision", kwargs=_small_vit(), note="torchvision's ViT class, 2 layers of width 32",
+              nothing_factorized={"sliced_svd": ("sliced_svd: nn.Linear is not supported",     # MLPs, head
+                                                 "2 slices do not divide the 3 input channels",  # the patch conv
+                                                 "MultiheadAttention reads out_proj.weight")}),
     ModelCase("deeplabv3_mobilenet_v3_large", "torchvision:deeplabv3_mobilenet_v3_large", (1, 3, 32, 32),
               "torchvision", export=True),
     ModelCase("r3d_18", "torchvision:r3d_18", (1, 3, 4, 32, 32), "torchvision",
-              note="video: 4 frames; 16 of its 20 convs are the Conv3d subclass Conv3DSimple"),
+              note="video: 4 frames; 16 of its 20 convs are the Conv3d subclass Conv3DSimple",
+              nothing_factorized={"spatial_svd": ("spatial_svd: Conv3d is not supported",
+                                                  "spatial_svd: nn.Linear is not supported")}),
     ModelCase("timm resnetv2_50x1_bit", "timm:resnetv2_50x1_bit", (1, 3, 32, 32), "timm",
-              note="StdConv2d (weight standardization)"),
+              note="StdConv2d (weight standardization)",   # every selected layer (the 1x1 head is over budget)
+              nothing_factorized=dict.fromkeys(METHODS, ("StdConv2d overrides Conv2d.forward",))),
     ModelCase("timm tf_efficientnet_b0", "timm:tf_efficientnet_b0", (1, 3, 32, 32), "timm",
               note="Conv2dSame (TF 'SAME' padding)"),
     ModelCase("timm convnext_atto", "timm:convnext_atto", (1, 3, 32, 32), "timm", export=True),

@@ -1,5 +1,5 @@
 """`convfactor compare`: two models side by side per back-end, each speed-up with its interval."""
-import pytest
+import importlib.util
 
 from convfactor import cli
 
@@ -8,7 +8,7 @@ def test_compare_prints_each_backend_with_its_interval(tmp_path, capsys):
     out = tmp_path / "r20"
     assert cli.main(["compress", "resnet20", "--method", "channel_svd", "--macs-ratio", "0.5", "-o", str(out)]) == 0
     capsys.readouterr()
-    backends = ["torch"] + (["onnxruntime"] if pytest.importorskip("onnxruntime") else [])
+    backends = ["torch"] + (["onnxruntime"] if importlib.util.find_spec("onnxruntime") else [])   # torch alone without it
     assert cli.main(["compare", "resnet20", str(out), "--backend", *backends, "--threads", "1",
                      "--rounds", "1", "--max-rounds", "1"]) == 0
     printed = capsys.readouterr().out

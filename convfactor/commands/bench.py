@@ -1,47 +1,38 @@
-"""convfactor bench [-o BENCHMARKS.md] [--quick] [--sections a b ...] [--update] [--experiment NAME].
+"""convfactor bench: a pointer to ``python -m benchmarks`` (run from a source checkout; ``make bench``).
 
-The sections live outside the installed package, in the checkout's top-level ``benchmarks/``
-folder (they need the optional peers and are not part of the library). This command finds that
-folder beside the package it was imported from and hands the parsed arguments to its runner.
+The benchmark sections live in the checkout's top-level ``benchmarks/`` folder: they need the
+optional ``bench`` extras and are not part of the wheel.  This command used to find that folder
+beside the package and put it on ``sys.path``; it no longer reaches outside the package.  It says,
+in one line, how to run them and exits 2, the same way in a wheel and in an editable checkout:
+
+* one behaviour everywhere, so what the tests check is what every user gets;
+* the package never guesses at files beside it (a ``benchmarks/`` next to ``site-packages`` may
+  belong to another distribution);
+* forwarding to a second process from a checkout would hide it behind this one (the allocator
+  re-run, exit codes, Ctrl-C) for a command the wheel could not honour anyway.
+
+The options ``convfactor bench`` used to take are still accepted (and ignored), so an old command
+line gets the pointer rather than a usage error.
 """
 from __future__ import annotations
 
-import importlib
+import argparse
 import sys
-from pathlib import Path
 
-from .common import add_malloc_argument
+HINT = ("convfactor bench: the benchmarks are not part of the installed package; from a source checkout of "
+        "convfactor run `python -m benchmarks` with the same options (or `make bench` to write BENCHMARKS.md)")
+HELP = "moved: run the benchmarks with `python -m benchmarks` (or `make bench`) from a source checkout"
 
-HELP = "run the benchmark sections (the checkout's benchmarks/) and write BENCHMARKS.md atomically"
-
-
-def add_arguments(p) -> None:
-    add_malloc_argument(p)
-    p.add_argument("-o", "--output", default=None, help="Markdown file to write (default: print to stdout)")
-    p.add_argument("--quick", action="store_true", help="the seconds-long smoke configuration of every section")
-    p.add_argument("--sections", nargs="*", default=None, help="section names to run (default: all that exist)")
-    p.add_argument("--update", action="store_true",
-                   help="re-run only --sections and replace them in the existing -o file, keeping the other sections")
-    p.add_argument("--experiment", default=None,
-                   help="run one of the seeds' headline experiments (see 'convfactor bench --list')")
-    p.add_argument("--threads", type=int, default=2, help="torch threads for every timing (default: 2)")
-    p.add_argument("--backend", dest="backends", action="append", choices=["torch", "compile", "onnxruntime"],
-                   help="timing back-end (repeatable) for the sections that take one (e.g. runtimes: plan and "
-                        "time on each); without --sections, runs those sections only")
-    p.add_argument("--list", action="store_true", help="list the sections and experiments, then exit")
+#: the options ``convfactor bench`` took before the benchmarks moved to ``python -m benchmarks``
+_OLD_OPTIONS = (("-o", "--output"), ("--quick",), ("--sections",), ("--update",), ("--experiment",), ("--threads",),
+                ("--backend",), ("--list",), ("--malloc",))
 
 
-def checkout_root() -> Path:
-    """The source checkout holding ``benchmarks/`` next to this package (an editable install)."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "benchmarks" / "runner.py").is_file():
-        raise FileNotFoundError("convfactor bench runs from a source checkout (its benchmarks/ folder is not "
-                                "installed with the package); clone the repository and run 'make bench'")
-    return root
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    for flags in _OLD_OPTIONS:
+        p.add_argument(*flags, nargs="*", help=argparse.SUPPRESS)
 
 
 def run(args) -> int:
-    root = str(checkout_root())
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return importlib.import_module("benchmarks.runner").run(args)
+    print(HINT, file=sys.stderr)
+    return 2

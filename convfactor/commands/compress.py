@@ -78,7 +78,8 @@ def run(args) -> int:
             "input_shape": list(example.shape)}
     io.save(compressed, args.output, metadata={k: v for k, v in meta.items() if v is not None},
             overwrite=args.overwrite)
-    from ..report import collect, write_report
+    from ..measure.report_data import collect
+    from ..report import write_report
     write_report(args.output, collect(model, compressed, example, compression_report=report,
                                       model_name=args.model, title=f"convfactor compress {args.model}"))
     print(report.table())                     # ends with "warning: nothing was compressed ..." when so

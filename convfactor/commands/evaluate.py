@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import models
+from .. import io, models
 from ..data import classification
 from ..data.images import builtin_images
 from ..data.sr import IMAGE_EXTENSIONS, SRFolder, read_image
@@ -36,15 +36,8 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _base_name(args) -> str | None:
-    source = Path(args.model)
-    if source.is_dir() and (source / "recipe.json").is_file():
-        return json.loads((source / "recipe.json").read_text()).get("metadata", {}).get("model")
-    return args.model if args.model in models.names() else None
-
-
 def run(args) -> int:
-    base = _base_name(args)
+    base = io.base_model_of(args.model)
     info = models.info(base) if base else {}
     task = args.task or info.get("task")
     if task not in ("sr", "denoise", "classification"):

@@ -59,13 +59,6 @@ def add_arguments(p) -> None:
                         "the checkpoint was written with other settings")
 
 
-def _base_name(args) -> str | None:
-    source = Path(args.model)
-    if source.is_dir() and (source / "recipe.json").is_file():
-        return json.loads((source / "recipe.json").read_text()).get("metadata", {}).get("model")
-    return args.model if ":" not in args.model else None
-
-
 def _resolved(source: str) -> str:
     """A path as an absolute path (so a re-run from another directory is the same run), else as given."""
     return str(Path(source).resolve()) if Path(source).exists() else source
@@ -121,7 +114,7 @@ def run(args) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     with torch_threads(args.threads):
         model, example = load_model(args)
-        base = _base_name(args)
+        base = io.base_model_of(args.model)
         info = models.info(base) if base in models.names() else {}
         task = args.task or info.get("task")
         if task not in ("sr", "denoise", "classification"):

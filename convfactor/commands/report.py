@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import io, report
+from ..measure.report_data import collect
 from .common import build_model
 
 HELP = "write report.json / report.md / report.html (with figures) for a run directory"
@@ -51,17 +52,18 @@ def run(args) -> int:
     data = json.loads(data_file.read_text()) if data_file.is_file() else {}
     recipe_file = run_dir / "recipe.json"
     if recipe_file.is_file():
-        meta = json.loads(recipe_file.read_text()).get("metadata", {})
-        if "model" in meta:           # a 'convfactor compress' directory: enrich with spectra (and timings)
-            base, shape = build_model(meta["model"])
+        meta = json.loads(recipe_file.read_text()).get("metadata") or {}
+        name = io.base_model_of(run_dir)
+        if name is not None:          # a 'convfactor compress' directory: enrich with spectra (and timings)
+            base, shape = build_model(name)
             compressed = io.load(run_dir, base)
             if args.weights:
                 io.load_weights(base, args.weights)
             shape = tuple(meta.get("input_shape") or shape)
             example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-            fresh = report.collect(base, compressed, example, compression_report=data if data.get("layers") else None,
-                                   measure=args.measure, threads=args.threads, kappa_threshold=args.kappa_threshold,
-                                   model_name=meta["model"], spectra=bool(args.weights))
+            fresh = collect(base, compressed, example, compression_report=data if data.get("layers") else None,
+                            measure=args.measure, threads=args.threads, kappa_threshold=args.kappa_threshold,
+                            model_name=name, spectra=bool(args.weights))
             data = {**data, **{k: v for k, v in fresh.items() if k not in data or k in ("spectra", "speed", "latency")}}
             if not args.weights and "spectra" not in data:
                 print("note: no --weights given, so no singular spectra (the original's trained kernels are not "

@@ -20,7 +20,7 @@ from torch import nn
 from ..methods.base import Cost, Factorized, Method, Ranks
 from ..methods.data_aware import DataAwareSettings, factorize_data_aware, fit_note
 from ..spec.convspec import ConvSpec, SamePad, UnsupportedLayer
-from ..utils import as_inputs, eval_mode
+from ..utils import as_inputs, eval_mode, format_si
 from .batchnorm import accepted_layers, check_fold_mode, fold_batchnorm
 from .calibration import clone_tree, collect_inputs
 from .safety import seeded, unsafe_layers
@@ -156,26 +156,20 @@ class CompressionReport:
         lines = [head, "-" * len(head)]
         for L in self.layers:
             ranks = ",".join(map(str, L.ranks)) if L.ranks else "-"
-            params = f"{_si(L.params_before)}->{_si(L.params_after)}"
-            macs = f"{_si(L.macs_before)}->{_si(L.macs_after)}"
+            params = f"{format_si(L.params_before)}->{format_si(L.params_after)}"
+            macs = f"{format_si(L.macs_before)}->{format_si(L.macs_after)}"
             werr = f"{L.weight_error:.4f}" if L.weight_error is not None else "-"
             oerr = f"{L.output_error:.4f}" if L.output_error is not None else "-"
             lines.append(f"{L.name[:28]:<28} {(L.method or '-'):<12} {ranks:<10} {params:>17} {macs:>21} {werr:>7} {oerr:>7}"
                          + (f"  skipped: {L.skipped}" if L.skipped else "") + (f"  note: {L.note}" if L.note else ""))
         t = self.totals()
         lines.append("-" * len(head))
-        lines.append(f"{'total (selected layers)':<52} {_si(t['params_before'])}->{_si(t['params_after'])} "
+        lines.append(f"{'total (selected layers)':<52} {format_si(t['params_before'])}->{format_si(t['params_after'])} "
                      f"({t['params_after'] / max(1, t['params_before']):.3f})   MACs "
-                     f"{_si(t['macs_before'])}->{_si(t['macs_after'])} ({t['macs_after'] / max(1, t['macs_before']):.3f})")
+                     f"{format_si(t['macs_before'])}->{format_si(t['macs_after'])} "
+                     f"({t['macs_after'] / max(1, t['macs_before']):.3f})")
         lines += [f"note: {note}" for note in self.notes] + ([f"warning: {self.warning}"] if self.warning else [])
         return "\n".join(lines)
-
-
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
 
 
 @torch.no_grad()
@@ -294,7 +288,7 @@ def _report_skipped(work: nn.Module, chosen: dict[str, Rule], reasons: dict[str,
             try:
                 spec = ConvSpec.from_module(layer)
                 size = () if spec.is_linear else tuple(io[name][0].shape[2:])
-                tokens = _tokens(spec, io[name], batch)
+                tokens = tokens_per_sample(spec, io[name], batch)
             except (ValueError, TypeError, AttributeError):
                 pass
         report.layers.append(_skipped(name, chosen[name], layer, reason, size, tokens))
@@ -314,7 +308,7 @@ def _skip_unsafe(work: nn.Module, chosen: dict[str, Rule], example_input, output
     return {n: r for n, r in chosen.items() if n not in unsafe}
 
 
-def _tokens(spec: ConvSpec, io_pair, batch: int) -> int:
+def tokens_per_sample(spec: ConvSpec, io_pair, batch: int) -> int:
     """Applications of a Linear per sample (1 for a conv): its input's numel / in_features / batch."""
     if not spec.is_linear or io_pair is None:
         return 1
@@ -330,7 +324,7 @@ def _plan_layers(work: nn.Module, chosen: dict[str, Rule], io: dict, report: Com
         layer = work.get_submodule(name)
         spec = ConvSpec.from_module(layer)
         size = tuple(io[name][0].shape[2:]) if name in io and not spec.is_linear else ()
-        tokens = _tokens(spec, io.get(name), batch)
+        tokens = tokens_per_sample(spec, io.get(name), batch)
         _check_layer(layer, f"{name}.weight")
         try:
             ranks = _resolve(rule, spec, layer, size)

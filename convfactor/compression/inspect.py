@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 from ..methods.base import energy_rank
-from ..methods.channel_svd import grouped_matrix
-from ..methods.linalg import singular_values
+from ..methods.linalg import grouped_matrix, singular_values
 from ..spec.convspec import ConvSpec
-from ..utils import as_inputs
-from .api import _si, _tokens, capture_layer_io, check_finite
+from ..utils import as_inputs, format_si
+from .api import capture_layer_io, check_finite, tokens_per_sample
 from .surgery import candidate_layers
 
 __all__ = ["inspect_model", "layer_facts", "condition_number", "format_facts"]
@@ -53,7 +52,8 @@ def inspect_model(model: nn.Module, example_input=None) -> list[dict[str, Any]]:
     facts = []
     for name, layer in layers.items():
         size = tuple(io[name][0].shape[2:]) if name in io and not isinstance(layer, nn.Linear) else ()
-        facts.append(layer_facts(name, layer, size, _tokens(ConvSpec.from_module(layer), io.get(name), batch)))
+        tokens = tokens_per_sample(ConvSpec.from_module(layer), io.get(name), batch)
+        facts.append(layer_facts(name, layer, size, tokens))
     return facts
 
 
@@ -63,9 +63,10 @@ def format_facts(facts: list[dict[str, Any]]) -> str:
     for f in facts:
         shape = "x".join(map(str, f["shape"]))
         kappa = f"{f['kappa']:.3g}"
-        lines.append(f"{f['name'][:32]:<32} {shape:<18} {_si(f['params']):>9} {_si(f['macs']):>9} {kappa:>10} "
-                     f"{f['rank90']:>5} {f['rank99']:>5} {f['full_rank']:>5}")
+        lines.append(f"{f['name'][:32]:<32} {shape:<18} {format_si(f['params']):>9} {format_si(f['macs']):>9} "
+                     f"{kappa:>10} {f['rank90']:>5} {f['rank99']:>5} {f['full_rank']:>5}")
     lines.append("-" * len(head))
-    lines.append(f"{'total':<51} {_si(sum(f['params'] for f in facts)):>9} {_si(sum(f['macs'] for f in facts)):>9}"
+    params, macs = sum(f["params"] for f in facts), sum(f["macs"] for f in facts)
+    lines.append(f"{'total':<51} {format_si(params):>9} {format_si(macs):>9}"
                  "   (MACs = multiply-accumulates, not time)")
     return "\n".join(lines)

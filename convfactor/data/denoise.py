@@ -11,7 +11,7 @@ import zlib
 
 import numpy as np
 import torch
-from .sr import _augment, _SeededPatches, to_tensor
+from .sr import SeededPatches, augment, to_tensor
 
 __all__ = ["to_grey", "add_noise", "eval_noisy", "DenoisePatchDataset", "denoise_eval_images"]
 
@@ -57,7 +57,7 @@ def _prepare(images, grey: bool) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-class DenoisePatchDataset(_SeededPatches):
+class DenoisePatchDataset(SeededPatches):
     """Random patches: item i -> (noisy, clean), each (C, p, p) float32, C = 1 (grey) or 3.
 
     images: ``[(name, uint8 image)]`` or arrays.  ``sigma``: a number, or ``(lo, hi)`` for blind training
@@ -80,7 +80,7 @@ class DenoisePatchDataset(_SeededPatches):
         p = self.patch_size
         patch = img[y: y + p, x: x + p]
         if self.augment:
-            (patch,) = _augment((patch,), rng)
+            (patch,) = augment((patch,), rng)
         clean = to_tensor(patch)
         sigma = self.sigma[0] if self.sigma[0] == self.sigma[1] else float(rng.uniform(*self.sigma))
         g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))

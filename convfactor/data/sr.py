@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = ["calibration_crops", "imresize", "mod_crop", "bicubic_downscale", "bicubic_upscale", "to_tensor", "to_uint8",
-           "read_image", "SRPatchDataset", "SRFolder", "sr_eval_pairs", "IMAGE_EXTENSIONS"]
+           "read_image", "SRPatchDataset", "SRFolder", "sr_eval_pairs", "IMAGE_EXTENSIONS", "SeededPatches", "augment"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".webp")
 
@@ -296,7 +296,7 @@ def _check_uint8(a, name: str) -> np.ndarray:
     return a
 
 
-def _augment(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+def augment(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
     """The same random one of the 8 flips/rotations applied to every (H, W, C) array."""
     hflip, vflip, rot = rng.integers(0, 2, size=3)
     out = []
@@ -311,7 +311,7 @@ def _augment(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.
     return out
 
 
-class _SeededPatches(Dataset):
+class SeededPatches(Dataset):
     """Base of the random-patch training sets: ``length`` items, item i drawn from the generator
     ``np.random.default_rng([seed, i])`` alone, so a set is deterministic and safe with DataLoader workers."""
 
@@ -336,7 +336,7 @@ class _SeededPatches(Dataset):
         return rng, entry, y, x
 
 
-class SRPatchDataset(_SeededPatches):
+class SRPatchDataset(SeededPatches):
     """Random aligned patches: item i -> (lr (3, p, p), hr (3, p*s, p*s)) float32 in [0, 1].
 
     images: ``[(name, hr)]`` (LR by :func:`bicubic_downscale`), ``[(name, lr, hr)]``, plain uint8 arrays, or an
@@ -362,7 +362,7 @@ class SRPatchDataset(_SeededPatches):
         lr_p = lr[y: y + p, x: x + p]
         hr_p = hr[y * s: (y + p) * s, x * s: (x + p) * s]
         if self.augment:
-            lr_p, hr_p = _augment((lr_p, hr_p), rng)
+            lr_p, hr_p = augment((lr_p, hr_p), rng)
         return to_tensor(lr_p), to_tensor(hr_p)
 
 

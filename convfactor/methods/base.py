@@ -18,11 +18,15 @@ The hooks the rest of the package calls, and nothing else:
 * :meth:`~Method.build` (abstract): the drop-in replacement, a :class:`Factorized` (an
   ``nn.Sequential`` of ordinary convs) carrying every conv option via
   :func:`convfactor.spec.convspec.make_conv`;
-* :meth:`~Method.cost` (abstract): closed-form ``(params, macs)`` for a spatial input size;
+* :meth:`~Method.cost` (abstract): closed-form ``(params, macs)`` for a spatial input size, and
+  :meth:`~Method.factorization_cost`: the estimated flops of :meth:`~Method.factorize` itself;
 * :meth:`~Method.reconstruct` (abstract): factors back to a dense kernel, and
   :meth:`~Method.factors_of`: the factors a built module holds;
 * :meth:`~Method.factorize_shared` with :attr:`~Method.joint`: several layers fitted together;
 * :meth:`~Method.for_layer` and :meth:`~Method.recipe`: what :func:`convfactor.save` records.
+
+A built :class:`Factorized` module may add a loss term to fine-tuning through
+:meth:`Factorized.training_regularizer` (the filter basis's eq. 12); :func:`model_regularizer` sums them.
 """
 from __future__ import annotations
 
@@ -37,9 +41,10 @@ import torch
 from torch import nn
 
 from ..spec.convspec import ConvSpec, UnsupportedLayer, conv_of
+from .linalg import svd_flops
 
 __all__ = ["Method", "Factorized", "Cost", "Ranks", "LayerTarget", "energy_rank", "check_target",
-           "AUXILIARY_FACTORS", "method_key"]
+           "AUXILIARY_FACTORS", "method_key", "regularized_layers", "model_regularizer"]
 
 Ranks = tuple[int, ...]
 
@@ -64,6 +69,10 @@ class Factorized(nn.Sequential):
     the configured method's :meth:`Method.recipe` for this layer.
     """
 
+    #: whether :meth:`training_regularizer` gives a loss term (fine-tuning then adds it, see
+    #: :func:`model_regularizer`)
+    has_training_regularizer: ClassVar[bool] = False
+
     def __init__(self, *pieces: nn.Module, method: str, spec: ConvSpec, ranks: Ranks,
                  options: dict | None = None):
         super().__init__(*pieces)
@@ -78,6 +87,40 @@ class Factorized(nn.Sequential):
 
     def extra_repr(self) -> str:
         return f"method={self.method}, ranks={self.ranks}"
+
+    def training_regularizer(self, reference: torch.Tensor | None = None) -> torch.Tensor | None:
+        """A differentiable loss term fine-tuning adds for this layer (times ``basis_weight``), or None:
+        the default, no term.  ``reference``: the weight of the layer this one replaced (None: what
+        the module kept of it); a ValueError when it is needed and missing."""
+        return None
+
+
+def regularized_layers(model: nn.Module, kind: type[Factorized] = Factorized) -> list[tuple[str, Factorized]]:
+    """``(name, module)`` of every ``kind`` module of ``model`` with a training regularizer, in order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, kind) and m.has_training_regularizer]
+
+
+def model_regularizer(model: nn.Module, original=None, gamma: float = 1.0, *, kind: type[Factorized] = Factorized,
+                      owner: str = "model_regularizer") -> torch.Tensor | None:
+    """``gamma`` times the sum of :meth:`Factorized.training_regularizer` over the layers of
+    :func:`regularized_layers` (None when there is none).
+
+    ``original``: the uncompressed model (same layer names) or a dict ``name -> weight``, whose
+    weights are the references; None: each layer's own.  ``owner`` names the caller in errors.
+    """
+    total = None
+    for name, module in regularized_layers(model, kind):
+        if original is None:
+            ref = None
+        else:
+            ref = original[name] if isinstance(original, dict) else original.get_submodule(name).weight
+        try:
+            term = module.training_regularizer(ref)
+        except ValueError as exc:
+            raise ValueError(f"{owner}: layer {name!r}: {exc}") from None
+        if term is not None:
+            total = term if total is None else total + term
+    return None if total is None else gamma * total
 
 
 def method_key(name: str, options: dict[str, Any] | None = None) -> str:
@@ -357,6 +400,15 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def cost(self, spec: ConvSpec, ranks: Ranks, input_size: Sequence[int] = ()) -> Cost:
         """Closed-form params and MACs for a spatial ``input_size`` (one sample)."""
+
+    def factorization_cost(self, spec: ConvSpec, ranks: Ranks) -> float:
+        """Estimated flops of :meth:`factorize` (weight-only) for a layer of ``spec`` at ``ranks``: an
+        order of magnitude for a "this may take a while" warning, not a promise.
+
+        Default: one thin SVD of each group's kernel matrix ``(N/g, C/g prod(k))``
+        (:func:`.linalg.svd_flops`).  Methods whose fit is something else override it.
+        """
+        return spec.groups * svd_flops(spec.out_per_group, spec.in_per_group * spec.kernel_volume)
 
     def factors_of(self, module: Factorized) -> dict[str, torch.Tensor]:
         """The factors a built (possibly fine-tuned) ``module`` computes with, for :meth:`reconstruct`.

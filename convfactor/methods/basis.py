@@ -47,7 +47,9 @@ smallest of its layers' resolved ranks (so a ``macs_ratio`` budget holds for eve
 splits), up to the group's joint rank.
 
 *Regularized fine-tuning* (eq. 12): :func:`basis_regularizer` gives
-``gamma * sum_l ||W_l - B_l A_l||_F^2`` against the original weights, as a loss term.
+``gamma * sum_l ||W_l - B_l A_l||_F^2`` against the original weights, as a loss term: the sum of
+each layer's :meth:`BasisConv2d.training_regularizer`, the hook fine-tuning adds up
+(:func:`convfactor.methods.base.model_regularizer`).
 """
 from __future__ import annotations
 
@@ -62,9 +64,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..spec.convspec import _PAD_MODES, ConvSpec, make_conv
-from .base import Cost, Factorized, Method, Ranks, copy_into
-from .linalg import truncated_svd
+from ..spec.convspec import PAD_MODES, ConvSpec, make_conv
+from .base import Cost, Factorized, Method, Ranks, copy_into, model_regularizer
+from .linalg import truncated_svd, truncated_svd_flops
 
 __all__ = ["Basis", "BasisConv2d", "SplitBasisConv", "basis_regularizer", "optimal_splits", "compression_ratio",
            "split_matrix", "share_groups", "joint_basis", "IMPLS", "CONCRETE_IMPLS", "DEFAULT_IMPL"]
@@ -151,7 +153,7 @@ class SplitBasisConv(nn.Module):
             for lo, hi in reversed(spec.padding):
                 flat += [lo, hi]
             self.pre_pad, self.conv_pad = tuple(flat), (0,) * spec.dim
-        self.pad_mode = _PAD_MODES[spec.padding_mode]
+        self.pad_mode = PAD_MODES[spec.padding_mode]
 
     def basis(self) -> torch.Tensor:
         """The basis this layer uses, ``(m, p, *k)``."""
@@ -195,7 +197,10 @@ class BasisConv2d(Factorized):
     A :class:`~convfactor.methods.base.Factorized` (so save/load and surgery know it); the forward
     is overridden only so that ``impl='conv3d'`` can use the (basis filter, split) channel order
     with a permuted view of the same coefficients.  Works for Conv1d/2d/3d despite its name.
+    Its :meth:`training_regularizer` is eq. 12's penalty.
     """
+
+    has_training_regularizer = True
 
     def __init__(self, spec: ConvSpec, m: int, splits: int, *, impl: str = DEFAULT_IMPL,
                  basis_channels: int | None = None, dtype=None, device=None, options: dict | None = None):
@@ -216,6 +221,17 @@ class BasisConv2d(Factorized):
     def coefficients(self) -> torch.Tensor:
         """A as ``(N, s m)`` ordered (split, basis filter)."""
         return self.combine.weight.reshape(self.spec.out_channels, -1)
+
+    def training_regularizer(self, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """Eq. 12's ``||W - B A||_F^2`` against ``reference`` (None: the kept ``reference_weight``),
+        differentiable in the basis and the coefficients."""
+        ref = self.reference_weight if reference is None else reference
+        if ref is None:
+            raise ValueError("no reference weight kept (e.g. it was loaded); pass original= (the uncompressed "
+                             "model or name -> weight)")
+        # reconstruct reads s off the shapes, so the default configuration serves every layer
+        approx = Basis().reconstruct({"basis": self.basis.basis(), "coeff": self.coefficients()}, self.spec)
+        return (approx - ref.detach().to(approx.dtype)).pow(2).sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.basis(x)
@@ -306,6 +322,12 @@ class Basis(Method):
     def spectra(self, weight: torch.Tensor, spec: ConvSpec) -> list[torch.Tensor]:
         s = self.splits_for(spec)
         return [torch.linalg.svdvals(split_matrix(weight, s)).unsqueeze(0)]
+
+    def factorization_cost(self, spec: ConvSpec, ranks: Ranks) -> float:
+        """One truncated SVD of the ``(N s, p prod(k))`` matrix of splits (a shared basis: of each layer's
+        share of the stacked matrix, refinement rounds not counted)."""
+        s = self.splits_for(spec)
+        return truncated_svd_flops(spec.out_channels * s, spec.in_per_group // s * spec.kernel_volume, ranks[0])
 
     # -------------------------------------------------------------- math
     def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *,
@@ -492,23 +514,7 @@ def basis_regularizer(model: nn.Module, original=None, gamma: float = 1.0) -> to
     layer's non-persistent ``reference_weight`` buffer (not saved: after :func:`convfactor.load`,
     pass ``original``).  Differentiable in the bases and coefficients; add it to the task loss.
     """
-    method = Basis()       # reconstruct reads s off the shapes, so the default configuration serves every layer
-    total = None
-    for name, module in model.named_modules():
-        if not isinstance(module, BasisConv2d):
-            continue
-        if original is None:
-            ref = module.reference_weight
-            if ref is None:
-                raise ValueError(f"basis_regularizer: layer {name!r} holds no reference weight (e.g. it was "
-                                 f"loaded); pass original= (the uncompressed model or name -> weight)")
-        elif isinstance(original, dict):
-            ref = original[name]
-        else:
-            ref = original.get_submodule(name).weight
-        approx = method.reconstruct({"basis": module.basis.basis(), "coeff": module.coefficients()}, module.spec)
-        term = (approx - ref.detach().to(approx.dtype)).pow(2).sum()
-        total = term if total is None else total + term
+    total = model_regularizer(model, original, gamma, kind=BasisConv2d, owner="basis_regularizer")
     if total is None:
         raise ValueError("basis_regularizer: the model has no basis layers")
-    return gamma * total
+    return total

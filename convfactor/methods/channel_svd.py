@@ -27,13 +27,7 @@ import torch
 
 from ..spec.convspec import ConvSpec, UnsupportedLayer, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
-from .linalg import check_svd_options, singular_values, truncated_svd
-
-
-def grouped_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """``weight: (N, C/g, *k)`` -> ``(g, N/g, C/g * prod(k))``."""
-    n = weight.shape[0]
-    return weight.reshape(groups, n // groups, -1)
+from .linalg import check_svd_options, grouped_matrix, singular_values, truncated_svd, truncated_svd_flops
 
 
 @dataclass(frozen=True)
@@ -60,6 +54,11 @@ class ChannelSVD(Method):
 
     def spectra(self, weight: torch.Tensor, spec: ConvSpec) -> list[torch.Tensor]:
         return [singular_values(grouped_matrix(weight, spec.groups))]
+
+    def factorization_cost(self, spec: ConvSpec, ranks: Ranks) -> float:
+        """One truncated SVD per group of the ``(rows/g, cols prod(k))`` matrix, by its ``svd`` route."""
+        rows, cols = spec.weight_shape[:2]
+        return spec.groups * truncated_svd_flops(rows // spec.groups, cols * spec.kernel_volume, ranks[0], self.svd)
 
     def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *,
                   calibration=None) -> dict[str, torch.Tensor]:

@@ -71,7 +71,7 @@ import torch
 
 from ..spec.convspec import ConvSpec, conv_of, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
-from .linalg import iteration_progress, truncated_svd
+from .linalg import iteration_progress, svd_flops, truncated_svd, truncated_svd_flops
 
 #: ``precision=`` choices of :func:`cp_als`
 PRECISIONS = ("auto", "float64")
@@ -469,6 +469,19 @@ class CP(Method):
     # ------------------------------------------------------------------ ranks
     def full_rank(self, spec: ConvSpec) -> Ranks:
         return (full_cp_rank((spec.out_per_group, spec.in_per_group, *spec.kernel_size)),)
+
+    def factorization_cost(self, spec: ConvSpec, ranks: Ranks) -> float:
+        """Per group: the initialization (counted as one SVD of the kernel matrix) plus ``n_iter`` ALS
+        sweeps of ``~6 numel R`` flops per mode (Kolda & Bader 2009, sec. 3.4: the MTTKRP and the
+        normal equations).  A 1x1 kernel is one truncated SVD; at the full rank :func:`exact_cp` only
+        copies the kernel into one factor per mode."""
+        (r,) = ranks
+        g, ng, cg, kv = spec.groups, spec.out_per_group, spec.in_per_group, spec.kernel_volume
+        if r >= self.full_rank(spec)[0]:
+            return float(g * ng * cg * kv * (spec.dim + 2))
+        if spec.is_pointwise:
+            return g * truncated_svd_flops(ng, cg, r)
+        return g * svd_flops(ng, cg * kv) + self.n_iter * 6.0 * g * ng * cg * kv * r * (spec.dim + 2)
 
     # ------------------------------------------------------------------ math
     def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *,

@@ -64,10 +64,11 @@ import torch
 from torch import nn
 
 from ..spec.convspec import ConvSpec, UnsupportedLayer, is_conv
+from ..spec.im2col import patches
 from .base import Factorized, Method, Ranks
 from .channel_svd import ChannelSVD
 
-__all__ = ["DataAwareSettings", "factorize_data_aware", "prepare_inputs", "patches", "rows", "fit_response_svd",
+__all__ = ["DataAwareSettings", "factorize_data_aware", "prepare_inputs", "rows", "fit_response_svd",
            "refit_last", "relu_z_step", "lam_schedule", "split_holdout", "fit_note", "FIT_NOTE",
            "DataAwareFallbackWarning"]
 
@@ -134,28 +135,6 @@ def prepare_inputs(calibration, spec: ConvSpec, *, device=None, dtype=None) -> l
 def rows(y: torch.Tensor) -> torch.Tensor:
     """Channel-last rows: ``(B, N, *S)`` -> ``(B * prod(S), N)``; ``(P, N)`` is returned as is."""
     return y if y.dim() == 2 else y.movedim(1, -1).reshape(-1, y.shape[1])
-
-
-def patches(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """im2col for any conv of ``spec`` (padding mode, stride, dilation, 1/2/3-D).
-
-    ``x: (B, C, *S)`` -> ``(B * prod(out), groups, C/groups * prod(kernel))`` in the order of
-    ``weight.reshape(N, -1)``; a Linear's ``(P, C)`` -> ``(P, 1, C)``.
-    """
-    if spec.is_linear:
-        return x.reshape(-1, 1, spec.in_channels)
-    pad = []
-    for lo, hi in reversed(spec.padding):
-        pad += [lo, hi]
-    if any(pad):
-        mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
-        x = nn.functional.pad(x, pad, mode=mode)
-    for a, (k, s, d) in enumerate(zip(spec.kernel_size, spec.stride, spec.dilation)):
-        x = x.unfold(2 + a, d * (k - 1) + 1, s)[..., ::d]
-    # (B, C, *out, *k) -> (B, *out, C, *k)
-    x = x.movedim(1, 1 + spec.dim)
-    n_pos = math.prod(x.shape[:1 + spec.dim])
-    return x.reshape(n_pos, spec.groups, spec.in_per_group * spec.kernel_volume)
 
 
 class _RidgeLS:

@@ -22,7 +22,7 @@ import torch
 
 from ..spec.convspec import ConvSpec, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
-from .linalg import gram_singular_values, truncated_factors
+from .linalg import gram_flops, gram_singular_values, truncated_factors
 
 __all__ = ["Depthwise", "channel_slices", "from_channel_slices"]
 
@@ -55,6 +55,10 @@ class Depthwise(Method):
     def spectra(self, weight: torch.Tensor, spec: ConvSpec) -> list[torch.Tensor]:
         """Singular values of each input channel's ``(N/g, kv)`` slice: ``(C, full rank)``."""
         return [gram_singular_values(channel_slices(weight.double(), spec.groups))]
+
+    def factorization_cost(self, spec: ConvSpec, ranks: Ranks) -> float:
+        """One Gram-route truncation (:func:`.linalg.truncated_factors`) per input channel's ``(N/g, kv)`` slice."""
+        return spec.in_channels * gram_flops(spec.out_per_group, spec.kernel_volume)
 
     def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *,
                   calibration=None) -> dict[str, torch.Tensor]:

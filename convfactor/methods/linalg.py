@@ -27,6 +27,9 @@ them as ``svd=`` / ``precision=`` fields (validated by :func:`check_svd_options`
 * ``precision="float32"``: the decomposition runs in float32 (factors are returned in the input's
   dtype): for float32 models, where float64 accuracy is not needed.
 
+:func:`svd_flops`, :func:`gram_flops`, :func:`randomized_flops` and :func:`truncated_svd_flops` count
+the flops of these routes, for :meth:`convfactor.methods.base.Method.factorization_cost`.
+
 :func:`iteration_progress` is the per-iteration progress of the long solvers (CP's ALS, the
 low-rank + sparse ADMM): a tqdm bar on an interactive terminal, and an optional callback.
 
@@ -43,7 +46,8 @@ import torch
 
 __all__ = ["truncated_svd", "singular_values", "top_eigh", "gram_singular_values", "truncated_factors",
            "leading_left", "randomized_factors", "shrink_singular_values", "check_svd_options", "SVD_MODES",
-           "PRECISIONS", "iteration_progress"]
+           "PRECISIONS", "iteration_progress", "grouped_matrix", "svd_flops", "gram_flops", "randomized_flops",
+           "truncated_svd_flops"]
 
 #: ``svd=`` choices (see the module docstring)
 SVD_MODES = ("exact", "gram", "randomized")
@@ -51,6 +55,12 @@ SVD_MODES = ("exact", "gram", "randomized")
 PRECISIONS = ("float64", "float32")
 #: above this many ``m * n * min(m, n)`` multiply-adds a full-rank request takes the Gram route
 LARGE_SVD = 2 ** 24
+
+
+def grouped_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """``weight: (N, C/g, *k)`` -> ``(g, N/g, C/g * prod(k))``: each group's kernel matrix."""
+    n = weight.shape[0]
+    return weight.reshape(groups, n // groups, -1)
 
 
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
@@ -222,6 +232,44 @@ def shrink_singular_values(matrix: torch.Tensor, tau: float) -> torch.Tensor:
     keep = s > tau
     factor = torch.where(keep, (s - tau) / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
     return ((vectors * factor.unsqueeze(-2)) @ vectors.mT) @ matrix       # m^3 + m^2 n multiply-adds
+
+
+# ---------------------------------------------------------------------------- flop estimates
+# What :meth:`convfactor.methods.base.Method.factorization_cost` adds up: floating-point operations
+# (a multiply-add counts 2), for a "this may take a while" estimate, not a promise.
+def svd_flops(m: int, n: int) -> float:
+    """Flops of a thin SVD (with singular vectors) of an ``m x n`` matrix: ``4 M N^2 + 8 N^3``,
+    ``M >= N`` the larger side (Golub & Van Loan, *Matrix Computations*, 4th ed., sec. 8.6.3, R-SVD)."""
+    big, small = max(m, n), min(m, n)
+    return 4.0 * big * small ** 2 + 8.0 * small ** 3
+
+
+def gram_flops(m: int, n: int) -> float:
+    """Flops of a leading basis from the smaller Gram matrix of an ``m x n`` matrix: ``M N^2`` for the
+    symmetric product and ``9 N^3`` for its ``eigh`` with eigenvectors (Golub & Van Loan sec. 8.3)."""
+    big, small = max(m, n), min(m, n)
+    return float(big * small ** 2) + 9.0 * small ** 3
+
+
+def randomized_flops(m: int, n: int, rank: int, *, oversample: int = 10, power_iters: int = 2) -> float:
+    """Flops of :func:`randomized_factors` on an ``m x n`` matrix: ``2 + 2 power_iters`` products with
+    it (``2 m n q`` each, ``q = rank + oversample``), ``1 + 2 power_iters`` QRs (``~4 max(m, n) q^2``)
+    and the small ``q x n`` factorization (Halko, Martinsson, Tropp 2011, Alg. 4.4 and 5.1)."""
+    q = rank + oversample
+    if q >= min(m, n):
+        return gram_flops(m, n)
+    products = (2 + 2 * power_iters) * 2.0 * m * n * q
+    return products + (1 + 2 * power_iters) * 4.0 * max(m, n) * q ** 2 + gram_flops(q, n)
+
+
+def truncated_svd_flops(m: int, n: int, rank: int, svd: str = "exact") -> float:
+    """Flops of :func:`truncated_svd` of one ``m x n`` matrix at ``rank``, by the route it takes there."""
+    full = rank >= min(m, n)
+    if svd == "gram" or (full and m * n * min(m, n) >= LARGE_SVD):
+        return gram_flops(m, n)
+    if svd == "randomized" and not full:
+        return randomized_flops(m, n, rank)
+    return svd_flops(m, n)
 
 
 def _progress_bar(total: int, desc: str):

@@ -47,9 +47,9 @@ import torch
 from torch import nn
 
 from ..spec.convspec import ConvSpec, UnsupportedLayer, conv_of, make_conv
+from ..spec.im2col import patches
 from .base import Cost, Factorized, Method, Ranks, check_target, copy_into, default_input_size
-from .data_aware import patches
-from .linalg import PRECISIONS, iteration_progress, shrink_singular_values, truncated_factors
+from .linalg import PRECISIONS, gram_flops, iteration_progress, shrink_singular_values, svd_flops, truncated_factors
 
 __all__ = ["LowRankSparse", "LowRankSparseConv", "admm_lowrank_sparse", "refit_structure", "group_shrink", "svt",
            "input_gram"]
@@ -441,6 +441,15 @@ class LowRankSparse(Method):
 
     def spectra(self, weight: torch.Tensor, spec: ConvSpec) -> list[torch.Tensor]:
         return [torch.linalg.svdvals(weight.reshape(1, spec.out_channels, -1))]
+
+    def factorization_cost(self, spec: ConvSpec, ranks: Ranks) -> float:
+        """One SVD-sized step on the ``(N, C k)`` matrix per ADMM and refit iteration (an ``eigh`` of the
+        smaller Gram matrix and two products, :func:`.linalg.shrink_singular_values`), counting all
+        ``admm_iters`` (the ADMM may stop early); without sparse channels, one Gram-route truncation."""
+        n, ck = spec.out_channels, spec.in_channels * spec.kernel_volume
+        if ranks[-1] == 0:
+            return gram_flops(n, ck)
+        return max(1, self.admm_iters + self.refit_iters) * svd_flops(n, ck)
 
     # -- the four pieces
     def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *, calibration=None) -> dict:

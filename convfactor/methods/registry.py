@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from ..utils import UnknownName
+from ..utils import UnknownName, parse_configured
 from .base import Method
 
 __all__ = ["get", "register", "available", "parse"]
@@ -80,12 +80,5 @@ def register(method: Method) -> Method:
 def parse(text: str) -> Method:
     """A configured method from ``"name"`` or ``"name:key=value,key=value"`` (values read as YAML
     scalars: ``sliced_svd:slices=4``, ``cp:form=folded,n_iter=25``), as the CLI's ``--method`` takes it."""
-    import yaml
-    name, _, rest = text.partition(":")
-    options = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"method {text!r}: options are key=value pairs separated by commas, got {item!r}")
-        options[key.strip()] = yaml.safe_load(value.strip())
-    return get(name.strip(), **options)
+    name, options = parse_configured(text, what="method")
+    return get(name, **options)

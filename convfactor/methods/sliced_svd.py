@@ -29,7 +29,7 @@ import torch
 
 from ..spec.convspec import ConvSpec, UnsupportedLayer, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
-from .linalg import check_svd_options, singular_values, truncated_svd
+from .linalg import check_svd_options, singular_values, truncated_svd, truncated_svd_flops
 
 
 def sliced_matrices(weight: torch.Tensor, groups: int, slices: int) -> torch.Tensor:
@@ -69,6 +69,12 @@ class SlicedSVD(Method):
 
     def spectra(self, weight: torch.Tensor, spec: ConvSpec) -> list[torch.Tensor]:
         return [singular_values(sliced_matrices(weight, spec.groups, self.slices))]
+
+    def factorization_cost(self, spec: ConvSpec, ranks: Ranks) -> float:
+        """One truncated SVD per group and slice of the ``(N/g, C/(g s) prod(k))`` matrix."""
+        s = self.slices
+        cols = spec.in_per_group // s * spec.kernel_volume
+        return spec.groups * s * truncated_svd_flops(spec.out_per_group, cols, ranks[0], self.svd)
 
     def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *,
                   calibration=None) -> dict[str, torch.Tensor]:

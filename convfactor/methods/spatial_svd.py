@@ -28,7 +28,7 @@ import torch
 
 from ..spec.convspec import ConvSpec, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
-from .linalg import gram_singular_values, truncated_factors
+from .linalg import gram_flops, gram_singular_values, truncated_factors
 
 __all__ = ["SpatialSVD", "spatial_matrix", "spatial_kernel"]
 
@@ -66,6 +66,11 @@ class SpatialSVD(Method):
     def spectra(self, weight: torch.Tensor, spec: ConvSpec) -> list[torch.Tensor]:
         """Singular values of ``M`` per group: ``(g, full rank)`` (squared values accurate to eps)."""
         return [gram_singular_values(spatial_matrix(weight.double(), spec.groups))]
+
+    def factorization_cost(self, spec: ConvSpec, ranks: Ranks) -> float:
+        """Per group, the Gram route (:func:`.linalg.truncated_factors`) on ``M: (C/g kh, kw N/g)``."""
+        kh, kw = spec.kernel_size
+        return spec.groups * gram_flops(spec.in_per_group * kh, kw * spec.out_per_group)
 
     def factorize(self, weight: torch.Tensor, spec: ConvSpec, ranks: Ranks, *,
                   calibration=None) -> dict[str, torch.Tensor]:

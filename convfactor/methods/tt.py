@@ -30,6 +30,7 @@ from torch import nn
 
 from ..spec.convspec import ConvSpec, UnsupportedLayer
 from .base import Cost, Factorized, Method, Ranks
+from .linalg import svd_flops
 
 __all__ = ["TT", "TTLinear", "balanced_modes", "default_d", "tt_svd", "tt_full", "tt_full_ranks", "tt_macs",
            "runs_reversed"]
@@ -346,6 +347,18 @@ class TT(Method):
 
     def scaled_ranks(self, spec: ConvSpec, t: float) -> Ranks:
         return tuple(max(1, min(m, math.ceil(t * m))) for m in self.full_rank(spec))
+
+    def factorization_cost(self, spec: ConvSpec, ranks: Ranks) -> float:
+        """TT-SVD's d-1 thin SVDs (Oseledets 2011, Alg. 1): step k of the ``(r_{k-1} m_k n_k, prod_{i>k}
+        m_i n_i)`` matrix, ``r_{k-1}`` the kept rank of the step before."""
+        in_m, out_m = self.modes(spec)
+        sizes = [m * n for m, n in zip(out_m, in_m)]
+        total, r_prev = 0.0, 1
+        for k in range(len(sizes) - 1):
+            rows, cols = r_prev * sizes[k], math.prod(sizes[k + 1:])
+            total += svd_flops(rows, cols)
+            r_prev = min(int(ranks[k]), rows, cols)
+        return total
 
     # -- the four pieces
     def spectra(self, weight: torch.Tensor, spec: ConvSpec) -> list[torch.Tensor]:

@@ -44,9 +44,12 @@ import torch
 
 from ..spec.convspec import ConvSpec, make_conv
 from .base import Cost, Factorized, Method, Ranks, copy_into
-from .linalg import gram_singular_values, leading_left
+from .linalg import gram_flops, gram_singular_values, leading_left
 
-__all__ = ["Tucker2", "tucker2", "unfold_out", "unfold_in"]
+__all__ = ["Tucker2", "tucker2", "unfold_out", "unfold_in", "HOOI_SWEEPS_COUNTED"]
+
+#: HOOI sweeps :meth:`Tucker2.factorization_cost` counts at most (HOOI usually stops within them, see ``hooi_tol``)
+HOOI_SWEEPS_COUNTED = 3
 
 
 def unfold_out(t: torch.Tensor) -> torch.Tensor:
@@ -197,6 +200,13 @@ class Tucker2(Method):
         """``(t C/g, t N/g)`` rounded up and clipped to the full ranks."""
         return tuple(max(1, min(m, math.ceil(t * d)))
                      for m, d in zip(self.full_rank(spec), (spec.in_per_group, spec.out_per_group)))
+
+    def factorization_cost(self, spec: ConvSpec, ranks: Ranks) -> float:
+        """Per HOOI sweep (De Lathauwer et al. 2000, Alg. 4.2; at most :data:`HOOI_SWEEPS_COUNTED`, one
+        for the HOSVD) and group, a Gram basis of each channel unfolding (:func:`.linalg.leading_left`)."""
+        cg, ng, kv = spec.in_per_group, spec.out_per_group, spec.kernel_volume
+        sweeps = 1 + min(self.hooi_iters, HOOI_SWEEPS_COUNTED - 1)
+        return sweeps * spec.groups * (gram_flops(ng, cg * kv) + gram_flops(cg, ng * kv))
 
     # ------------------------------------------------------------------ the four pieces
     def spectra(self, weight: torch.Tensor, spec: ConvSpec) -> list[torch.Tensor]:

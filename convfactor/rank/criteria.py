@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from ..compression.inspect import condition_number
-from ..methods.channel_svd import grouped_matrix
+from ..methods.linalg import grouped_matrix
 from ..spec.convspec import ConvSpec
 
 __all__ = ["layer_kappa", "mark_by_condition", "below_dense", "speed_bound", "round_ranks",

@@ -13,8 +13,8 @@ from torch import nn
 from ..compression.api import capture_layer_io, relative_error
 from ..compression.surgery import candidate_layers
 from ..measure.count import count_params
-from ..methods.data_aware import patches
 from ..spec.convspec import ConvSpec, UnsupportedLayer
+from ..spec.im2col import patches
 from .criteria import below_dense, clip_to_speed_bound, layer_kappa, round_ranks
 from .energy import error_estimate, spectral_error_is_exact
 from .planfile import LayerPlan
@@ -118,7 +118,7 @@ class Totals:
 
 def input_gram(x: torch.Tensor, spec: ConvSpec, chunk: int = 8192) -> torch.Tensor:
     """``sum_p patch_p patch_p^T`` per group over every output position of ``x``: ``(g, C/g k, C/g k)``
-    float64 (``patches`` is the im2col of :mod:`convfactor.methods.data_aware`)."""
+    float64 (``patches`` is the im2col of :mod:`convfactor.spec.im2col`)."""
     rows = patches(x.detach(), spec)                       # (P, g, C/g k)
     gram = torch.zeros(rows.shape[1], rows.shape[2], rows.shape[2], dtype=torch.float64)
     for i in range(0, rows.shape[0], chunk):

@@ -33,14 +33,15 @@ import torch
 from torch import nn
 
 __all__ = ["ConvSpec", "Pad", "SamePad", "make_conv", "conv_class", "UnsupportedLayer", "is_conv",
-           "is_dynamic_same"]
+           "is_dynamic_same", "PAD_MODES"]
 
 #: Conv2d subclasses (matched by class name, so no import is needed) whose forward pads "SAME" at run time
 DYNAMIC_SAME_CLASSES = ("Conv2dSame", "Conv2dSameExport")
 
 _CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _TRANSPOSED_TYPES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+#: a conv's ``padding_mode`` -> the ``F.pad`` mode that pads the same way
+PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
 class UnsupportedLayer(ValueError):
@@ -216,7 +217,7 @@ class Pad(nn.Module):
         self.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.pad(x, self.pad, mode=_PAD_MODES[self.mode])
+        return nn.functional.pad(x, self.pad, mode=PAD_MODES[self.mode])
 
     def extra_repr(self) -> str:
         return f"pad={self.pad}, mode={self.mode}"

@@ -10,21 +10,43 @@ It materializes ``kh*kw`` copies of the input, which is why it costs memory; the
 measures how much and how fast against the native convolution.
 
 :class:`Im2ColConv2d` is a drop-in ``nn.Conv2d`` subclass using it (same parameters, same
-``state_dict``), and :func:`use_im2col` swaps it into a model.
+``state_dict``), and :func:`use_im2col` swaps it into a model.  :func:`patches` is the same lowering
+as rows, for any :class:`~.convspec.ConvSpec` (1/2/3-D, every padding mode): what data-aware fitting
+and the rank facts regress on.
 """
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .convspec import ConvSpec
+from .convspec import PAD_MODES, ConvSpec
 
-__all__ = ["conv2d_im2col", "Im2ColConv2d", "use_im2col"]
+__all__ = ["conv2d_im2col", "Im2ColConv2d", "use_im2col", "patches"]
 
-_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+def patches(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """im2col for any conv of ``spec`` (padding mode, stride, dilation, 1/2/3-D), as rows.
+
+    ``x: (B, C, *S)`` -> ``(B * prod(out), groups, C/groups * prod(kernel))`` in the order of
+    ``weight.reshape(N, -1)``; a Linear's ``(P, C)`` -> ``(P, 1, C)``.
+    """
+    if spec.is_linear:
+        return x.reshape(-1, 1, spec.in_channels)
+    pad = []
+    for lo, hi in reversed(spec.padding):
+        pad += [lo, hi]
+    if any(pad):
+        x = F.pad(x, pad, mode=PAD_MODES[spec.padding_mode])
+    for a, (k, s, d) in enumerate(zip(spec.kernel_size, spec.stride, spec.dilation)):
+        x = x.unfold(2 + a, d * (k - 1) + 1, s)[..., ::d]
+    # (B, C, *out, *k) -> (B, *out, C, *k)
+    x = x.movedim(1, 1 + spec.dim)
+    n_pos = math.prod(x.shape[:1 + spec.dim])
+    return x.reshape(n_pos, spec.groups, spec.in_per_group * spec.kernel_volume)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -60,13 +82,13 @@ def conv2d_im2col(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         pads = tuple((p, p) for p in _pair(padding))
     else:
         pads = tuple((int(p[0]), int(p[1])) for p in padding)
-    if padding_mode not in _PAD_MODES:
+    if padding_mode not in PAD_MODES:
         raise ValueError(f"padding_mode={padding_mode!r}")
     symmetric = all(a == z for a, z in pads)
     if padding_mode != "zeros" or not symmetric:
         (t, bo), (le, r) = pads
         if any(pads[0] + pads[1]):
-            x = F.pad(x, (le, r, t, bo), mode=_PAD_MODES[padding_mode])
+            x = F.pad(x, (le, r, t, bo), mode=PAD_MODES[padding_mode])
         unfold_pad = (0, 0)
     else:
         unfold_pad = (pads[0][0], pads[1][0])

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..files import check_writable
-from ..methods.basis import BasisConv2d, basis_regularizer
+from ..methods.base import model_regularizer, regularized_layers
 from . import checkpoint as ckpt
 from .distill import FeatureTap, feature_loss, kd_loss
 
@@ -205,7 +205,7 @@ class _Run:
     net: nn.Module                        # ``model``, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     teacher: nn.Module | None
-    regularizer: Callable | None          # the basis regularizer when it applies
+    regularizer: Callable | None          # the layers' training regularizers, when any applies
     device: torch.device
     rank: int
     ddp: bool
@@ -233,13 +233,13 @@ def _start(model: nn.Module, config: FinetuneConfig, teacher: nn.Module | None) 
         teacher = teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    uses_basis = config.basis_weight != 0 and any(isinstance(m, BasisConv2d) for m in model.modules())
+    regularized = config.basis_weight != 0 and bool(regularized_layers(model))
     # Factorize first (done by the caller), then wrap, then build the optimizer.
     net = model
     if use_ddp:
         net = DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device])
     return _Run(config, model, net, make_optimizer(net.parameters(), config.optimizer), teacher,
-                basis_regularizer if uses_basis else None, device, rank, use_ddp)
+                model_regularizer if regularized else None, device, rank, use_ddp)
 
 
 def run_settings(config: FinetuneConfig) -> dict[str, Any]:
@@ -292,7 +292,7 @@ def _resume(run: _Run) -> int:
 
 
 def _loss(run: _Run, x: torch.Tensor, target) -> torch.Tensor:
-    """Task loss + output and feature distillation + basis regularizer, each with its weight."""
+    """Task loss + output and feature distillation + the layers' regularizers, each with its weight."""
     cfg, d = run.config, run.config.distill
     with FeatureTap(run.model, d.feature_layers) as s_tap:
         out = run.net(x)
@@ -308,7 +308,8 @@ def _loss(run: _Run, x: torch.Tensor, target) -> torch.Tensor:
             total = total + d.feature_weight * feature_loss(s_tap.features, t_tap.features)
     if run.regularizer is not None:
         gamma = 1.0 if cfg.basis_weight is None else cfg.basis_weight
-        total = total + run.regularizer(run.model, original=run.teacher, gamma=gamma)
+        term = run.regularizer(run.model, original=run.teacher, gamma=gamma)
+        total = total if term is None else total + term
     if not total.requires_grad:
         raise ValueError("nothing to optimize: no target in the data and no teacher for distillation")
     return total
@@ -363,8 +364,9 @@ def finetune(model: nn.Module, data, config: FinetuneConfig, *, teacher: nn.Modu
     ``data``: a map-style data set of ``(input, target)`` items (or inputs alone, for pure
     distillation), or a callable ``(step, generator) -> batch``; see :func:`batch_for_step`.
     ``teacher``: the original model, for the distillation of ``config.distill`` and as the
-    reference kernels of the basis regularizer (:func:`convfactor.methods.basis.basis_regularizer`,
-    applied whenever the model holds basis layers and ``config.basis_weight != 0``).
+    reference kernels of the layers' training regularizers (:func:`convfactor.methods.base.model_regularizer`:
+    the basis layers' eq. 12, :func:`convfactor.methods.basis.basis_regularizer`, weighted by
+    ``config.basis_weight``; applied whenever the model holds such layers and ``basis_weight != 0``).
     Under DDP (a process group initialized, or ``config.ddp``) the model is wrapped after any
     factorization (the model you pass) and before the optimizer is built; each rank draws its own
     batches; rank 0 writes checkpoints.

@@ -1,11 +1,19 @@
-"""Smoke test of `convfactor bench --quick` (every existing section) and of the bench sections of issue 6."""
+"""Smoke test of `python -m benchmarks --quick` (every existing section) and of the bench sections of issue 6;
+`convfactor bench` only points there."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import benchmarks as bench
-from convfactor.cli import main
+from benchmarks.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_quick_writes_every_section(tmp_path, capsys):
     out = tmp_path / "BENCHMARKS.md"
-    rc = main(["bench", "--quick", "--threads", "1", "-o", str(out)])
+    rc = main(["--quick", "--threads", "1", "-o", str(out)])
     text = out.read_text()
     assert rc == 0, text
     assert text.startswith("# convfactor benchmarks") and "Quick mode" in text and "threads | 1" in text
@@ -21,14 +29,14 @@ def test_bench_quick_writes_every_section(tmp_path, capsys):
 
 def test_bench_selected_sections_and_errors(tmp_path, capsys):
     out = tmp_path / "b.md"
-    assert main(["bench", "--quick", "--threads", "1", "--sections", "im2col", "-o", str(out)]) == 0
+    assert main(["--quick", "--threads", "1", "--sections", "im2col", "-o", str(out)]) == 0
     text = out.read_text()
     assert "## im2col + GEMM vs native convolution" in text and text.count("\n## ") == 1
     assert "| 16->16 3x3 @16x16 |" in text and "reproduced" in text or "refuted" in text
-    assert main(["bench", "--sections", "nope", "-o", str(tmp_path / "c.md")]) == 2
+    assert main(["--sections", "nope", "-o", str(tmp_path / "c.md")]) == 2
     assert not (tmp_path / "c.md").exists()
-    assert main(["bench", "--experiment", "nope"]) == 2
-    assert main(["bench", "--list"]) == 0
+    assert main(["--experiment", "nope"]) == 2
+    assert main(["--list"]) == 0
     assert "im2col" in capsys.readouterr().out
 
 
@@ -37,14 +45,14 @@ def test_failing_section_is_recorded_and_fails_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "available", lambda: ["broken"])
     monkeypatch.setattr(bench, "load_section", lambda name: broken)
     out = tmp_path / "b.md"
-    assert main(["bench", "--quick", "-o", str(out)]) == 1
+    assert main(["--quick", "-o", str(out)]) == 1
     assert "## Broken" in out.read_text() and "ZeroDivisionError" in out.read_text()
 
 
 def test_one_experiment(tmp_path):
     from benchmarks import experiments
     out = tmp_path / "e.md"
-    assert main(["bench", "--quick", "--threads", "1", "--experiment", "lebedev_cp", "-o", str(out)]) == 0
+    assert main(["--quick", "--threads", "1", "--experiment", "lebedev_cp", "-o", str(out)]) == 0
     text = out.read_text()
     assert "experiments:lebedev_cp" in text and "### Lebedev et al." in text
     assert set(experiments.NAMES) >= {"lebedev_cp", "blog_spatial_svd"}
@@ -73,21 +81,21 @@ def test_update_replaces_only_the_named_sections(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "available", lambda: ["alpha", "beta"])
     monkeypatch.setattr(bench, "load_section", lambda name: fakes[name])
     out = tmp_path / "B.md"
-    assert main(["bench", "--quick", "-o", str(out)]) == 0
+    assert main(["--quick", "-o", str(out)]) == 0
     first = out.read_text()
     assert "alpha run 1" in first and "beta run 1" in first
-    assert main(["bench", "--update", "--sections", "beta", "-o", str(out)]) == 0
+    assert main(["--update", "--sections", "beta", "-o", str(out)]) == 0
     second = out.read_text()
     from benchmarks.runner import split_sections
     old, new = split_sections(first), split_sections(second)
     assert new["alpha"] == old["alpha"]                                  # kept byte for byte
     assert "beta run 2" in new["beta"] and "beta run 1" not in second
-    assert second.index("## Alpha") < second.index("## Beta") and "re-run by `convfactor bench --update`" in second
+    assert second.index("## Alpha") < second.index("## Beta") and "re-run by `python -m benchmarks --update`" in second
     assert runs == {"alpha": 1, "beta": 2}
     # a bad --update fails before running anything
-    assert main(["bench", "--update", "-o", str(out)]) == 2                     # no --sections
-    assert main(["bench", "--update", "--sections", "beta", "-o", str(tmp_path / "none.md")]) == 2
-    assert main(["bench", "--update", "--sections", "beta", "--experiment", "lebedev_cp", "-o", str(out)]) == 2
+    assert main(["--update", "-o", str(out)]) == 2                     # no --sections
+    assert main(["--update", "--sections", "beta", "-o", str(tmp_path / "none.md")]) == 2
+    assert main(["--update", "--sections", "beta", "--experiment", "lebedev_cp", "-o", str(out)]) == 2
     assert runs == {"alpha": 1, "beta": 2} and out.read_text() == second
 
 
@@ -112,11 +120,63 @@ def test_backend_goes_to_the_sections_that_take_it(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "available", lambda: list(sections))
     monkeypatch.setattr(bench, "load_section", lambda name: sections[name])
     out = tmp_path / "b.md"
-    assert main(["bench", "--quick", "--malloc", "retain", "--backend", "onnxruntime", "-o", str(out)]) == 0
+    assert main(["--quick", "--malloc", "retain", "--backend", "onnxruntime", "-o", str(out)]) == 0
     assert seen == {"b": ("onnxruntime",)} and "## Eager" not in out.read_text()
-    assert main(["bench", "--quick", "--malloc", "retain", "--sections", "eager", "--backend", "torch",
+    assert main(["--quick", "--malloc", "retain", "--sections", "eager", "--backend", "torch",
                  "-o", str(tmp_path / "c.md")]) == 2
     assert not (tmp_path / "c.md").exists() and "eager" not in seen
-    assert main(["bench", "--quick", "--malloc", "retain", "--sections", "takes", "-o", str(tmp_path / "d.md")]) == 0
+    assert main(["--quick", "--malloc", "retain", "--sections", "takes", "-o", str(tmp_path / "d.md")]) == 0
     assert "['torch', 'onnxruntime']" in (tmp_path / "d.md").read_text()          # the section's own default
-    assert main(["bench", "--experiment", "lebedev_cp", "--backend", "torch", "--malloc", "retain"]) == 2
+    assert main(["--experiment", "lebedev_cp", "--backend", "torch", "--malloc", "retain"]) == 2
+
+
+def _clean_env(**extra) -> dict[str, str]:
+    """This environment without a preload or re-exec guard inherited from a CLI that re-ran itself."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", "CONVFACTOR_ALLOCATOR_REEXEC")}
+    return {**env, **extra}
+
+
+def test_python_m_benchmarks_runs_from_the_checkout_under_the_fast_allocator(tmp_path):
+    """The real command line, as `make bench` runs it: `--malloc auto` re-runs it under tcmalloc (else
+    jemalloc) when one is installed, and the file records what the figures ran under."""
+    from convfactor.measure.allocator import fast_allocator
+    out = tmp_path / "B.md"
+    res = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--sections", "im2col",
+                          "-o", str(out)], cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    text = out.read_text()
+    assert "Written by `python -m benchmarks --quick`" in text and "## im2col + GEMM vs native convolution" in text
+    found = fast_allocator()
+    assert f"| malloc | {found[0] if found else 'retain'} |" in text
+
+
+def test_convfactor_bench_points_to_python_m_benchmarks(tmp_path, capsys):
+    """One line, exit 2, whatever the old options; nothing run or written, sys.path untouched."""
+    from convfactor.cli import main as cli_main
+    path = list(sys.path)
+    out = tmp_path / "B.md"
+    for argv in (["bench"], ["bench", "--quick", "--sections", "im2col", "-o", str(out)],
+                 ["bench", "--backend", "onnxruntime", "--backend", "torch", "--malloc", "retain", "--update"]):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "python -m benchmarks" in err and "make bench" in err
+    assert sys.path == path and not out.exists()
+
+
+def test_convfactor_bench_from_an_installed_copy_without_a_checkout(tmp_path):
+    """The package copied alone (as a wheel installs it, no benchmarks/ beside it) says the same line."""
+    import shutil
+
+    import convfactor
+    site = tmp_path / "site"
+    shutil.copytree(Path(convfactor.__file__).parent, site / "convfactor",
+                    ignore=shutil.ignore_patterns("__pycache__", "weights"))
+    env = _clean_env(PYTHONPATH=str(site))
+    where = subprocess.run([sys.executable, "-c", "import convfactor; print(convfactor.__file__)"], cwd=site,
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert where.stdout.strip() == str(site / "convfactor" / "__init__.py")
+    res = subprocess.run([sys.executable, "-m", "convfactor.cli", "bench", "--quick", "-o", "B.md"], cwd=site,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "python -m benchmarks" in res.stderr
+    assert not (site / "B.md").exists()

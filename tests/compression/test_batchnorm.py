@@ -10,7 +10,7 @@ from torch import nn
 import convfactor
 from convfactor.compression.batchnorm import FoldedBatchNorm, bn_affine, fold_batchnorm, scale_outputs
 from convfactor.methods.base import energy_rank
-from convfactor.methods.channel_svd import grouped_matrix
+from convfactor.methods.linalg import grouped_matrix
 from convfactor.rank import RankConfig, plan
 from convfactor.spec.convspec import ConvSpec
 from strategies import rel_err

@@ -106,20 +106,3 @@ def test_reexec_prefers_tcmalloc_and_keeps_jemalloc_from_purging(monkeypatch):
     monkeypatch.delenv("MALLOC_CONF")
     allocator.reexec_with_fast_allocator()
     assert "MALLOC_CONF" not in calls[-1]
-
-
-def test_fresh_process_timing_records_the_allocator_it_ran_under(monkeypatch):
-    """A glibc-mode child does not inherit this process's preload (the CLI re-executes under tcmalloc,
-    and its 'glibc default' figures must not silently run on tcmalloc); a preload is passed on request."""
-    from convfactor import models
-    from convfactor.measure.compare import compare_in_fresh_process
-    found = allocator.fast_allocator()
-    if found is None:
-        pytest.skip("neither tcmalloc nor jemalloc is installed here")
-    monkeypatch.setenv("LD_PRELOAD", found[1])
-    small, shape = models.get("dncnn", pretrained=True), (1, 1, 24, 24)
-    run = dict(threads=1, repeats=1, timeout=300)
-    assert compare_in_fresh_process("dncnn", small, shape, malloc="default", **run)["env"]["malloc"] == "default"
-    assert compare_in_fresh_process("dncnn", small, shape, malloc="preload", **run)["env"]["malloc"] == found[0]
-    with pytest.raises(ValueError, match="preload"):
-        compare_in_fresh_process("dncnn", small, shape, malloc="tcmalloc", **run)

@@ -13,7 +13,7 @@ from convfactor.measure.count import count_params
 from convfactor.methods import registry
 from convfactor.methods.basis import (IMPLS, Basis, BasisConv2d, basis_regularizer, compression_ratio, divisors,
                                       joint_basis, optimal_splits, share_groups, split_matrix)
-from strategies import conv2d_configs, input_for, make_layer, rel_err
+from strategies import conv2d_configs, conv2d_grid, input_for, make_layer, refusal, rel_err, shape_spec
 
 BASIS = Basis()
 
@@ -94,21 +94,43 @@ def test_splits_C_is_channelwise_2d_decomposition():
 
 @pytest.mark.parametrize("impl", IMPLS)
 @settings(max_examples=20)
-@given(cfg=conv2d_configs(), data=st.data())
-def test_every_impl_and_split_is_exact_with_all_conv_options(impl, cfg, data):
-    layer = make_layer(cfg)
+@given(data=st.data())
+def test_every_impl_and_split_is_exact_with_all_conv_options(impl, data):
+    layer = make_layer(data.draw(conv2d_configs(method="basis")))
     spec = ConvSpec.from_module(layer)
     s = data.draw(st.sampled_from(divisors(spec.in_per_group)))
-    full = Basis(s).full_rank(spec)[0]
-    if max(BASIS.full_rank(spec)[0], full) <= 1:       # a 1x1 conv 1 -> 1: nothing to factorize
-        with pytest.raises(convfactor.UnsupportedLayer):
-            convfactor.factorize(layer, "basis", rank=1, splits=s, impl=impl)
-        return
+    full = Basis(s).full_rank(spec)[0]                  # may be 1 at this s: the layer is judged at s*
     new = convfactor.factorize(layer, "basis", rank=full, splits=s, impl=impl)
     assert new.options == {"splits": s, "impl": impl}
     x = input_for(layer)
     with torch.no_grad():
         assert rel_err(new(x), layer(x)) <= 1e-9
+
+
+def test_refusal_is_judged_at_the_optimal_split_whatever_the_given_splits():
+    """A layer is refused exactly when its full rank at s* is 1 (a single input channel per group with
+    one output or a 1x1 kernel, or a 1x1 conv to one output whose s* is 1); a given ``splits`` or
+    ``impl`` neither adds a refusal nor lifts one."""
+    refused = []
+    for shape in conv2d_grid():
+        groups, cin, cout, kernel = shape
+        spec = shape_spec(shape)
+        expected = BASIS.full_rank(spec)[0] == 1
+        for s in divisors(spec.in_per_group):
+            reason = refusal(Basis(s), shape)
+            assert (reason is not None) == expected, (shape, s, reason)
+            if expected:
+                assert reason == "basis: full rank is (1,), nothing to factorize", (shape, s)
+        if expected:
+            refused.append(shape)
+            assert spec.in_per_group == 1 or kernel == (1, 1), shape
+            layer = nn.Conv2d(cin, cout, kernel, groups=groups)
+            for impl in IMPLS:
+                with pytest.raises(convfactor.UnsupportedLayer, match="nothing to factorize"):
+                    convfactor.factorize(layer, "basis", rank=1, splits=spec.in_per_group, impl=impl)
+    # every 1 -> 1 conv, whatever its kernel, and 1x1 convs with one input or output per group, e.g.
+    assert {(1, 1, 1, (3, 3)), (1, 1, 8, (1, 1)), (1, 7, 1, (1, 1)), (2, 2, 2, (1, 1))} <= set(refused)
+    assert (1, 4, 1, (1, 1)) not in refused and (2, 2, 2, (1, 2)) not in refused    # s* = 2; N s* = 2
 
 
 @pytest.mark.parametrize("impl", IMPLS)

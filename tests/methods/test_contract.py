@@ -9,6 +9,7 @@ from torch import nn
 from convfactor.methods import registry
 from convfactor.methods.base import AUXILIARY_FACTORS, Method
 from convfactor.spec.convspec import ConvSpec, UnsupportedLayer
+from strategies import check_bad_options
 
 NAMES = registry.available()
 CONFIGURED = [registry.get(n) for n in NAMES] + [
@@ -96,14 +97,8 @@ def test_joint_fitting_is_declared_not_probed():
 
 
 def test_configured_methods_validate_their_options_once():
-    with pytest.raises(ValueError, match="form"):
-        registry.get("cp", form="fused")
-    with pytest.raises(ValueError, match="hooi_iters"):
-        registry.get("tucker2", hooi_iters=-1)
-    with pytest.raises(ValueError, match="impl"):
-        registry.get("basis", impl="fft")
-    with pytest.raises(ValueError, match="d must be"):
-        registry.get("tt", d=1)
+    check_bad_options([("cp", {"form": "fused"}, "form"), ("tucker2", {"hooi_iters": -1}, "hooi_iters"),
+                       ("basis", {"impl": "fft"}, "impl"), ("tt", {"d": 1}, "d must be")])
     tt = registry.get("tt", in_modes=[2, 3, 4], out_modes=[5, 3, 2])
     assert tt.in_modes == (2, 3, 4) and hash(tt) == hash(registry.get("tt", in_modes=(2, 3, 4), out_modes=(5, 3, 2)))
     with pytest.raises(KeyError, match="unknown method"):

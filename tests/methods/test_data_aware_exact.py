@@ -9,8 +9,8 @@ from torch import nn
 import convfactor
 from convfactor.methods import data_aware as da
 from convfactor.methods import registry
-from convfactor.spec.convspec import ConvSpec
-from strategies import full_rank_or_none, rel_err
+from convfactor.spec.convspec import ConvSpec, UnsupportedLayer
+from strategies import rel_err
 
 #: every method data-aware fitting handles (TT's module is not a chain of convs)
 METHODS = [m for m in registry.available() if m != "tt"]
@@ -29,26 +29,51 @@ def _general_inputs(n, c, size, seed):
     return torch.randn(n, c, size, size, generator=g, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("shape", [dict(c=6, n=20, k=1, stride=1),               # expanding 1x1 (C < N)
-                                   dict(c=4, n=24, k=3, stride=2, padding=1),     # C k^2 > N, strided
-                                   dict(c=8, n=12, k=3, stride=1, padding=1, groups=2)])
+SHAPES = {"expanding_1x1": dict(c=6, n=20, k=1, stride=1),                        # C < N
+          "strided_3x3": dict(c=4, n=24, k=3, stride=2, padding=1),                 # C k^2 > N
+          "grouped_3x3": dict(c=8, n=12, k=3, stride=1, padding=1, groups=2)}
+
+#: the (method, shape) pairs a method must refuse, with the words of its reason; every other pair must be exact
+REFUSED = {("depthwise", "expanding_1x1"): r"depthwise: full rank is \(1,\), nothing to factorize",
+           ("linear_svd", "strided_3x3"): r"linear_svd: kernel \(3, 3\) is not 1x1",
+           ("linear_svd", "grouped_3x3"): r"linear_svd: kernel \(3, 3\) is not 1x1",
+           ("lowrank_sparse", "grouped_3x3"): "lowrank_sparse: groups=2 is not supported"}
+
+
+def _shape_layer(shape: str) -> nn.Conv2d:
+    torch.manual_seed(0)
+    d = SHAPES[shape]
+    return nn.Conv2d(d["c"], d["n"], d["k"], stride=d["stride"], padding=d.get("padding", 0),
+                     groups=d.get("groups", 1), dtype=torch.float64)
+
+
+def _calibration(c: int) -> list[torch.Tensor]:
+    """Inputs spanning 2 of the ``c`` channel directions at few positions."""
+    return [_low_rank_inputs(2, c, 3, 2, seed) for seed in (1, 2)]
+
+
+@pytest.mark.parametrize("name, shape", [(m, s) for m in METHODS for s in SHAPES if (m, s) not in REFUSED])
 def test_full_rank_is_exact_on_held_out_inputs(name, shape):
     """Calibration inputs spanning 2 of the channel directions at few positions: the response fit
     cannot see most of the layer, and at full rank it must still reproduce it everywhere."""
-    torch.manual_seed(0)
-    c, n, k = shape["c"], shape["n"], shape["k"]
-    layer = nn.Conv2d(c, n, k, stride=shape["stride"], padding=shape.get("padding", 0),
-                      groups=shape.get("groups", 1), dtype=torch.float64)
-    full = full_rank_or_none(layer, name)
-    if full is None:
-        return
-    calibration = [_low_rank_inputs(2, c, 3, 2, seed) for seed in (1, 2)]
-    new = convfactor.factorize(layer, name, rank=full, calibration=calibration)
+    layer = _shape_layer(shape)
+    c = layer.in_channels
+    new = convfactor.factorize(layer, name, rank=registry.get(name).full_rank(ConvSpec.from_module(layer)),
+                               calibration=_calibration(c))
     held_out = _general_inputs(3, c, 7, 9)
     with torch.no_grad():
         assert rel_err(new(held_out), layer(held_out)) <= 1e-9
     assert da.fit_note(new) is None
+
+
+@pytest.mark.parametrize("name, shape", sorted(REFUSED))
+def test_the_refused_pairs_say_why(name, shape):
+    """The pairs left out above are refused by the method itself (before any fitting), with its reason."""
+    layer = _shape_layer(shape)
+    with pytest.raises(UnsupportedLayer, match=REFUSED[name, shape]):
+        registry.get(name).check(ConvSpec.from_module(layer))
+    with pytest.raises(UnsupportedLayer, match=REFUSED[name, shape]):
+        convfactor.factorize(layer, name, rank=1, calibration=_calibration(layer.in_channels))
 
 
 def test_full_rank_is_exact_on_resnet18_expanding_downsample_convs():

@@ -1,4 +1,6 @@
 """Depthwise-separable factorization: per-channel optimality, exactness for Conv1d/2d/3d, ranks."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -7,7 +9,7 @@ from torch import nn
 import convfactor
 from convfactor.spec.convspec import ConvSpec, UnsupportedLayer, conv_class, conv_of
 from convfactor.methods import registry
-from strategies import convnd_configs, input_nd, rel_err
+from strategies import check_exact, convnd_configs, convnd_grid, input_nd, make_nd, refusal, rel_err, shape_spec
 
 M = registry.get("depthwise")
 
@@ -37,19 +39,19 @@ def test_truncation_error_equals_discarded_energy(n, c, k, groups, r):
 @pytest.mark.parametrize("dim", [1, 2, 3])
 @given(data=st.data())
 def test_full_rank_reproduces_conv_nd(dim, data):
-    cfg = data.draw(convnd_configs(dim))
-    torch.manual_seed(0)
-    layer = conv_class(dim)(**cfg, dtype=torch.float64)
-    spec = ConvSpec.from_module(layer)
-    try:
-        M.check(spec)
-    except UnsupportedLayer:           # full rank 1 (a 1-tap kernel or one output per group)
-        assert M.full_rank(spec) == (1,)
-        return
-    new = convfactor.factorize(layer, "depthwise", rank=M.full_rank(spec))
-    x = input_nd(layer, dim)
-    with torch.no_grad():
-        assert rel_err(new(x), layer(x)) <= 1e-6
+    layer = make_nd(data.draw(convnd_configs(dim, method="depthwise")), dim)
+    check_exact(layer, "depthwise", input_nd(layer, dim), 1e-6)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_refuses_exactly_one_tap_kernels_and_one_output_per_group(dim):
+    """Each input channel's (N/g, kv) slice has rank 1 when the kernel has one tap or a group one output:
+    exactly those layers are refused, with the reason, over every shape the test above could draw."""
+    for shape in convnd_grid(dim):
+        groups, cin, cout, kernel = shape
+        one = cout // groups == 1 or math.prod(kernel) == 1
+        assert refusal("depthwise", shape) == ("depthwise: full rank is (1,), nothing to factorize" if one else None)
+        assert (M.full_rank(shape_spec(shape)) == (1,)) == one, shape
 
 
 def test_structure_of_the_pieces():

@@ -1,6 +1,7 @@
 """ConvTranspose1d/2d/3d: channel SVD and Tucker-2 are exact at full rank with every option, their cost
 formulas agree with FlopCounterMode, and every other method refuses them with a reason."""
 import json
+import math
 
 import pytest
 import torch
@@ -11,18 +12,27 @@ from torch import nn
 import convfactor
 from convfactor.methods import registry
 from convfactor.spec.convspec import ConvSpec, UnsupportedLayer
-from strategies import rel_err
+from strategies import accepted_shapes, check_exact, refusal, rel_err, shape_grid
 
 SUPPORTED = ["channel_svd", "tucker2"]
 TRANSPOSED = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
+def transposed_grid(dim: int = 2):
+    """The shapes :func:`transposed_configs` draws."""
+    return shape_grid(dim, (1, 2, 3), 4, 4, 4)
+
+
 @st.composite
-def transposed_configs(draw, dim: int = 2):
-    """ConvTranspose layers with every option; output_padding < max(stride, dilation) per axis (torch's rule)."""
-    groups = draw(st.sampled_from([1, 2, 3]))
-    cin, cout = groups * draw(st.integers(1, 4)), groups * draw(st.integers(1, 4))
-    kernel = tuple(draw(st.integers(1, 4)) for _ in range(dim))
+def transposed_configs(draw, dim: int = 2, method: str | None = None):
+    """ConvTranspose layers with every option; output_padding < max(stride, dilation) per axis (torch's rule).
+    With ``method``, only the shapes it takes."""
+    if method is None:
+        groups = draw(st.sampled_from([1, 2, 3]))
+        cin, cout = groups * draw(st.integers(1, 4)), groups * draw(st.integers(1, 4))
+        kernel = tuple(draw(st.integers(1, 4)) for _ in range(dim))
+    else:
+        groups, cin, cout, kernel = draw(st.sampled_from(accepted_shapes(method, transposed_grid(dim), True)))
     stride = tuple(draw(st.integers(1, 3)) for _ in range(dim))
     dilation = tuple(draw(st.integers(1, 2)) for _ in range(dim))
     padding = tuple(draw(st.integers(0, (d * (k - 1)) // 2 + 1)) for k, d in zip(kernel, dilation))
@@ -41,30 +51,11 @@ def _input(layer: nn.Module, size=(5, 4, 3), batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, layer.in_channels, *size[:len(layer.kernel_size)], generator=g, dtype=layer.weight.dtype)
 
 
-def _full_rank(layer: nn.Module, method: str):
-    m = registry.get(method)
-    spec = ConvSpec.from_module(layer)
-    try:
-        m.check(spec)
-    except UnsupportedLayer:            # full rank 1 on both sides: nothing to factorize
-        return None
-    return convfactor.factorize(layer, method, rank=m.full_rank(spec))
-
-
-def _check_exact(cfg: dict, method: str) -> None:
-    layer = _layer(cfg)
-    new = _full_rank(layer, method)
-    if new is None:
-        return
-    x = _input(layer)
-    with torch.no_grad():
-        assert rel_err(new(x), layer(x)) <= 1e-9
-
-
 @pytest.mark.parametrize("method", SUPPORTED)
-@given(cfg=transposed_configs(2))
-def test_full_rank_reproduces_convtranspose2d(method, cfg):
-    _check_exact(cfg, method)
+@given(data=st.data())
+def test_full_rank_reproduces_convtranspose2d(method, data):
+    layer = _layer(data.draw(transposed_configs(2, method=method)))
+    check_exact(layer, method, _input(layer), 1e-9)
 
 
 @pytest.mark.parametrize("method", SUPPORTED)
@@ -74,7 +65,23 @@ def test_full_rank_reproduces_convtranspose1d_3d(method, dim):
                  "dilation": (1,) * dim, "groups": 2},
                 {"kernel_size": (2, 3, 1)[:dim], "stride": (3, 1, 2)[:dim], "padding": (0, 1, 0)[:dim],
                  "output_padding": (2, 0, 1)[:dim], "dilation": (2, 1, 1)[:dim], "groups": 1}):
-        _check_exact(dict(in_channels=4, out_channels=6, bias=True, **cfg), method)
+        layer = _layer(dict(in_channels=4, out_channels=6, bias=True, **cfg))
+        check_exact(layer, method, _input(layer), 1e-9)
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_supported_methods_refuse_only_a_convtranspose_with_nothing_to_factorize(dim):
+    """The transposed weight is (C, N/g, *k): channel SVD's per-group matrix is (C/g) x (N/g kv), and
+    Tucker-2 has that and the (N/g) x (C/g kv) unfolding.  A layer is refused, with the reason, exactly
+    when these are vectors (all of them, for Tucker-2), over every shape the property test could draw."""
+    for shape in transposed_grid(dim):
+        groups, cin, cout, kernel = shape
+        c, n, kv = cin // groups, cout // groups, math.prod(kernel)
+        rows_one, cols_one = min(c, n * kv) == 1, min(n, c * kv) == 1
+        assert refusal("channel_svd", shape, transposed=True) == (
+            "channel_svd: full rank is (1,), nothing to factorize" if rows_one else None), shape
+        assert refusal("tucker2", shape, transposed=True) == (
+            "tucker2: full rank is (1, 1), nothing to factorize" if rows_one and cols_one else None), shape
 
 
 @pytest.mark.parametrize("method", SUPPORTED)

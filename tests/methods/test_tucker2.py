@@ -1,14 +1,17 @@
 """Tucker-2 (Kim et al. 2016): HOOI never loses to HOSVD, exactness for Conv1d/2d/3d, rank semantics."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
 from torch import nn
 
 import convfactor
-from convfactor.spec.convspec import ConvSpec, UnsupportedLayer, conv_class, conv_of
+from convfactor.spec.convspec import ConvSpec, conv_class, conv_of
 from convfactor.methods import registry
 from convfactor.methods.tucker2 import tucker2
-from strategies import convnd_configs, input_nd, make_nd, rel_err
+from strategies import (convnd_configs, convnd_grid, full_rank_replacement, input_nd, make_nd, refusal, rel_err,
+                        shape_spec)
 
 M = registry.get("tucker2")
 
@@ -70,19 +73,24 @@ def test_matrix_case_is_the_truncated_svd():
 @pytest.mark.parametrize("dim", [1, 3])
 @given(data=st.data())
 def test_full_rank_reproduces_conv1d_conv3d(dim, data):
-    cfg = data.draw(convnd_configs(dim))
-    layer = make_nd(cfg, dim)
-    spec = ConvSpec.from_module(layer)
-    try:
-        M.check(spec)
-    except UnsupportedLayer:            # full rank (1, 1): nothing to factorize
-        assert M.full_rank(spec) == (1, 1)
-        return
-    new = convfactor.factorize(layer, "tucker2", rank=M.full_rank(spec))
+    layer = make_nd(data.draw(convnd_configs(dim, method="tucker2")), dim)
+    new = full_rank_replacement(layer, "tucker2")
     assert all(isinstance(conv_of(p), conv_class(dim)) for p in new)
     x = input_nd(layer, dim)
     with torch.no_grad():
         assert rel_err(new(x), layer(x)) <= 1e-6
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_refuses_exactly_when_both_channel_modes_have_rank_one(dim):
+    """Mode C's unfolding is (C/g) x (N/g kv), mode N's (N/g) x (C/g kv): a layer is refused, with the
+    reason, exactly when both are vectors (full rank (1, 1)), over every shape the test above could draw."""
+    for shape in convnd_grid(dim):
+        groups, cin, cout, kernel = shape
+        c, n, kv = cin // groups, cout // groups, math.prod(kernel)
+        one = min(c, n * kv) == 1 and min(n, c * kv) == 1
+        assert refusal("tucker2", shape) == ("tucker2: full rank is (1, 1), nothing to factorize" if one else None)
+        assert (M.full_rank(shape_spec(shape)) == (1, 1)) == one, shape
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from convfactor.compression.api import compress
-from convfactor.report import collect, fmt, write_report
+from convfactor.measure.report_data import collect
+from convfactor.report import fmt, write_report
 
 
 class _Page(HTMLParser):
@@ -178,22 +179,29 @@ def test_report_opens_in_headless_chromium(report_dir, tmp_path):
 
 
 def test_image_panel_psnr_and_crop():
-    from convfactor.report import float_psnr as psnr, image_panel
+    """The panel crops, and each output's figure is the injected metric's over the whole image, rescaled
+    from ``data_range`` to [0, 1] first; the panel has no metric of its own."""
+    from convfactor.measure import quality
+    from convfactor.report import image_panel
     g = torch.Generator().manual_seed(0)
     gt = torch.rand(3, 20, 24, generator=g)
     noisy = (gt + 0.1 * torch.randn(3, 20, 24, generator=g)).clamp(0, 1)
-    rows = image_panel(gt, {"noisy": noisy.unsqueeze(0), "same": gt}, crop=(2, 3, 8, 10))
+    metric = lambda out, target: {"psnr": quality.psnr(out, target, y_channel=False)}  # noqa: E731
+    rows = image_panel(gt, {"noisy": noisy.unsqueeze(0), "same": gt}, crop=(2, 3, 8, 10), metrics=metric)
     assert [r["label"] for r in rows] == ["ground truth", "noisy", "same"]
     assert rows[0]["array"].shape == (3, 8, 10) and rows[0]["psnr"] is None
-    mse = ((noisy.double() - gt.double()) ** 2).mean().item()
-    assert rows[1]["psnr"] == pytest.approx(10 * np.log10(1 / mse)) and rows[2]["psnr"] == float("inf")
-    assert psnr(torch.zeros(4), torch.full((4,), 0.1)) == pytest.approx(20.0)
+    assert rows[1]["psnr"] == pytest.approx(quality.psnr(noisy, gt, y_channel=False))
+    assert rows[2]["psnr"] == float("inf")
+    scaled = image_panel(gt * 255, {"noisy": noisy * 255}, data_range=255.0, metrics=metric)
+    assert scaled[1]["psnr"] == pytest.approx(rows[1]["psnr"])
+    with pytest.raises(TypeError):
+        image_panel(gt, {"noisy": noisy})                # the caller chooses the metric
 
 
 def test_image_panel_takes_the_quality_metrics():
     """With quality's metrics, each output's figures are measure.quality's PSNR-Y/SSIM-Y (8-bit, shaved)."""
     from convfactor.measure import quality
-    from convfactor.report import float_psnr, image_panel
+    from convfactor.report import image_panel
     g = torch.Generator().manual_seed(1)
     gt = torch.rand(3, 24, 24, generator=g)
     out = (gt + 0.05 * torch.randn(3, 24, 24, generator=g)).clamp(0, 1)
@@ -201,7 +209,6 @@ def test_image_panel_takes_the_quality_metrics():
                        metrics=lambda o, t: {"psnr": quality.psnr(o, t, scale=2), "ssim": quality.ssim(o, t, scale=2)})
     assert rows[1]["psnr"] == pytest.approx(quality.psnr(out, gt, scale=2))
     assert rows[1]["ssim"] == pytest.approx(quality.ssim(out, gt, scale=2))
-    assert rows[1]["psnr"] != pytest.approx(float_psnr(out, gt))       # the two PSNRs are different figures
     assert rows[1]["array"].shape == (3, 8, 8)
 
 
