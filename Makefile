@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test,bench,thirdparty]' '$(TORCHVISION)' '$(TORCH)'
+	$(PY) -m pip install -q -e '.[test,bench,thirdparty,int8]' '$(TORCHVISION)' '$(TORCH)'
 	touch $(STAMP)
 
 # A fast allocator for timing: the CLI preloads tcmalloc (else jemalloc, with purging off) by itself when
@@ -42,7 +42,7 @@ test: setup
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 bench: setup
-	$(VENV)/bin/convfactor bench -o BENCHMARKS.md
+	$(PY) -m benchmarks -o BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) convfactor-demo .pytest_cache .hypothesis

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["torch_threads", "eval_mode", "UnknownName", "plain_data", "cpu_has"]
+__all__ = ["torch_threads", "eval_mode", "UnknownName", "plain_data", "cpu_has", "format_si"]
 
 
 class UnknownName(KeyError):
@@ -20,6 +20,20 @@ class UnknownName(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+def parse_configured(text: str, what: str = "name") -> tuple[str, dict[str, Any]]:
+    """``"name"`` or ``"name:key=value,key=value"`` -> ``(name, options)``, values read as YAML scalars
+    (``sliced_svd:slices=4``, ``openvino:precision=bf16``); a malformed item is one ValueError line."""
+    import yaml
+    name, _, rest = str(text).partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{what} {text!r}: options are key=value pairs separated by commas, got {item!r}")
+        options[key.strip()] = yaml.safe_load(value.strip())
+    return name.strip(), options
 
 
 def as_inputs(example_input: Any) -> tuple:
@@ -72,6 +86,14 @@ def plain_data(value: Any, *, nan: Any = float("nan")) -> Any:
     if isinstance(value, float) and value != value:
         return nan
     return value
+
+
+def format_si(n: float) -> str:
+    """A count for a table: ``1.23G``, ``4.56M``, ``7.89k`` (two decimals), or the integer below 1000."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
 
 
 def cpu_has(*flags: str) -> bool:

@@ -17,6 +17,24 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", help="example input shape, e.g. 1x3x256x256 (default: the model's own)")
 
 
+def backend_argument(text: str) -> str:
+    """argparse ``type`` for a timing back-end, ``name`` or ``name:key=value`` (``openvino:precision=bf16``):
+    checked against the back-end registry, so the CLI's choices are the registry's."""
+    from ..measure.backends import check_backend_name
+    try:
+        check_backend_name(text)
+    except (ValueError, KeyError) as exc:
+        raise argparse.ArgumentTypeError(str(exc.args[0] if exc.args else exc)) from None
+    return text
+
+
+def backend_help(what: str) -> str:
+    """The ``--backend`` help text, listing the registered back-ends and their precisions."""
+    from ..measure.backends import BACKENDS, backend_class
+    names = ", ".join(f"{n} ({'/'.join(backend_class(n).precisions)})" for n in BACKENDS)
+    return f"{what}: one of {names}; a precision as NAME:precision=P (e.g. openvino:precision=bf16)"
+
+
 def add_malloc_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--malloc", choices=["auto", "retain", "default"], default="auto",
                    help="CPU allocator for timing: 'auto' re-runs the command with tcmalloc (else jemalloc) preloaded "
@@ -58,11 +76,12 @@ def load_model(args) -> tuple[nn.Module, torch.Tensor]:
     source = Path(args.model)
     if source.is_dir() and (source / "recipe.json").is_file():
         import json
-        meta = json.loads((source / "recipe.json").read_text()).get("metadata", {})
-        if "model" not in meta:
+        name = io.base_model_of(source)
+        if name is None:
             raise ValueError(f"{source} does not record its base model; pass it as MODEL with --weights {source}")
-        base, shape = build_model(meta["model"])
+        base, shape = build_model(name)
         model = io.load(source, base)
+        meta = json.loads((source / "recipe.json").read_text()).get("metadata") or {}
         shape = tuple(meta.get("input_shape") or ()) or shape
     else:
         model, shape = build_model(args.model, pretrained=getattr(args, "pretrained", False))

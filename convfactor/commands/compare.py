@@ -10,7 +10,7 @@ import argparse
 
 from ..measure.allocator import malloc_description
 from ..measure.compare import compare_speed
-from .common import add_malloc_argument, apply_malloc, load_model
+from .common import add_malloc_argument, apply_malloc, backend_argument, backend_help, load_model
 
 HELP = "time an original and a compressed model side by side on each back-end (speed-up with its interval)"
 
@@ -22,8 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument("--weights", help="the original's weights (.safetensors or a plain state dict)")
     p.add_argument("--pretrained", action="store_true", help="the original with its shipped weights")
     p.add_argument("--input-size", help="example input shape, e.g. 1x3x256x256 (default: the recorded one)")
-    p.add_argument("--backend", nargs="+", default=["torch"], choices=["torch", "compile", "onnxruntime"],
-                   help="timing back-ends, side by side (default: torch)")
+    p.add_argument("--backend", nargs="+", default=["torch"], type=backend_argument,
+                   help=backend_help("timing back-ends, side by side (default: torch)"))
     p.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime threads (default 2)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds at least (default 3)")
     p.add_argument("--max-rounds", type=int, default=12,

@@ -1,8 +1,10 @@
-"""convfactor export MODEL_DIR --format onnx|torchscript -o FILE [--opset N] [--overwrite].
+"""convfactor export MODEL_DIR --format onnx|torchscript|openvino -o FILE [--opset N] [--overwrite].
 
 The library calls behind it are :func:`convfactor.export.export_model` and
 :func:`convfactor.export.check_onnx` (the file is checked in onnxruntime against PyTorch's output,
-every tensor of it).  The example input is the one recorded by ``convfactor compress`` unless
+every tensor of it).  ``--format openvino`` writes OpenVINO IR (``FILE.xml`` + ``FILE.bin``, height and
+width dynamic; :func:`convfactor.openvino_runtime.export_ir`), checked in OpenVINO against PyTorch at
+the example's size and at another one.  The example input is the one recorded by ``convfactor compress`` unless
 ``--input-size`` is given.
 """
 from __future__ import annotations
@@ -17,13 +19,14 @@ from ..files import check_output
 from ..measure.count import count_params
 from .common import load_model
 
-HELP = "export a (compressed) model to ONNX or TorchScript, checking the ONNX file in onnxruntime"
+HELP = "export a (compressed) model to ONNX, TorchScript or OpenVINO IR, checking the file in its runtime"
 
 
 def add_arguments(p) -> None:
     p.add_argument("model", help="a directory written by 'convfactor compress' (or a built-in model name)")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    p.add_argument("-o", "--output", required=True, help="file to write")
+    p.add_argument("--format", choices=["onnx", "torchscript", "openvino"], default="onnx",
+                   help="onnx (default), torchscript, or openvino (IR: FILE.xml and FILE.bin)")
+    p.add_argument("-o", "--output", required=True, help="file to write (for openvino: the .xml)")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     p.add_argument("--input-size", help="example input shape, e.g. 1x3x256x256 (default: the recorded one)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
@@ -69,11 +72,46 @@ def _check_other_batch(path, model, example) -> None:
               f"(the exporter fixed the batch axis); run it at batch {example.shape[0]}", file=sys.stderr)
 
 
+def _check_openvino(path, model, example) -> int:
+    """Run the IR in OpenVINO against PyTorch at the example's size and at one 8 pixels larger each way
+    (the IR's height and width are dynamic); 0 when both agree."""
+    from ..openvino_runtime import compile_model
+    compiled = compile_model(path)
+    worst = 0.0
+    for x in (example, torch.nn.functional.pad(example, (0, 8, 0, 8), mode="replicate")):
+        with torch.no_grad():
+            ref = model(x)
+        got = torch.from_numpy(compiled({0: x.numpy()})[compiled.output(0)].copy())
+        worst = max(worst, float((got - ref).norm() / ref.norm().clamp_min(1e-30)))
+    print(f"OpenVINO output vs PyTorch: relative error {worst:.2e} (at {tuple(example.shape[2:])} and 8 px larger)")
+    if worst > 1e-4:
+        print("convfactor export: error: the OpenVINO output does not match PyTorch's", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _export_openvino(args, model, example) -> int:
+    from ..openvino_runtime import export_ir
+    path = export_ir(model, example, args.output, overwrite=args.overwrite)
+    size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
+    print(f"wrote {path} and {path.with_suffix('.bin').name} ({size / 2**20:.2f} MiB; model has "
+          f"{count_params(model)} parameters)")
+    return 0 if args.no_check else _check_openvino(path, model.eval(), example)
+
+
 def run(args) -> int:
     check_output(args.output, overwrite=args.overwrite)             # before any work
+    if args.format == "openvino":
+        from ..openvino_runtime import openvino
+        if not str(args.output).endswith(".xml"):
+            raise ValueError(f"an OpenVINO IR file name ends in .xml (got {args.output})")
+        check_output(str(args.output)[:-4] + ".bin", overwrite=args.overwrite)
+        openvino()                                                  # installed? (one line if not)
     source = argparse.Namespace(model=args.model, weights=None, pretrained=False, trust_pickle=False,
                                 input_size=args.input_size)
     model, example = load_model(source)
+    if args.format == "openvino":
+        return _export_openvino(args, model, example)
     path = export_model(model, example, args.output, args.format, opset=args.opset, overwrite=args.overwrite,
                         log=lambda line: print(f"note: {line}"))
     size = path.stat().st_size

@@ -6,7 +6,7 @@ from pathlib import Path
 from ..files import check_output
 from ..rank import LatencyConfig, RankConfig, Target, plan
 from ..rank.planner import CRITERIA
-from .common import add_malloc_argument, add_model_arguments, apply_malloc, load_model
+from .common import add_malloc_argument, add_model_arguments, apply_malloc, backend_argument, backend_help, load_model
 
 HELP = ("choose per-layer methods and ranks for a target (MACs/params budget, energy, VBMF, or a measured "
         "speed-up) and write an editable plan file for 'compress --plan'")
@@ -35,8 +35,8 @@ def add_arguments(p) -> None:
     p.add_argument("--cache", default="auto",
                    help="a JSON file caching layer timings across runs (default: ~/.cache/convfactor/latency.json, "
                         "or $CONVFACTOR_CACHE_DIR; 'none' keeps them in memory)")
-    p.add_argument("--backend", choices=["torch", "compile", "onnxruntime"], default="torch",
-                   help="timing back-end the latency planner measures on (default: torch, eager)")
+    p.add_argument("--backend", type=backend_argument, default="torch",
+                   help=backend_help("timing back-end the latency planner measures on (default: torch, eager)"))
     p.add_argument("-o", "--output", required=True, help="plan file to write (.yaml/.yml or .json)")
     p.add_argument("--overwrite", action="store_true", help="replace the plan file if it exists")
 

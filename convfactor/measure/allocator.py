@@ -55,6 +55,9 @@ FAST_ALLOCATORS = {"tcmalloc": ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.s
                                 "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2")}
 #: jemalloc's settings for a re-exec (unless ``MALLOC_CONF`` is set): keep freed extents for reuse
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+#: oneTBB (OpenVINO's threading) loads tbbbind with RTLD_DEEPBIND unless this is set, and then hwloc
+#: frees with glibc what the preloaded allocator gave it: ``free(): invalid pointer`` (oneTBB #1636)
+TBB_SAFE_ENV = ("TBB_ENABLE_SANITIZERS", "1")
 #: set in the re-executed process, so it never re-executes twice
 _REEXEC_GUARD = "CONVFACTOR_ALLOCATOR_REEXEC"
 
@@ -146,6 +149,8 @@ def reexec_with_fast_allocator() -> None:
     env["LD_PRELOAD"] = ":".join(p for p in (found[1], env.get("LD_PRELOAD")) if p)
     if found[0] == "jemalloc":
         env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    key, value = TBB_SAFE_ENV
+    env.setdefault(key, value)          # OpenVINO's oneTBB aborts under a preload without it
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -9,7 +9,16 @@ it, and every figure records which back-end made it.
 * ``compile``: ``torch.compile`` (inductor) per memory format; the compile time is reported
   apart (``Runnable.setup_s``), never inside the timings;
 * ``onnxruntime``: the model exported by :func:`convfactor.export.export_model`, run by ONNX
-  Runtime's CPU execution provider with all graph optimizations and the thread count set.
+  Runtime's CPU execution provider with all graph optimizations and the thread count set;
+* ``openvino``: the same ONNX file compiled by OpenVINO's CPU plugin (:mod:`.openvino`).
+
+A back-end is configured like a method, ``name:key=value`` (``openvino:precision=bf16``,
+``onnxruntime:precision=int8``, ``torch:precision=bf16``): :func:`get_backend` resolves the name once
+into the object, which owns its forms (:meth:`TimingBackend.form_for`), its channel block, its
+precision and what every figure records of it (:meth:`TimingBackend.describe`).  A precision the
+back-end or the CPU cannot run is refused with one line.  A new runtime is one module with a
+:class:`TimingBackend` subclass plus one line in :data:`BACKENDS`; ``tests/measure/test_backend_contract.py``
+then covers it.
 
 CPU calls are timed one call per sample on ``time.perf_counter`` (threads set, after warm-up), or
 in ``torch.utils.benchmark.Timer`` blocks with a ``min_run_time``; CUDA calls with CUDA events after a
@@ -29,11 +38,14 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..utils import cpu_has, torch_threads
+from ..utils import cpu_has, parse_configured, torch_threads
 
 __all__ = ["Runnable", "TimingBackend", "EagerBackend", "CompileBackend", "OnnxRuntimeBackend", "TimerBackend",
            "BACKENDS", "get_backend", "to_memory_format", "sample_ms", "no_grad_call", "FORMS", "prepare_one",
-           "form_name"]
+           "form_name", "backend_names", "backend_class", "check_backend_name", "BF16_FLAGS"]
+
+#: CPU flags any of which means bf16 runs natively (AVX512-BF16, or AMX tiles)
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 #: the memory formats tried when looking for a model's fastest form
 FORMS = ("contiguous", "channels_last")
@@ -128,13 +140,70 @@ def sample_ms(call: Callable, inputs: tuple, *, repeats: int, warmup: int, threa
 
 
 class TimingBackend(ABC):
-    """Prepare a model's forms, then time them.  Subclasses set ``name`` and implement ``prepare``."""
+    """Prepare a model's forms, then time them.  Subclasses set ``name`` and implement ``prepare``;
+    a subclass with several precisions lists them in ``precisions`` and has a ``precision`` field."""
 
     name: ClassVar[str] = ""
+    #: the precisions this back-end runs (the first is the default)
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    #: True when the back-end has one layout of its own whatever memory format is asked for
+    own_layout: ClassVar[bool] = False
+    #: the ``name:key=value`` options a configured back-end takes from a string
+    string_options: ClassVar[tuple[str, ...]] = ("precision",)
 
     @abstractmethod
     def prepare(self, model: nn.Module, inputs: tuple) -> dict[str, Runnable | str]:
         """``form -> Runnable``, or ``form -> reason`` (str) for a form that cannot run here."""
+
+    @property
+    def precision_in_use(self) -> str:
+        return getattr(self, "precision", self.precisions[0])
+
+    @property
+    def key(self) -> str:
+        """How the configured back-end is named: ``openvino``, ``openvino:precision=bf16``."""
+        p = self.precision_in_use
+        return self.name + ("" if p == self.precisions[0] else f":precision={p}")
+
+    def check_precision(self) -> None:
+        """A one-line ValueError when this back-end or this CPU cannot run the precision natively."""
+        p = self.precision_in_use
+        if p not in self.precisions:
+            raise ValueError(f"the {self.name} back-end runs precision {', '.join(self.precisions)}, not {p!r}")
+        if p == "bf16" and not cpu_has(*BF16_FLAGS):
+            raise ValueError(f"{self.name}:precision=bf16 needs a CPU with AVX512-BF16 or AMX "
+                             "(neither avx512_bf16 nor amx_bf16 is in /proc/cpuinfo)")
+
+    def form_for(self, memory_format: str) -> str:
+        """The form key :meth:`prepare` gives a model in ``memory_format``."""
+        if self.own_layout:
+            return self.key
+        p = self.precision_in_use
+        return memory_format if p == self.precisions[0] else f"{memory_format}@{p}"
+
+    def layouts(self, memory_formats) -> tuple[str, ...]:
+        """The memory formats worth trying on this back-end (one for a back-end with its own layout)."""
+        return ("contiguous",) if self.own_layout else tuple(memory_formats)
+
+    def runtime_version(self) -> str:
+        return f"torch {torch.__version__}"
+
+    def deployed(self, model: nn.Module, example: torch.Tensor) -> nn.Module:
+        """``model`` as this back-end serves it, behind an ``nn.Module`` face taking images of any size
+        (one tensor in, the first output out, float32): quality is measured through the runtime itself,
+        at its precision.  Eager fp32 (and compile, numerically the same) returns ``model``."""
+        return model
+
+    def output(self, runnable: Runnable) -> torch.Tensor:
+        """One call of ``runnable``, its first output as a float32 CPU tensor (quality through the runtime)."""
+        out = runnable.call()
+        while isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.detach().float().cpu()
+
+    def describe(self) -> dict:
+        """What every figure this back-end makes records of it."""
+        return {"backend": self.key, "precision": self.precision_in_use, "runtime": self.runtime_version()}
 
     def channel_multiple(self) -> int | None:
         """Channel count the back-end's fast kernels are blocked by (factor ranks are rounded to it), or
@@ -150,13 +219,44 @@ class TimingBackend(ABC):
 
 @dataclass
 class EagerBackend(TimingBackend):
-    """Eager PyTorch in each memory format."""
+    """Eager PyTorch in each memory format; ``precision='bf16'`` runs under CPU autocast to bfloat16."""
 
     memory_formats: tuple[str, ...] = FORMS
+    precision: str = "fp32"
     name: ClassVar[str] = "torch"
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16")
+
+    def __post_init__(self):
+        self.check_precision()
+
+    def deployed(self, model, example):
+        return model if self.precision == "fp32" else AutocastBF16(model)
 
     def prepare(self, model, inputs):
-        return _eager_forms(model, inputs, self.memory_formats)
+        forms = _eager_forms(model, inputs, self.memory_formats)
+        if self.precision == "fp32":
+            return forms
+        return {self.form_for(k): (replace(v, form=self.form_for(k), call=_autocast_call(v.module, v.inputs))
+                                   if isinstance(v, Runnable) else v) for k, v in forms.items()}
+
+
+class AutocastBF16(nn.Module):
+    """``model`` run under CPU autocast to bfloat16, its output returned as float32."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(x).float()
+
+
+def _autocast_call(module: nn.Module, inputs: tuple) -> Callable[[], Any]:
+    def call():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return module(*inputs)
+    return call
 
 
 @dataclass
@@ -167,10 +267,13 @@ class CompileBackend(TimingBackend):
     options: dict = field(default_factory=dict)
     name: ClassVar[str] = "compile"
 
+    def form_for(self, memory_format: str) -> str:
+        return f"compiled/{memory_format}"
+
     def prepare(self, model, inputs):
         out: dict[str, Runnable | str] = {}
         for fmt, eager in _eager_forms(model, inputs, self.memory_formats).items():
-            key = f"compiled/{fmt}"
+            key = self.form_for(fmt)
             if isinstance(eager, str):
                 out[key] = eager
                 continue
@@ -196,7 +299,12 @@ class OnnxRuntimeBackend(TimingBackend):
 
     threads: int | None = None
     opset: int = 17
+    precision: str = "fp32"
+    #: input arrays int8 is calibrated on (default: the example input alone, which is enough for timing)
+    calibration: tuple = ()
     name: ClassVar[str] = "onnxruntime"
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "int8")
+    own_layout: ClassVar[bool] = True
 
     def __post_init__(self):
         try:
@@ -204,6 +312,28 @@ class OnnxRuntimeBackend(TimingBackend):
         except ImportError as exc:
             raise ValueError("the onnxruntime back-end needs the onnxruntime package (a dependency of "
                              "convfactor: pip install onnxruntime)") from exc
+        self.check_precision()
+
+    def runtime_version(self) -> str:
+        import onnxruntime
+        return f"onnxruntime {onnxruntime.__version__}"
+
+    def output(self, runnable: Runnable) -> torch.Tensor:
+        return torch.from_numpy(runnable.call()[0].copy()).float()
+
+    def deployed(self, model, example):
+        """The ONNX file (height and width dynamic; int8-quantized at ``precision='int8'``, calibrated on
+        ``calibration`` or the example) served by ONNX Runtime."""
+        from ..export import OnnxModule, export_model
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_model(copy.deepcopy(model).eval(), example, os.path.join(tmp, "model.onnx"),
+                                opset=self.opset, dynamic_spatial=True, log=lambda _: None)
+            if self.precision == "int8":
+                from ..quantize import quantize_int8
+                data = list(self.calibration) or [example.detach().cpu().numpy()]
+                quantize_int8(path, os.path.join(tmp, "int8.onnx"), data)
+                path = os.path.join(tmp, "int8.onnx")
+            return OnnxModule(path, self.threads)
 
     def channel_multiple(self) -> int:
         """ONNX Runtime's CPU convs run in a blocked NCHWc layout whose block is 16 channels with AVX-512
@@ -216,17 +346,22 @@ class OnnxRuntimeBackend(TimingBackend):
     def prepare(self, model, inputs):
         from ..export import export_model, ort_session
         if len(inputs) != 1:
-            return {"onnxruntime": "the onnxruntime back-end takes models with one input tensor"}
+            return {self.key: "the onnxruntime back-end takes models with one input tensor"}
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             path = export_model(copy.deepcopy(model).eval(), inputs[0], os.path.join(tmp, "model.onnx"),
                                 opset=self.opset)
+            if self.precision == "int8":
+                from ..quantize import quantize_int8
+                data = list(self.calibration) or [inputs[0].detach().cpu().numpy()]
+                quantize_int8(path, os.path.join(tmp, "int8.onnx"), data)
+                path = os.path.join(tmp, "int8.onnx")
             session = ort_session(path, self.threads)
         feeds = {session.get_inputs()[0].name: inputs[0].detach().cpu().numpy()}
         threads = session.get_session_options().intra_op_num_threads
-        return {"onnxruntime": Runnable("onnxruntime", lambda: session.run(None, feeds), session, inputs,
-                                        setup_s=time.perf_counter() - t0,
-                                        info={"intra_op_threads": threads, "opset": self.opset})}
+        return {self.key: Runnable(self.key, lambda: session.run(None, feeds), session, inputs,
+                                   setup_s=time.perf_counter() - t0,
+                                   info={"intra_op_threads": threads, "opset": self.opset, **self.describe()})}
 
 
 @dataclass
@@ -241,15 +376,25 @@ class TimerBackend(TimingBackend):
     def name(self) -> str:  # type: ignore[override]
         return self.inner.name
 
+    @property
+    def key(self) -> str:  # type: ignore[override]
+        return self.inner.key
+
+    def form_for(self, memory_format: str) -> str:
+        return self.inner.form_for(memory_format)
+
+    def layouts(self, memory_formats) -> tuple[str, ...]:
+        return self.inner.layouts(memory_formats)
+
+    def describe(self) -> dict:
+        return {**self.inner.describe(), "clock": "injected"}
+
     def prepare(self, model, inputs):
-        if isinstance(self.inner, CompileBackend):          # a fake clock needs no real compilation
-            forms = _eager_forms(model, inputs, self.inner.memory_formats)
-            return {f"compiled/{k}": (replace(v, form=f"compiled/{k}") if isinstance(v, Runnable) else v)
-                    for k, v in forms.items()}
-        if isinstance(self.inner, OnnxRuntimeBackend):
-            forms = _eager_forms(model, inputs, ("contiguous",))
-            return {"onnxruntime": replace(forms["contiguous"], form="onnxruntime")}
-        return self.inner.prepare(model, inputs)
+        """The inner back-end's form keys over eager forms: a fake clock needs no compilation or export."""
+        formats = self.inner.layouts(getattr(self.inner, "memory_formats", FORMS))
+        forms = _eager_forms(model, inputs, formats)
+        return {self.inner.form_for(k): (replace(v, form=self.inner.form_for(k)) if isinstance(v, Runnable) else v)
+                for k, v in forms.items()}
 
     def channel_multiple(self) -> int | None:
         return self.inner.channel_multiple()
@@ -260,42 +405,74 @@ class TimerBackend(TimingBackend):
 
 def form_name(backend: TimingBackend, memory_format: str) -> str:
     """The form key ``backend.prepare`` gives a model in ``memory_format``."""
-    kind = backend.inner if isinstance(backend, TimerBackend) else backend
-    if isinstance(kind, OnnxRuntimeBackend):
-        return "onnxruntime"
-    return f"compiled/{memory_format}" if isinstance(kind, CompileBackend) else memory_format
+    return backend.form_for(memory_format)
 
 
 def prepare_one(backend: TimingBackend, module: nn.Module, inputs: tuple, memory_format: str = "contiguous"
                 ) -> Runnable:
-    """``module`` prepared by ``backend`` in one memory format (onnxruntime has only its own form);
-    raises ValueError with the reason when that form cannot run.  A channels-last request on inputs that
-    have no channels-last layout (not 4-D) times the contiguous form, as converting them would."""
+    """``module`` prepared by ``backend`` in one memory format (a back-end with its own layout has only
+    its own form); raises ValueError with the reason when that form cannot run.  A channels-last request
+    on inputs that have no channels-last layout (not 4-D) times the contiguous form, as converting them
+    would."""
     if memory_format == "channels_last" and not all(t.dim() == 4 for t in inputs if isinstance(t, torch.Tensor)):
         memory_format = "contiguous"
     kind = backend.inner if isinstance(backend, TimerBackend) else backend
-    if isinstance(kind, (EagerBackend, CompileBackend)):
+    if hasattr(kind, "memory_formats"):
         kind = replace(kind, memory_formats=(memory_format,))
     target = TimerBackend(backend.timer, kind) if isinstance(backend, TimerBackend) else kind
-    form = target.prepare(module, inputs)[form_name(backend, memory_format)]
+    form = target.prepare(module, inputs)[backend.form_for(memory_format)]
     if isinstance(form, str):
-        raise ValueError(f"cannot time {type(module).__name__} with the {backend.name} back-end: {form}")
+        raise ValueError(f"cannot time {type(module).__name__} with the {backend.key} back-end: {form}")
     return form
 
 
-BACKENDS: dict[str, type[TimingBackend]] = {"torch": EagerBackend, "compile": CompileBackend,
-                                            "onnxruntime": OnnxRuntimeBackend}
+#: back-end name -> its class, or "module:Class" (relative to convfactor.measure) loaded on first use
+BACKENDS: dict[str, type[TimingBackend] | str] = {"torch": EagerBackend, "compile": CompileBackend,
+                                                  "onnxruntime": OnnxRuntimeBackend,
+                                                  "openvino": "openvino_backend:OpenVinoBackend"}
+
+
+def backend_names() -> list[str]:
+    """Every registered back-end name (the CLI's choices are built from this)."""
+    return list(BACKENDS)
+
+
+def backend_class(name: str) -> type[TimingBackend]:
+    """The class registered as ``name`` (imported on first use); an unknown name is one ValueError."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown timing back-end {name!r}; known: {', '.join(BACKENDS)}")
+    entry = BACKENDS[name]
+    if isinstance(entry, str):
+        import importlib
+        module, cls = entry.split(":")
+        entry = BACKENDS[name] = getattr(importlib.import_module(f"{__package__}.{module}"), cls)
+    return entry
+
+
+def check_backend_name(text: str) -> None:
+    """A one-line ValueError unless ``text`` names a registered back-end with options it takes and a
+    precision it runs (the CPU's support is checked when the back-end is built)."""
+    name, given = parse_configured(text, what="back-end")
+    cls = backend_class(name)
+    unknown = sorted(set(given) - set(cls.string_options))
+    if unknown:
+        raise ValueError(f"back-end {text!r}: unknown option(s) {unknown}; known: {', '.join(cls.string_options)}")
+    if "precision" in given and given["precision"] not in cls.precisions:
+        raise ValueError(f"the {name} back-end runs precision {', '.join(cls.precisions)}, not {given['precision']!r}")
 
 
 def get_backend(backend: str | TimingBackend = "torch", *, timer: Callable | None = None,
                 **options) -> TimingBackend:
-    """The back-end called ``backend`` configured by ``options`` (an instance is returned as is);
-    with ``timer``, its forms are timed by that clock instead (tests)."""
+    """The back-end ``backend`` (a name, or ``name:key=value,...`` such as ``openvino:precision=bf16``)
+    configured by ``options`` (those that are not its fields are ignored); an instance is returned as
+    is.  With ``timer``, its forms are timed by that clock instead (tests).  An unknown name, option or
+    precision is one ValueError line."""
     if isinstance(backend, TimingBackend):
         chosen = backend
-    elif backend in BACKENDS:
-        fields = getattr(BACKENDS[backend], "__dataclass_fields__", {})
-        chosen = BACKENDS[backend](**{k: v for k, v in options.items() if k in fields})
     else:
-        raise ValueError(f"unknown timing back-end {backend!r}; known: {', '.join(BACKENDS)}")
+        check_backend_name(backend)
+        name, given = parse_configured(backend, what="back-end")
+        cls = backend_class(name)
+        fields = getattr(cls, "__dataclass_fields__", {})
+        chosen = cls(**{k: v for k, v in {**options, **given}.items() if k in fields})
     return TimerBackend(timer, chosen) if timer is not None else chosen

@@ -27,8 +27,7 @@ from .backends import FORMS, CompileBackend, EagerBackend, Runnable, TimingBacke
 from .count import count
 from .latency import environment, latency_of
 
-__all__ = ["compare_speed", "SpeedComparison", "TimingConfig", "Verdict", "prepare_forms", "compare_in_fresh_process",
-           "ratio_interval"]
+__all__ = ["compare_speed", "SpeedComparison", "TimingConfig", "Verdict", "prepare_forms", "ratio_interval"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,10 @@ class TimingConfig:
 
     threads: int | None = None
     backend: str | TimingBackend = "torch"
+    #: the back-end the *original* is timed on when it differs (e.g. ``openvino`` in fp32 while the
+    #: compressed model runs ``openvino:precision=bf16``: what a lower precision buys against today's
+    #: deployment); None: both on ``backend``
+    baseline: str | TimingBackend | None = None
     memory_formats: tuple[str, ...] = FORMS
     compile: bool = False                   # also time torch.compile forms (with the torch back-end)
     repeats: int = 15                       # timed calls per form over the first ``rounds`` rounds
@@ -102,8 +105,10 @@ class SpeedComparison:
 
     @property
     def efficiency(self) -> float | None:
+        """Speed-up over MAC reduction; None when the two models ran at different precisions (a bf16
+        or int8 speed-up is not what removed MACs bought)."""
         r = self.macs_reduction
-        return self.speedup / r if r else None
+        return self.speedup / r if r and not self.env.get("baseline") else None
 
     @property
     def noisy(self) -> bool:
@@ -145,19 +150,21 @@ class SpeedComparison:
                 + (f" [noisy: {'; '.join(self.noise)}]" if self.noisy else ""))
 
 
-def _backends(cfg: TimingConfig) -> list[TimingBackend]:
-    first = get_backend(cfg.backend, threads=cfg.threads, memory_formats=tuple(cfg.memory_formats))
+def _backends(cfg: TimingConfig, backend: str | TimingBackend | None = None) -> list[TimingBackend]:
+    first = get_backend(backend or cfg.backend, threads=cfg.threads, memory_formats=tuple(cfg.memory_formats))
     extra = [CompileBackend(tuple(cfg.memory_formats))] if cfg.compile and isinstance(first, EagerBackend) else []
     return [get_backend(b, timer=cfg.timer) for b in [first, *extra]]
 
 
-def prepare_forms(models: dict[str, nn.Module], inputs: tuple, backends: list[TimingBackend]
+def prepare_forms(models: dict[str, nn.Module], inputs: tuple, backends: list[TimingBackend],
+                  baseline: list[TimingBackend] | None = None
                   ) -> tuple[dict[str, dict[str, Runnable | str]], dict[str, TimingBackend]]:
-    """``{which: {form: Runnable or reason}}`` for every model and back-end, and each form's back-end."""
+    """``{which: {form: Runnable or reason}}`` for every model and back-end, and each form's back-end;
+    with ``baseline``, the ``"original"`` model is prepared on those back-ends instead."""
     forms: dict[str, dict[str, Runnable | str]] = {which: {} for which in models}
     backend_of: dict[str, TimingBackend] = {}
-    for backend in backends:
-        for which, model in models.items():
+    for which, model in models.items():
+        for backend in (baseline if baseline and which == "original" else backends):
             prepared = backend.prepare(model, inputs)
             forms[which].update(prepared)
             backend_of.update({form: backend for form in prepared})
@@ -175,7 +182,7 @@ def _one_round(forms: dict, backend_of: dict, cfg: TimingConfig, r: int) -> dict
     """One interleaved round: per form, original then compressed (the order flips every round)."""
     order = ("original", "compressed") if r % 2 == 0 else ("compressed", "original")
     out = {}
-    for form in forms["original"]:
+    for form in dict.fromkeys([*forms["original"], *forms["compressed"]]):
         for which in order:
             entry = forms[which].get(form)
             if isinstance(entry, Runnable):
@@ -219,13 +226,17 @@ def compare_speed(original: nn.Module, compressed: nn.Module, example_input, con
     inputs = as_inputs(example_input)
     threads = cfg.threads or torch.get_num_threads()
     backends = _backends(cfg)
+    baseline = _backends(cfg, cfg.baseline) if cfg.baseline is not None else None
     with torch_threads(threads):
-        forms, backend_of = prepare_forms({"original": original, "compressed": compressed}, inputs, backends)
+        forms, backend_of = prepare_forms({"original": original, "compressed": compressed}, inputs, backends,
+                                          baseline)
     rounds = _timed_rounds(forms, backend_of, cfg)
     result = _summarize(forms, rounds)
     result.env = environment(threads, batch=int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None,
                              input_shape=list(inputs[0].shape), dtype=str(inputs[0].dtype),
-                             device=str(inputs[0].device), backend=backends[0].name, **env_extra)
+                             device=str(inputs[0].device), **backends[0].describe(),
+                             **({"baseline": baseline[0].key} if baseline and baseline[0].key != backends[0].key
+                                else {}), **env_extra)
     if cfg.count_macs:
         result.macs_original, result.macs_compressed = _macs(original, inputs), _macs(compressed, inputs)
     result.setup_s = {f"{which}/{k}": v.setup_s for which in forms for k, v in forms[which].items()
@@ -308,63 +319,3 @@ def _noise(res: SpeedComparison, rounds: list[dict], cfg: TimingConfig) -> list[
                        f"after {res.rounds} rounds")
     return reasons
 
-
-_FRESH = r"""
-import json, sys
-import torch
-import convfactor
-from convfactor import models
-from convfactor.measure.allocator import malloc_setting, set_malloc
-from convfactor.measure.compare import compare_speed
-name, directory, shape, threads, repeats, malloc, backend = json.loads(sys.argv[1])
-if malloc in ("default", "retain"):
-    set_malloc(malloc)
-original = models.get(name, pretrained=True)
-compressed = convfactor.load(directory, models.get(name))
-x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
-res = compare_speed(original, compressed, x, threads=threads, repeats=repeats, rounds=3, backend=backend)
-print("RESULT " + json.dumps(res.to_dict()))
-"""
-
-
-def compare_in_fresh_process(model_name: str, compressed: nn.Module, input_shape, *, threads: int = 2,
-                             repeats: int = 9, malloc: str = "default", timeout: float = 900.0,
-                             backend: str = "torch", env: dict[str, str] | None = None) -> dict:
-    """:func:`compare_speed` of the zoo model ``model_name`` (shipped weights) against ``compressed``,
-    run in a new Python process (so process-wide settings such as the allocator start clean).
-
-    ``malloc``: ``"default"``/``"retain"`` (set by mallopt there; a preload this process inherited is
-    not passed on), or ``"preload"`` to leave the allocator as ``env`` makes it (e.g. ``{"LD_PRELOAD":
-    ".../libtcmalloc_minimal.so.4"}``); the result's ``env["malloc"]`` records what was loaded.  ``compressed`` is saved with :func:`convfactor.save` to
-    a temporary directory and loaded there.  Returns ``SpeedComparison.to_dict()``.
-    """
-    import json
-    import subprocess
-    import sys
-    import tempfile
-
-    from ..io import save
-    child_env = _child_env(malloc, env)          # a bad malloc mode fails before anything is saved
-    with tempfile.TemporaryDirectory() as tmp:
-        save(compressed, f"{tmp}/model")
-        arg = json.dumps([model_name, f"{tmp}/model", list(input_shape), threads, repeats, malloc, backend])
-        res = subprocess.run([sys.executable, "-c", _FRESH, arg], capture_output=True, text=True, timeout=timeout,
-                             env=child_env)
-    if res.returncode != 0:
-        raise RuntimeError(f"timing in a fresh process failed:\n{res.stderr[-2000:]}")
-    line = next(v for v in reversed(res.stdout.splitlines()) if v.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
-
-
-def _child_env(malloc: str, extra: dict[str, str] | None) -> dict[str, str]:
-    """The environment of a fresh timing process: glibc modes drop an inherited ``LD_PRELOAD``/``MALLOC_CONF``
-    (a CLI re-executed under tcmalloc would otherwise pass it on and mislabel the figure)."""
-    import os
-    env = dict(os.environ)
-    if malloc in ("default", "retain"):
-        for key in ("LD_PRELOAD", "MALLOC_CONF"):
-            env.pop(key, None)
-    elif malloc != "preload":
-        raise ValueError(f"malloc must be 'default', 'retain' or 'preload', got {malloc!r}")
-    env.update(extra or {})
-    return env

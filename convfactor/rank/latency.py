@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from ..measure.allocator import malloc_setting
-from ..measure.backends import BACKENDS, TimingBackend, get_backend, prepare_one
+from ..measure.backends import TimingBackend, backend_class, check_backend_name, get_backend, prepare_one
 from ..measure.compare import SpeedComparison, compare_speed
 from ..measure.latency import environment
-from ..utils import as_inputs, torch_threads
+from ..utils import as_inputs, parse_configured, torch_threads
 from .target import SpeedupBand
 
 __all__ = ["LatencyCache", "LatencyConfig", "LayerTimer", "Option", "choose", "compare_models", "env_key",
@@ -59,6 +59,7 @@ def env_key(threads: int | None, dtype, input_shape: Sequence[int], memory_forma
     key.update(dtype=str(dtype), input_shape=list(input_shape), memory_format=memory_format)
     if backend != "torch":
         key["backend"] = backend
+        key["runtime"] = get_backend(backend).runtime_version()
     if timer is not None:
         # an injected timer: its own ``cache_tag`` (or its repr) keeps differently set-up fakes apart
         key["timer"] = str(getattr(timer, "cache_tag", None) or repr(timer))
@@ -161,8 +162,7 @@ class LatencyConfig:
             raise ValueError(f"band must be in [0, 1), got {self.band}")
         if self.margin is not None and not 0 <= self.margin < 1:
             raise ValueError(f"plan margin must be in [0, 1), got {self.margin}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown timing back-end {self.backend!r}; known: {', '.join(BACKENDS)}")
+        check_backend_name(self.backend)
         if self.format_slack is not None and self.format_slack < 0:
             raise ValueError(f"format_slack must be >= 0 or None, got {self.format_slack}")
         if self.e2e_max_rounds < self.e2e_rounds or self.max_aim_factor < 1:
@@ -194,15 +194,14 @@ class LatencyConfig:
 
     def formats_for(self, example: torch.Tensor) -> list[str]:
         """The formats to try for an input like ``example`` (only 4-D/5-D inputs have channels-last forms;
-        ONNX Runtime has its own layout)."""
-        if self.backend == "onnxruntime":
-            return ["contiguous"]
-        return list(self.formats) if example.dim() in (4, 5) else ["contiguous"]
+        a runtime with a layout of its own, ONNX Runtime or OpenVINO, has one form)."""
+        own_layout = backend_class(parse_configured(self.backend)[0]).own_layout
+        return ["contiguous"] if own_layout or example.dim() not in (4, 5) else list(self.formats)
 
     @property
     def layer_backend(self) -> str:
         """The back-end of the per-layer table (compile's per-layer compilations would cost seconds each)."""
-        return "torch" if self.backend == "compile" else self.backend
+        return "torch" if parse_configured(self.backend)[0] == "compile" else self.backend
 
     def layer_timer(self, cache: "LatencyCache") -> "LayerTimer":
         return LayerTimer(threads=self.threads, timer=self.timer, repeats=self.repeats,

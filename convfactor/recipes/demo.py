@@ -76,9 +76,10 @@ def format_summary(result: PipelineResult, rows: list[dict]) -> str:
     """The summary table the demo prints: one line per operating point, then the speed-up and the loss."""
     s = result.speed
     q = "PSNR-Y" if result.task == "sr" else "PSNR"
-    lines = [f"{'':<32} {'params':>10} {'GMACs':>8} {'ms':>9} {q + ' dB':>10} {'SSIM':>7}"]
+    w = max(32, *(len(r["label"]) for r in rows))
+    lines = [f"{'':<{w}} {'params':>10} {'GMACs':>8} {'ms':>9} {q + ' dB':>10} {'SSIM':>7}"]
     for r in rows:
-        lines.append(f"{r['label']:<32} {r['params']:>10} {(r['macs'] or 0) / 1e9:>8.2f} "
+        lines.append(f"{r['label']:<{w}} {r['params']:>10} {(r['macs'] or 0) / 1e9:>8.2f} "
                      f"{(r['latency_ms'] or float('nan')):>9.1f} {r['psnr']:>10.3f} {r['ssim']:>7.4f}")
     loss = rows[0]["psnr"] - rows[2]["psnr"]
     lines.append(f"measured speed-up {s.speedup:.2f}x (original fastest as {s.original_best}, compressed as "

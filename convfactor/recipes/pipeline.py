@@ -23,6 +23,7 @@ from .. import models
 from ..compression.api import CompressionReport, compress
 from ..compression.fold import fold_factorized
 from ..data.images import builtin_images
+from ..measure.backends import BF16_FLAGS, get_backend
 from ..measure.compare import SpeedComparison, Verdict, compare_speed
 from ..measure.count import count
 from ..measure.quality import evaluate
@@ -32,7 +33,7 @@ from ..io import save as save_model
 from ..rank import LatencyConfig, Plan, RankConfig, Target, plan
 from ..train.datasets import training_set
 from ..train.finetune import CheckpointConfig, DistillConfig, FinetuneConfig, OptimizerConfig, finetune
-from ..utils import plain_data, torch_threads
+from ..utils import cpu_has, parse_configured, plain_data, torch_threads
 
 __all__ = ["PipelineConfig", "PipelineResult", "Counts", "StageTimes", "compress_finetune_measure",
            "summary_rows", "image_layers", "plan_for_speedup", "photo_example"]
@@ -66,7 +67,7 @@ class PipelineConfig:
     speed_max_rounds: int = 12            # the final timing adds rounds (up to this) until its interval is +-5%
     timer: Callable | None = None         # ``(module, inputs) -> seconds`` replaces every clock (tests only)
     backend: str = "torch"                # the back-end the plan and the verdict are measured on
-    report_backends: tuple[str, ...] = ("torch", "onnxruntime")   # final models also timed on these, side by side
+    report_backends: tuple[str, ...] = field(default_factory=lambda: default_report_backends())  # timed side by side
     seed: int = 0
     progress: bool = True
     pretrained: bool = True
@@ -301,7 +302,56 @@ def _speed(original: nn.Module, compressed: nn.Module, example: torch.Tensor, cf
             continue
         speeds[backend].macs_original, speeds[backend].macs_compressed = c0["macs"], c1["macs"]
         log(f"  {backend}: {speeds[backend].speedup:.2f}x")
+        base = fp32_of(backend)
+        if base is not None:                # a lower precision, also against the dense fp32 model it replaces
+            key = f"{backend} vs {base}"
+            with torch.no_grad():
+                speeds[key] = compare_speed(original, compressed, example, threads=cfg.threads, backend=backend,
+                                            baseline=base, repeats=cfg.speed_repeats, rounds=3, timer=cfg.timer,
+                                            max_rounds=max(3, cfg.speed_max_rounds), count_macs=False)
+            speeds[key].macs_original, speeds[key].macs_compressed = c0["macs"], c1["macs"]
+            log(f"  {key}: {speeds[key].speedup:.2f}x")
     return speeds, Counts(c0["params"], c1["params"]), Counts(c0["macs"], c1["macs"])
+
+
+def default_report_backends() -> tuple[str, ...]:
+    """The back-ends the final models are timed on by default: eager, ONNX Runtime, OpenVINO, and
+    OpenVINO in bf16 where the CPU runs bf16 natively (AVX512-BF16 or AMX)."""
+    bf16 = ("openvino:precision=bf16",) if cpu_has(*BF16_FLAGS) else ()
+    return ("torch", "onnxruntime", "openvino", *bf16)
+
+
+def fp32_of(backend: str) -> str | None:
+    """``'openvino'`` for ``'openvino:precision=bf16'``: the same runtime in its default precision, for a
+    back-end configured at another one; None for a back-end at its default precision."""
+    name, options = parse_configured(backend, what="back-end")
+    return name if options.get("precision", "fp32") != "fp32" else None
+
+
+def runtime_stages(stages: dict[str, nn.Module], example: torch.Tensor, info: dict, cfg: PipelineConfig,
+                   log: Callable) -> dict[str, nn.Module]:
+    """The original and the fine-tuned model as each lower-precision report back-end serves them
+    (``original@openvino:precision=bf16``, ...), so their quality is measured through the runtime;
+    int8 is calibrated on training-photo crops.  A back-end that cannot run here is left out, saying why."""
+    out: dict[str, nn.Module] = {}
+    for backend in dict.fromkeys((cfg.backend, *cfg.report_backends)):
+        if fp32_of(backend) is None:
+            continue
+        try:
+            runtime = get_backend(backend, threads=cfg.threads, calibration=tuple(_calibration(info, cfg, example)))
+            for stage in ("original", "compressed"):
+                out[f"{stage}@{backend}"] = runtime.deployed(stages[stage], example)
+        except (ValueError, RuntimeError) as exc:
+            log(f"  {backend}: quality not measured ({str(exc).splitlines()[0][:160]})")
+    return out
+
+
+def _calibration(info: dict, cfg: PipelineConfig, example: torch.Tensor) -> list:
+    """Eight training-photo crops shaped like ``example`` (model inputs), for int8 calibration."""
+    side = int(example.shape[-1])
+    data = training_set(info["task"], scale=info.get("scale"), sigma=cfg.sigma, patch_size=side, length=8,
+                        seed=cfg.seed + 11, grey=info["input_shape"][0] == 1, max_side=cfg.train_side)
+    return [data[i][0][None].numpy() for i in range(8)]
 
 
 # ---------------------------------------------------------------------------------------------- multi-stage
@@ -413,6 +463,7 @@ def compress_finetune_measure(cfg: PipelineConfig, log: Callable = print) -> Pip
         log("[4/5] measuring quality on the held-out built-in photos"
             + (f" (centre crops of {cfg.eval_side} px)" if cfg.eval_side else " (full images)"))
         stages = dict(zip(QUALITY_STAGES, (original, before_ft, compressed)))
+        stages.update(runtime_stages(stages, example, info, cfg, log))
         quality, times.quality = _timed(_quality, stages, info, cfg)
         log(f"[5/5] timing original vs compressed end to end ({cfg.threads} threads, both memory formats; "
             f"back-ends: {', '.join(dict.fromkeys((cfg.backend, *cfg.report_backends)))})")
@@ -437,8 +488,15 @@ def summary_rows(result: PipelineResult) -> list[dict]:
     def row(label: str, stage: str, model: str) -> dict:
         return {"label": label, "params": getattr(result.params, model), "macs": getattr(result.macs, model),
                 "latency_ms": ms[model], "psnr": q[stage]["psnr"], "ssim": q[stage]["ssim"]}
-    return [row("original", "original", "original"),
+    rows = [row("original", "original", "original"),
             row("compressed, before fine-tuning", "compressed_before_finetune", "compressed"),
-            row("compressed + fine-tuned", "compressed", "compressed"),
-            {"label": "bicubic" if b == "bicubic" else "noisy input", "params": 0, "macs": None, "latency_ms": None,
-             "psnr": q["original"][f"{b}_psnr"], "ssim": q["original"][f"{b}_ssim"]}]
+            row("compressed + fine-tuned", "compressed", "compressed")]
+    for stage in (k for k in q if "@" in k):                 # quality through a lower-precision runtime
+        model, backend = stage.split("@", 1)
+        timed = result.speeds.get(backend)
+        ms_there = timed.original[timed.original_best] if timed and model == "original" else \
+            timed.compressed[timed.compressed_best] if timed else None
+        rows.append({**row(f"{'original' if model == 'original' else 'compressed + fine-tuned'} on {backend}",
+                           stage, model), "latency_ms": ms_there["median_ms"] if isinstance(ms_there, dict) else None})
+    return rows + [{"label": "bicubic" if b == "bicubic" else "noisy input", "params": 0, "macs": None,
+                    "latency_ms": None, "psnr": q["original"][f"{b}_psnr"], "ssim": q["original"][f"{b}_ssim"]}]

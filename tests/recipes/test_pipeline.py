@@ -10,7 +10,8 @@ from convfactor.utils import torch_threads
 
 def test_the_pipeline_returns_a_typed_result_measured_by_the_one_evaluation_path():
     cfg = PipelineConfig(input_size=24, steps=2, batch_size=2, patch_size=16, eval_side=48, eval_limit=2,
-                         planner="fixed", threads=1, speed_repeats=3, train_side=64, progress=False)
+                         planner="fixed", threads=1, speed_repeats=3, train_side=64, progress=False,
+                         report_backends=("torch", "onnxruntime", "openvino"))
     res = compress_finetune_measure(cfg, log=lambda *a: None)
     assert isinstance(res, PipelineResult) and res.task == "sr" and res.scale == 2
     assert [h["step"] for h in res.finetune_history] == [1, 2] and res.timings_s.finetune > 0
