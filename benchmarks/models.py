@@ -173,7 +173,7 @@ def measure(quick: bool = False) -> Results:
 
 # ---------------------------------------------------------------------------------------------- Markdown
 def _cells(r: ModelRow) -> list:
-    orig, pre, post, base = r.summary
+    orig, pre, post, base = r.summary[:3] + r.summary[-1:]      # runtime-precision rows sit between
     s = r.speed
     return [r.name, r.input, r.plan_kind.split(" (")[0], f"**{s.speedup:.2f}x** ({s.original_best} -> {s.compressed_best})",
             f"{r.macs_ratio:.3f}", f"{r.params_ratio:.3f}", f"{orig['psnr']:.3f} / {orig['ssim']:.4f}",

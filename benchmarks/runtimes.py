@@ -1,6 +1,7 @@
-"""The same compressed models timed on every runtime back-end, side by side (issue 13).
+"""The same compressed models timed on every runtime back-end, side by side (issues 13 and 21).
 
-For each back-end asked for (default: eager PyTorch, ONNX Runtime, torch.compile) EDSR-baseline x2
+For each back-end asked for (default: eager PyTorch, ONNX Runtime, torch.compile, OpenVINO, and
+OpenVINO bf16 where the CPU runs bf16 natively) EDSR-baseline x2
 is planned for a measured 3x at 256x256 LR, batch 1, 2 threads, on that back-end (a band that lands
 within 10% above the request); fine-tuned as in the ``models`` section; then original and
 compressed are timed on every back-end, each against that back-end's own fastest dense form, with a
@@ -22,19 +23,24 @@ import torch
 
 from convfactor import models
 from convfactor.measure.allocator import FAST_ALLOCATORS, JEMALLOC_CONF
+from convfactor.measure.backends import BF16_FLAGS
 from convfactor.measure.compare import SpeedComparison
 from convfactor.measure.latency import environment
 from convfactor.rank import LatencyCache, LatencyConfig, Target, plan
 from convfactor.recipes.pipeline import PipelineConfig, compress_finetune_measure, image_layers
+from convfactor.utils import cpu_has
 
 from .fresh_timing import compare_in_fresh_process
 from .markdown import heading, table
 from .pipeline_settings import bench_config
 from .section import Section
 
-TITLE = "Runtimes: the same compressed model on eager PyTorch, ONNX Runtime and torch.compile"
+TITLE = "Runtimes: the same compressed model on eager PyTorch, ONNX Runtime, torch.compile and OpenVINO"
 REQUEST = 3.0
-BACKENDS = ("torch", "onnxruntime", "compile")
+BACKENDS = ("torch", "onnxruntime", "compile", "openvino") + (
+    ("openvino:precision=bf16",) if cpu_has(*BF16_FLAGS) else ())
+#: the fresh-process allocator table's back-ends (OpenVINO: it needs no allocator, and no longer aborts under one)
+ALLOCATOR_BACKENDS = ("torch", "onnxruntime", "openvino")
 #: (model, LR side, fine-tuning steps, batch, patch); the plan margin 0.06 accepts 3.09-3.27x (within 10%)
 FULL = dict(model="edsr_baseline_x2", side=256, steps=900, batch=16, patch=32, margin=0.06)
 QUICK = dict(model="edsr_baseline_x2", side=24, steps=2, batch=2, patch=16, margin=0.06)
@@ -63,6 +69,7 @@ class Row:
 class Results:
     quick: bool
     rows: list[Row]
+    merge_only: dict                      # the dense model merged (exact), timed against itself per back-end
     planning_s: dict[str, float]          # "cold" / "warm" seconds of the eager latency plan, and layers timed
     allocators: list[dict]                # one per (model, back-end, allocator): label, speed-up, interval, ms
     env: dict
@@ -143,7 +150,7 @@ def measure_allocators(edsr, quick: bool) -> list[dict]:
     for name, compressed, shape in cases:
         if compressed is None:
             continue
-        for backend in ("torch", "onnxruntime"):
+        for backend in ALLOCATOR_BACKENDS:
             for label, malloc, env in settings:
                 entry = dict(model=name, backend=backend, allocator=label)
                 child = _allocator_env(env)
@@ -162,14 +169,63 @@ def measure_allocators(edsr, quick: bool) -> list[dict]:
 def measure(quick: bool = False, backends: tuple[str, ...] = BACKENDS) -> Results:
     spec = QUICK if quick else FULL
     backends = tuple(b for b in backends if not (quick and b == "compile")) or ("torch",)
+    planned_on = tuple(dict.fromkeys((backends[0], backends[-1]))) if quick else backends   # quick: two rows
     rows, compressed = [], {}
-    for backend in backends:
+    for backend in planned_on:
         row, model = measure_row(spec, backend, backends, quick)
         rows.append(row)
         compressed[backend] = model
+    merge_only = measure_merge_only(spec, backends, quick)
     planning = measure_planning(spec, quick)
     allocators = measure_allocators(compressed.get("torch"), quick)
-    return Results(quick, rows, planning, allocators, environment(2), torch.cuda.is_available())
+    return Results(quick, rows, merge_only, planning, allocators, environment(2), torch.cuda.is_available())
+
+
+def measure_merge_only(spec: dict, backends: tuple[str, ...], quick: bool) -> dict:
+    """The dense model against itself after :func:`convfactor.merge` alone (exact: the upsampler's
+    conv -> PixelShuffle -> HR tail conv becomes LR convs + PixelShuffle), per back-end, interleaved;
+    with its MACs and the largest output difference (float32) on the example."""
+    from convfactor import count, merge
+    from convfactor.measure.compare import compare_speed
+    model = models.get(spec["model"], pretrained=True).eval()
+    x = torch.rand(1, 3, spec["side"], spec["side"], generator=torch.Generator().manual_seed(0))
+    merged, report = merge(model, x)
+    with torch.no_grad():
+        diff = float((merged(x) - model(x)).abs().max())
+    out = {"macs": (count(model, x)["macs"], count(merged, x)["macs"]), "max_abs_diff": diff,
+           "merged": [" + ".join(g.paths) for g in report.merged], "speeds": {},
+           "skipped": [f"{' + '.join(k.paths)}: {k.reason}" for k in report.skipped]}
+    for backend in (backends if report.merged else ()):          # nothing merged: nothing to time
+        try:
+            out["speeds"][backend] = compare_speed(model, merged, x, threads=1 if quick else 2, backend=backend,
+                                                   repeats=3 if quick else 15, rounds=3,
+                                                   max_rounds=3 if quick else 8, count_macs=False)
+        except Exception as exc:  # noqa: BLE001 - one runtime failing must not lose the others
+            out["speeds"][backend] = f"failed: {str(exc).splitlines()[0][:160]}"
+    return out
+
+
+def _merge_lines(m: dict) -> list[str]:
+    before, after = m["macs"]
+    lines = ["", "### The merge alone (the dense model, exact: 0.000 dB)", "",
+             f"`convfactor.merge` on the dense model: {'; '.join(m['merged']) or 'nothing merged'}. MACs "
+             f"{before / 1e9:.2f} G -> {after / 1e9:.2f} G (/ {before / after:.3f}); largest output difference "
+             f"{m['max_abs_diff']:.1e} (float32 round-off). Each line: dense vs merged dense on one back-end, "
+             "interleaved, 95% interval."]
+    if not m["merged"]:
+        return lines + ["", "Nothing to time: no exact merge lowers the dense model's MACs. Pairs left as they are: "
+                        + "; ".join(m["skipped"][:4]) + "."]
+    lines.append("")
+    rows = []
+    for backend, s in m["speeds"].items():
+        if isinstance(s, str):
+            rows.append([backend, s, "", "", ""])
+            continue
+        lo, hi = s.interval
+        rows.append([backend, f"{s.original[s.original_best]['median_ms']:.1f}",
+                     f"{s.compressed[s.compressed_best]['median_ms']:.1f}",
+                     f"**{s.speedup:.2f}x** ({lo:.2f}-{hi:.2f})", "; ".join(s.noise) or "no"])
+    return lines + table(["back-end", "dense ms", "merged ms", "speed-up (95%)", "noisy"], rows)
 
 
 def _cells(row: Row, backend: str) -> list:
@@ -178,9 +234,10 @@ def _cells(row: Row, backend: str) -> list:
         return [row.planned_on, backend, "not timed", "", "", "", "", ""]
     lo, hi = s.interval
     landing = s.speedup / REQUEST
+    efficiency = "n/a (precision)" if s.env.get("baseline") else f"{s.speedup / row.macs_reduction:.2f}"
     return [row.planned_on, backend, f"{s.original[s.original_best]['median_ms']:.1f}",
             f"{s.compressed[s.compressed_best]['median_ms']:.1f}", f"**{s.speedup:.2f}x** ({lo:.2f}-{hi:.2f})",
-            f"{s.speedup / row.macs_reduction:.2f}", f"{landing:.2f}", "; ".join(s.noise) or "no"]
+            efficiency, f"{landing:.2f}", "; ".join(s.noise) or "no"]
 
 
 def _allocator_lines(entries: list[dict]) -> list[str]:
@@ -201,12 +258,23 @@ def _allocator_lines(entries: list[dict]) -> list[str]:
                           "speed-up (95%)", "noisy"], rows)
 
 
+def _runtime_versions() -> str:
+    """The runtimes' versions, as installed (each figure also records its own in its environment)."""
+    import onnxruntime
+    from convfactor.openvino_runtime import version
+    return f"onnxruntime {onnxruntime.__version__}, openvino {version()}"
+
+
 def render(r: Results) -> str:
     lines = heading(TITLE)
     lines += [f"EDSR-baseline x2, LR input {QUICK['side'] if r.quick else FULL['side']}², batch 1, "
-              f"{r.env.get('threads')} threads, fp32, {r.env.get('cpu')}, malloc={r.env.get('malloc')}, "
-              f"torch {r.env.get('torch')}. Each speed-up is against that back-end's own fastest dense form; "
-              "efficiency = speed-up / MAC reduction; landing = measured / requested (3x).", ""]
+              f"{r.env.get('threads')} threads, fp32 unless a back-end names its precision, {r.env.get('cpu')}, "
+              f"malloc={r.env.get('malloc')}, torch {r.env.get('torch')}, {_runtime_versions()}. Each speed-up is "
+              "against that back-end's own fastest dense form at the same precision; a row `B vs A` times the "
+              "compressed model on B against the dense model on A (a lower precision against the dense fp32 model "
+              "it replaces). A plan on a lower precision first credits the dense model at that precision against "
+              "dense fp32, and asks low rank only for the rest of the request. Efficiency = speed-up / MAC "
+              "reduction (withheld across precisions); landing = measured / requested (3x).", ""]
     lines += table(["planned on", "timed on", "original ms", "compressed ms", "speed-up (95% interval)",
                     "efficiency", "landing", "noisy"],
                    [_cells(row, b) for row in r.rows for b in row.speeds])
@@ -230,6 +298,7 @@ def render(r: Results) -> str:
         lines.append("- No GPU was available to this run, so there is no CUDA row.")
     if r.quick:
         lines.append("- Quick mode: tiny input, MACs-budget plan, 2 fine-tuning steps; the numbers mean nothing.")
+    lines += _merge_lines(r.merge_only)
     lines += _allocator_lines(r.allocators)
     return "\n".join(lines) + "\n"
 

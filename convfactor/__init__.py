@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "factorize": "convfactor.compression.api",
     "compress": "convfactor.compression.api",
+    "merge": "convfactor.compression.merge",
     "CompressionReport": "convfactor.compression.api",
     "ConvSpec": "convfactor.spec.convspec",
     "UnsupportedLayer": "convfactor.spec.convspec",

@@ -2,7 +2,8 @@
 
 A compressed model is stored as a *directory*::
 
-    OUT/recipe.json        per factorized layer: method, ranks, conv spec, options
+    OUT/recipe.json        per factorized layer: method, ranks, conv spec, options; the exact merges
+                           of :func:`convfactor.merge` ("merged": the modules each put where)
     OUT/model.safetensors  every tensor of the state dict (shared tensors stored once)
 
 and rebuilt from the original architecture: :func:`load` deep-copies ``base_model``, swaps in empty
@@ -32,6 +33,7 @@ from . import models
 from .files import check_output, read_safetensors, temporary_sibling_dir
 from .spec.convspec import ConvSpec
 from .compression.batchnorm import folded_of, restore_folds
+from .compression.merge import merge_records, replay_merges
 from .compression.surgery import set_submodule
 from .methods import registry
 from .methods.base import Factorized
@@ -104,7 +106,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = N
     """
     path = check_model_output(path, overwrite=overwrite)
     recipe = {"format": FORMAT, "version": VERSION, "layers": recipe_of(model), "metadata": metadata or {},
-              "shared": _shared_names(model), "folded_bn": folded_of(model)}
+              "shared": _shared_names(model), "folded_bn": folded_of(model), "merged": merge_records(model)}
     tmp = temporary_sibling_dir(path)
     try:
         save_file(_unique_state(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
@@ -137,15 +139,16 @@ def load(path: str | os.PathLike, base_model: nn.Module) -> nn.Module:
         raise ValueError(f"{path}/recipe.json is not a convfactor recipe")
     model = copy.deepcopy(base_model)
     restore_folds(model, recipe.get("folded_bn", {}))          # BatchNorms folded away by compress
-    for name, entry in sorted(recipe["layers"].items(), key=lambda kv: kv[0].count(".")):
-        try:
-            original = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"recipe names layer {name!r}, which the base model does not have") from None
-        spec = ConvSpec.from_dict(entry["spec"])
-        if not isinstance(original, Factorized) and ConvSpec.from_module(original) != spec:
-            raise ValueError(f"layer {name!r} of the base model does not match the recipe's spec")
-        set_submodule(model, name, _empty_layer(entry, spec, original))
+    merged = recipe.get("merged", [])                          # absent in recipes written before merging
+    moved = {p for entry in merged for p in [*entry.get("demoted", {}), *entry["slots"]]}
+    layers = sorted(recipe["layers"].items(), key=lambda kv: kv[0].count("."))
+    after = [(n, e) for n, e in layers if any(n == p or n.startswith(p + ".") for p in moved)]
+    for name, entry in layers:                # layers factorized after a merge wait until it is replayed
+        if (name, entry) not in after:
+            set_submodule(model, name, _rebuilt_layer(model, name, entry))
+    replay_merges(model, merged, lambda name, entry: _rebuilt_layer(model, name, entry))
+    for name, entry in after:
+        set_submodule(model, name, _rebuilt_layer(model, name, entry))
     _tie(model, recipe.get("shared", []))
     state = read_safetensors(path / "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -154,6 +157,19 @@ def load(path: str | os.PathLike, base_model: nn.Module) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"state does not match the rebuilt model: missing={missing[:5]} unexpected={unexpected[:5]}")
     return model
+
+
+def _rebuilt_layer(model: nn.Module, name: str, entry: dict) -> Factorized:
+    """The empty replacement of layer ``name`` of ``model`` that a recipe entry describes, checked
+    against the layer there."""
+    try:
+        original = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"recipe names layer {name!r}, which the base model does not have") from None
+    spec = ConvSpec.from_dict(entry["spec"])
+    if not isinstance(original, Factorized) and ConvSpec.from_module(original) != spec:
+        raise ValueError(f"layer {name!r} of the base model does not match the recipe's spec")
+    return _empty_layer(entry, spec, original)
 
 
 def _empty_layer(entry: dict, spec: ConvSpec, original: nn.Module) -> Factorized:

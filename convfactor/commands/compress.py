@@ -27,6 +27,9 @@ def add_arguments(p) -> None:
     p.add_argument("--rules", help="a JSON/YAML file with a list of NNI-style rules (overrides --method etc.)")
     p.add_argument("--plan", help="a plan file written by 'convfactor plan'")
     p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--no-merge", action="store_true",
+                   help="keep each factorized layer as its method built it: no exact merging of adjacent linear "
+                        "layers afterwards (by default a merge is made where it lowers the MACs)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into an existing OUT: replace the files convfactor writes there, keep the others")
 
@@ -71,9 +74,9 @@ def run(args) -> int:
     if plan is not None:
         if plan.summary.message:
             print(f"WARNING: the plan {args.plan} says: {plan.summary.message}")
-        compressed, report = plan.apply(model, example)
+        compressed, report = _apply_plan(plan, model, example, merge=not args.no_merge)
     else:
-        compressed, report = compress(model, rules, example, progress=True)
+        compressed, report = compress(model, rules, example, progress=True, merge=not args.no_merge)
     meta = {"model": args.model if ":" in args.model or not Path(args.model).exists() else None,
             "input_shape": list(example.shape)}
     io.save(compressed, args.output, metadata={k: v for k, v in meta.items() if v is not None},
@@ -85,3 +88,13 @@ def run(args) -> int:
     print(report.table())                     # ends with "warning: nothing was compressed ..." when so
     print(f"wrote {args.output}")
     return 0
+
+
+def _apply_plan(plan: Plan, model, example, *, merge: bool):
+    """``plan.apply`` (which merges, as :func:`compress` does by default); without ``merge``, the plan's
+    model check and then ``compress(..., merge=False)`` on its rules."""
+    from ..compression.api import compress
+    if merge or not plan.compressed:
+        return plan.apply(model, example)
+    plan.check_model(model)
+    return compress(model, plan.rules(), example, progress=True, merge=False)

@@ -1,2 +1,2 @@
-"""Layer 3, compression: rules, module surgery, :func:`factorize` / :func:`compress`, inspect and
-calibration capture."""
+"""Layer 3, compression: rules, module surgery, :func:`factorize` / :func:`compress`, inspect,
+calibration capture and exact merging of adjacent linear layers (:mod:`.merge`)."""

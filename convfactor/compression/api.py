@@ -23,6 +23,7 @@ from ..spec.convspec import ConvSpec, SamePad, UnsupportedLayer
 from ..utils import as_inputs, eval_mode, format_si
 from .batchnorm import accepted_layers, check_fold_mode, fold_batchnorm
 from .calibration import clone_tree, collect_inputs
+from .merge import MergeReport, MergeSettings, merge as merge_chains
 from .safety import seeded, unsafe_layers
 from .surgery import Rule, configure, is_explicit, layer_problems, own_problem, parse_rules, select, set_submodule
 from .timing import WARN_SECONDS, estimate_seconds
@@ -123,6 +124,7 @@ class CompressionReport:
     layers: list[LayerReport] = field(default_factory=list)
     input_shape: tuple[int, ...] | None = None
     notes: list[str] = field(default_factory=list)
+    merge: MergeReport | None = None    # the exact merges done after factorizing (compress(merge=True))
 
     @property
     def compressed(self) -> list[LayerReport]:
@@ -148,7 +150,8 @@ class CompressionReport:
     def to_dict(self) -> dict[str, Any]:
         return {"input_shape": list(self.input_shape) if self.input_shape else None,
                 "layers": [asdict(layer) for layer in self.layers], "totals": self.totals(),
-                "notes": list(self.notes), "warning": self.warning}
+                "notes": list(self.notes), "warning": self.warning,
+                "merge": self.merge.to_dict() if self.merge is not None else None}
 
     def table(self) -> str:
         """A plain-text per-layer table (MACs are multiply-accumulates at ``input_shape``)."""
@@ -169,6 +172,12 @@ class CompressionReport:
                      f"{format_si(t['macs_before'])}->{format_si(t['macs_after'])} "
                      f"({t['macs_after'] / max(1, t['macs_before']):.3f})")
         lines += [f"note: {note}" for note in self.notes] + ([f"warning: {self.warning}"] if self.warning else [])
+        if self.merge is not None and self.merge.merged:
+            lines += ["merging linear chains (exact):", self.merge.table()]
+        elif self.merge is not None and self.merge.skipped:
+            first = self.merge.skipped[0]
+            lines.append(f"merge: nothing merged ({len(self.merge.skipped)} adjacent pairs left as they are, e.g. "
+                         f"{' + '.join(first.paths)}: {first.reason})")
         return "\n".join(lines)
 
 
@@ -221,7 +230,8 @@ class _LayerPlan:
 
 
 def compress(model: nn.Module, rules, example_input=None, *, calibration=None,
-             progress: bool | None = None, fold_bn: bool | str = True) -> tuple[nn.Module, CompressionReport]:
+             progress: bool | None = None, fold_bn: bool | str = True,
+             merge: bool = True) -> tuple[nn.Module, CompressionReport]:
     """Factorize the layers selected by ``rules`` in a deep copy of ``model``.
 
     ``rules`` (NNI style, see :mod:`convfactor.compression.surgery`) pick layers and give each a method
@@ -229,7 +239,8 @@ def compress(model: nn.Module, rules, example_input=None, *, calibration=None,
     :func:`~convfactor.compression.surgery.rules_of`) works too.  ``example_input`` (a tensor or a
     tuple of them; never modified) sets the spatial sizes for MACs and ``macs_ratio`` targets, gives
     each layer's relative output error and lets the parent check of :mod:`.safety` run.  Layers no
-    rule selects, and layers skipped with a reason, stay bit-identical.  ``model`` is never modified.
+    rule selects, and layers skipped with a reason, stay bit-identical (unless ``merge`` merges one with a
+    factorized neighbour).  ``model`` is never modified.
 
     Raises a ValueError for bad rules, when no layer is selected, and for an explicit request that
     cannot be met; when layers were selected but all skipped, ``report.warning`` says so.
@@ -242,6 +253,10 @@ def compress(model: nn.Module, rules, example_input=None, *, calibration=None,
     (``True`` = ``"keep"``: the BN stays after the factorized layer, identity-initialised, so it can be
     trained again; ``"remove"``: it becomes an identity; ``False``: no folding), see
     :mod:`convfactor.compression.batchnorm`; ``report.notes`` says what was folded and why a BN was not.
+    ``merge``: then merge adjacent linear layers exactly where that lowers the MACs
+    (:func:`convfactor.compression.merge.merge`), only in groups that include a factorized layer (so
+    layers no rule selects stay as they were unless merged with one); ``report.merge`` says what was
+    merged and why a pair was not.  ``merge=False`` keeps every factorized layer as its method built it.
     """
     check_fold_mode(fold_bn)
     parsed = parse_rules(rules)
@@ -263,6 +278,9 @@ def compress(model: nn.Module, rules, example_input=None, *, calibration=None,
     _factorize_layers(work, plans, io, calibration_inputs, report, progress)
     order = {name: i for i, (name, _) in enumerate(work.named_modules())}
     report.layers.sort(key=lambda L: order.get(L.name, math.inf))
+    if merge and report.compressed:
+        settings = MergeSettings(within=tuple(layer.name for layer in report.compressed))
+        work, report.merge = merge_chains(work, example_input, inplace=True, settings=settings)
     return work, report
 
 

@@ -46,3 +46,18 @@ def test_a_lower_precision_is_timed_twice_and_scored_through_its_runtime(backend
     assert 5 < res.quality[stage]["psnr"] < 60
     labels = [r["label"] for r in summary_rows(res)]
     assert f"original on {backend}" in labels and f"compressed + fine-tuned on {backend}" in labels
+
+
+@pytest.mark.skipif(not cpu_has(*BF16_FLAGS), reason="this CPU does not run bf16 natively")
+def test_dense_at_a_lower_precision_is_the_first_candidate():
+    """bf16 alone meets an easy request: nothing is factorized (0 dB from low rank), and the verdict is
+    judged against the dense fp32 model on the same runtime."""
+    cfg = PipelineConfig(input_size=32, steps=0, eval_side=48, eval_limit=1, planner="latency", speedup=1.2,
+                         threads=1, speed_repeats=3, train_side=64, progress=False, backend="openvino:precision=bf16",
+                         report_backends=("torch",))
+    lines = []
+    res = compress_finetune_measure(cfg, log=lines.append)
+    assert res.plan_kind.startswith("dense at openvino:precision=bf16") and res.params.compressed == res.params.original
+    assert any(line.startswith("  dense at openvino:precision=bf16 vs openvino:") for line in lines)
+    assert res.speed.env["baseline"] == "openvino" and res.speed is res.speeds["openvino:precision=bf16 vs openvino"]
+    assert res.speed.confident_speedup >= 1.2
