@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=None,
                    help=f"run one of the seeds' headline experiments (see '{PROG} --list')")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every timing (default: 2)")
-    p.add_argument("--backend", dest="backends", action="append", choices=["torch", "compile", "onnxruntime"],
+    p.add_argument("--backend", dest="backends", action="append", type=_backend,
                    help="timing back-end (repeatable) for the sections that take one (e.g. runtimes: plan and "
                         "time on each); without --sections, runs those sections only")
     p.add_argument("--list", action="store_true", help="list the sections and experiments, then exit")
@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "preloaded when one is installed, else 'retain'; 'retain' reuses freed activations "
                         "(mallopt); 'default' leaves glibc as it is. Recorded with every figure (default: auto)")
     return p
+
+
+def _backend(text: str) -> str:
+    """A registered timing back-end, ``name`` or ``name:precision=P``, checked against the registry (which
+    imports torch: only when ``--backend`` is given)."""
+    from convfactor.commands.common import backend_argument
+    return backend_argument(text)
 
 
 def main(argv: list[str] | None = None) -> int:

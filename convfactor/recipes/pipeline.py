@@ -485,9 +485,13 @@ def compress_finetune_measure(cfg: PipelineConfig, log: Callable = print) -> Pip
             (plan_or_rules, how), times.plan = _timed(plan_for_speedup, original, plan_example, cfg, log)
             compressed, report, plan_dict = _compress(original, plan_or_rules, example, cfg, log)
             before_ft = copy.deepcopy(compressed)
-            log(f"[3/5] fine-tuning {cfg.steps} steps with distillation from the original "
-                f"(batch {cfg.batch_size}, patch {cfg.patch_size}, Adam lr {cfg.lr:g}, cosine)")
-            history, times.finetune = _timed(_finetune, compressed, original, info, cfg)
+            if plan_or_rules == []:
+                log("[3/5] no fine-tuning: nothing was factorized (the dense model at this precision is the plan)")
+                history = []
+            else:
+                log(f"[3/5] fine-tuning {cfg.steps} steps with distillation from the original "
+                    f"(batch {cfg.batch_size}, patch {cfg.patch_size}, Adam lr {cfg.lr:g}, cosine)")
+                history, times.finetune = _timed(_finetune, compressed, original, info, cfg)
         log("[4/5] measuring quality on the held-out built-in photos"
             + (f" (centre crops of {cfg.eval_side} px)" if cfg.eval_side else " (full images)"))
         stages = dict(zip(QUALITY_STAGES, (original, before_ft, compressed)))

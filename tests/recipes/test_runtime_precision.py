@@ -52,7 +52,7 @@ def test_a_lower_precision_is_timed_twice_and_scored_through_its_runtime(backend
 def test_dense_at_a_lower_precision_is_the_first_candidate():
     """bf16 alone meets an easy request: nothing is factorized (0 dB from low rank), and the verdict is
     judged against the dense fp32 model on the same runtime."""
-    cfg = PipelineConfig(input_size=32, steps=0, eval_side=48, eval_limit=1, planner="latency", speedup=1.2,
+    cfg = PipelineConfig(input_size=32, steps=5, batch_size=2, patch_size=16, eval_side=48, eval_limit=1, planner="latency", speedup=1.2,
                          threads=1, speed_repeats=3, train_side=64, progress=False, backend="openvino:precision=bf16",
                          report_backends=("torch",))
     lines = []
@@ -61,3 +61,6 @@ def test_dense_at_a_lower_precision_is_the_first_candidate():
     assert any(line.startswith("  dense at openvino:precision=bf16 vs openvino:") for line in lines)
     assert res.speed.env["baseline"] == "openvino" and res.speed is res.speeds["openvino:precision=bf16 vs openvino"]
     assert res.speed.confident_speedup >= 1.2
+    assert res.finetune_history == [] and any("no fine-tuning: nothing was factorized" in line for line in lines)
+    assert all(torch.equal(a, b) for a, b in zip(res.compressed.state_dict().values(),
+                                                  res.original.state_dict().values()))     # the dense weights
