@@ -63,6 +63,8 @@ class Row:
     verdict: str = ""
     speeds: dict[str, SpeedComparison] = dataclasses.field(default_factory=dict)
     failed: str | None = None
+    #: PSNR-Y lost through each lower-precision runtime: dense fp32 (PyTorch) - compressed served by it
+    runtime_loss_db: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -96,8 +98,11 @@ def measure_row(spec: dict, backend: str, timed_on: tuple[str, ...], quick: bool
     except Exception:  # noqa: BLE001 - one back-end failing must not lose the others' rows
         return Row(backend, failed=traceback.format_exc(limit=3).strip().splitlines()[-1]), None
     loss = res.quality["original"]["psnr"] - res.quality["compressed"]["psnr"]
+    through = {stage.split("@", 1)[1]: res.quality["original"]["psnr"] - q["psnr"]
+               for stage, q in res.quality.items() if stage.startswith("compressed@")}
     return Row(backend, res.plan_message, res.timings_s.plan, res.timings_s.finetune,
-               res.macs.original / res.macs.compressed, loss, res.verdict.line, res.speeds), res.compressed
+               res.macs.original / res.macs.compressed, loss, res.verdict.line, res.speeds,
+               runtime_loss_db=through), res.compressed
 
 
 def measure_planning(spec: dict, quick: bool) -> dict[str, float]:
@@ -283,8 +288,10 @@ def render(r: Results) -> str:
         if row.failed:
             lines.append(f"- Planned on {row.planned_on}: **FAILED**: {row.failed}")
             continue
+        through = "".join(f"; through {b}: {v:.3f} dB" for b, v in row.runtime_loss_db.items())
         lines.append(f"- Planned on {row.planned_on}: MACs / {row.macs_reduction:.2f}, PSNR-Y loss "
-                     f"{row.psnr_loss_db:.3f} dB after {row.finetune_s / 60:.1f} min of fine-tuning, planning "
+                     f"{row.psnr_loss_db:.3f} dB in PyTorch fp32{through} (each against the dense fp32 model in "
+                     f"PyTorch) after {row.finetune_s / 60:.1f} min of fine-tuning, planning "
                      f"{row.plan_s:.0f} s. Verdict: {row.verdict}."
                      + (f" Planner: {row.plan_message}." if row.plan_message else ""))
     p = r.planning_s
