@@ -42,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _backend(text: str) -> str:
     """A registered timing back-end, ``name`` or ``name:precision=P``, checked against the registry (which
     imports torch: only when ``--backend`` is given)."""
-    from convfactor.commands.common import backend_argument
-    return backend_argument(text)
+    from convfactor.measure.backends import check_backend_name
+    try:
+        check_backend_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
