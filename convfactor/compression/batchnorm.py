@@ -57,7 +57,7 @@ from ..spec.convspec import ConvSpec, is_conv
 from ..utils import as_inputs, eval_mode
 from .calibration import clone_tree
 from .safety import seeded
-from .surgery import candidate_layers, set_submodule
+from .surgery import Placeholder, candidate_layers, set_submodule
 
 __all__ = ["FoldRecord", "FoldResult", "FoldedBatchNorm", "fold_batchnorm", "folded_copy", "accepted_layers",
            "find_pairs", "check_fold_mode", "folded_of", "restore_folds", "bn_affine", "scale_outputs", "FOLD_MODES"]
@@ -112,15 +112,10 @@ class FoldResult:
         return out
 
 
-class FoldedBatchNorm(nn.Identity):
+class FoldedBatchNorm(Placeholder):
     """Where a BatchNorm was: it has been folded into ``into`` (a layer name), so it passes its input on."""
 
-    def __init__(self, into: str = ""):
-        super().__init__()
-        self.into = into
-
-    def extra_repr(self) -> str:
-        return f"folded into {self.into!r}"
+    shown = "folded into {!r}"
 
 
 def check_fold_mode(mode) -> None:

@@ -66,7 +66,7 @@ from ..spec.convspec import is_conv, is_dynamic_same, is_transposed
 from ..utils import as_inputs, eval_mode, format_si
 from .calibration import clone_tree
 from .safety import seeded
-from .surgery import own_problem, set_submodule
+from .surgery import Placeholder, own_problem, set_submodule
 
 __all__ = ["merge", "MergeSettings", "MergeReport", "MergedGroup", "SkippedPair", "BiasFieldConv2d", "MergedAway",
            "merge_records", "replay_merges", "module_from_description", "describe_module", "MERGE_LOG"]
@@ -114,15 +114,8 @@ class BiasFieldConv2d(nn.Module):
         return f"field={tuple(self.field.shape)}"
 
 
-class MergedAway(nn.Identity):
+class MergedAway(Placeholder):
     """The slot of a layer merged into the layer at ``into`` (an identity)."""
-
-    def __init__(self, into: str = ""):
-        super().__init__()
-        self.into = into
-
-    def extra_repr(self) -> str:
-        return f"into={self.into!r}"
 
 
 # ---------------------------------------------------------------------------- geometry and math

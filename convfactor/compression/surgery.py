@@ -44,7 +44,7 @@ from ..methods.base import Factorized, LayerTarget, Method
 from ..methods.data_aware import DataAwareSettings
 from ..spec.convspec import is_conv, is_dynamic_same
 
-__all__ = ["Rule", "Selector", "LayerTarget", "parse_rules", "parse_rule", "configure", "candidate_layers", "select",
+__all__ = ["Placeholder", "Rule", "Selector", "LayerTarget", "parse_rules", "parse_rule", "configure", "candidate_layers", "select",
            "get_submodule", "set_submodule", "TARGET_KEYS", "RULE_KEYS", "rules_of", "layer_problems",
            "conv_and_linear_layers", "is_explicit", "own_problem"]
 
@@ -54,6 +54,20 @@ SELECTOR_KEYS = ("op_types", "op_names", "exclude_op_names")
 #: the keys every rule may have; the others are its method's options (and data-aware settings)
 RULE_KEYS = SELECTOR_KEYS + ("exclude", "method") + TARGET_KEYS + ("data_aware",)
 
+
+
+class Placeholder(nn.Identity):
+    """An identity standing where a layer was, naming the layer ``into`` that absorbed it (a folded
+    BatchNorm, a merged conv); ``shown`` is how ``extra_repr`` words it."""
+
+    shown = "into={!r}"
+
+    def __init__(self, into: str = ""):
+        super().__init__()
+        self.into = into
+
+    def extra_repr(self) -> str:
+        return self.shown.format(self.into)
 
 @dataclass(frozen=True)
 class Selector:
