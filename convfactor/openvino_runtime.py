@@ -40,14 +40,12 @@ import torch
 from torch import nn
 
 from .files import check_output, temporary_sibling_dir
-from .utils import cpu_has
+from .utils import BF16_FLAGS, bf16_problem
 
 __all__ = ["openvino", "precision_problem", "compile_model", "read_onnx", "quantize_nncf", "export_ir",
            "OpenVinoModule", "version", "PRECISIONS", "BF16_FLAGS", "TBB_SAFE_ENV"]
 
 PRECISIONS = ("fp32", "bf16", "int8")
-#: CPU flags any of which means bf16 runs natively (AVX512-BF16, or AMX tiles)
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 #: oneTBB loads tbbbind without RTLD_DEEPBIND with this set (see the module docstring)
 TBB_SAFE_ENV = ("TBB_ENABLE_SANITIZERS", "1")
 
@@ -75,9 +73,7 @@ def precision_problem(precision: str) -> str | None:
     """Why ``precision`` cannot run natively on this CPU, or None when it can."""
     if precision not in PRECISIONS:
         return f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}"
-    if precision == "bf16" and not cpu_has(*BF16_FLAGS):
-        return "bf16 needs a CPU with AVX512-BF16 or AMX (neither avx512_bf16 nor amx_bf16 is in /proc/cpuinfo)"
-    return None
+    return bf16_problem() if precision == "bf16" else None
 
 
 def read_onnx(path: str | os.PathLike):

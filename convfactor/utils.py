@@ -96,6 +96,17 @@ def format_si(n: float) -> str:
     return str(int(n))
 
 
+#: CPU flags any of which means bf16 runs natively (AVX512-BF16, or AMX tiles)
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def bf16_problem() -> str | None:
+    """Why this CPU cannot run bf16 natively, or None when it can (one reason for every runtime)."""
+    if cpu_has(*BF16_FLAGS):
+        return None
+    return "bf16 needs a CPU with AVX512-BF16 or AMX (neither avx512_bf16 nor amx_bf16 is in /proc/cpuinfo)"
+
+
 def cpu_has(*flags: str) -> bool:
     """Whether /proc/cpuinfo lists any of ``flags`` (e.g. ``"avx512f"``); False where it cannot be read."""
     try:

@@ -38,14 +38,12 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..utils import cpu_has, parse_configured, torch_threads
+from ..utils import BF16_FLAGS, bf16_problem, cpu_has, parse_configured, torch_threads
 
 __all__ = ["Runnable", "TimingBackend", "EagerBackend", "CompileBackend", "OnnxRuntimeBackend", "TimerBackend",
            "BACKENDS", "get_backend", "to_memory_format", "sample_ms", "no_grad_call", "FORMS", "prepare_one",
-           "form_name", "backend_names", "backend_class", "check_backend_name", "BF16_FLAGS"]
+           "form_name", "backend_class", "check_backend_name", "BF16_FLAGS"]
 
-#: CPU flags any of which means bf16 runs natively (AVX512-BF16, or AMX tiles)
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 #: the memory formats tried when looking for a model's fastest form
 FORMS = ("contiguous", "channels_last")
@@ -170,9 +168,9 @@ class TimingBackend(ABC):
         p = self.precision_in_use
         if p not in self.precisions:
             raise ValueError(f"the {self.name} back-end runs precision {', '.join(self.precisions)}, not {p!r}")
-        if p == "bf16" and not cpu_has(*BF16_FLAGS):
-            raise ValueError(f"{self.name}:precision=bf16 needs a CPU with AVX512-BF16 or AMX "
-                             "(neither avx512_bf16 nor amx_bf16 is in /proc/cpuinfo)")
+        problem = bf16_problem() if p == "bf16" else None
+        if problem:
+            raise ValueError(f"{self.name}:precision={problem}")
 
     def form_for(self, memory_format: str) -> str:
         """The form key :meth:`prepare` gives a model in ``memory_format``."""
@@ -430,11 +428,6 @@ def prepare_one(backend: TimingBackend, module: nn.Module, inputs: tuple, memory
 BACKENDS: dict[str, type[TimingBackend] | str] = {"torch": EagerBackend, "compile": CompileBackend,
                                                   "onnxruntime": OnnxRuntimeBackend,
                                                   "openvino": "openvino_backend:OpenVinoBackend"}
-
-
-def backend_names() -> list[str]:
-    """Every registered back-end name (the CLI's choices are built from this)."""
-    return list(BACKENDS)
 
 
 def backend_class(name: str) -> type[TimingBackend]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from convfactor import utils
 from convfactor.measure import backends as B
 from convfactor.measure.backends import BACKENDS, Runnable, backend_class, get_backend, prepare_one
 
@@ -92,7 +93,7 @@ def test_an_unknown_precision_or_option_is_one_line(name):
 
 @pytest.mark.parametrize("name", [n for n in BACKENDS if "bf16" in backend_class(n).precisions])
 def test_bf16_is_refused_on_a_cpu_without_it(name, monkeypatch):
-    monkeypatch.setattr(B, "cpu_has", lambda *flags: False)
+    monkeypatch.setattr(utils, "cpu_has", lambda *flags: False)
     with pytest.raises(ValueError, match="needs a CPU with AVX512-BF16 or AMX"):
         get_backend(f"{name}:precision=bf16")
 

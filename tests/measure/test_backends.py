@@ -122,8 +122,8 @@ def test_compile_keeps_compiling_many_models_of_one_class():
 def test_a_baseline_times_the_original_on_another_precision(monkeypatch):
     """bf16 reported against dense fp32 on the same runtime: the original runs only fp32 forms, the
     compressed only bf16 ones, interleaved; efficiency is withheld (MACs did not buy that speed)."""
-    from convfactor.measure import backends as B
-    monkeypatch.setattr(B, "cpu_has", lambda *flags: True)
+    from convfactor import utils
+    monkeypatch.setattr(utils, "cpu_has", lambda *flags: True)
     big, small = _models()
     res = compare_speed(big, small, torch.randn(1, 4, 8, 8), timer=_clock(3.0, 1.0), repeats=6, rounds=3,
                         backend="torch:precision=bf16", baseline="torch", memory_formats=("contiguous",))
