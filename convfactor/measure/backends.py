@@ -322,16 +322,22 @@ class OnnxRuntimeBackend(TimingBackend):
     def deployed(self, model, example):
         """The ONNX file (height and width dynamic; int8-quantized at ``precision='int8'``, calibrated on
         ``calibration`` or the example) served by ONNX Runtime."""
-        from ..export import OnnxModule, export_model
+        from ..export import OnnxModule
         with tempfile.TemporaryDirectory() as tmp:
-            path = export_model(copy.deepcopy(model).eval(), example, os.path.join(tmp, "model.onnx"),
-                                opset=self.opset, dynamic_spatial=True, log=lambda _: None)
-            if self.precision == "int8":
-                from ..quantize import quantize_int8
-                data = list(self.calibration) or [example.detach().cpu().numpy()]
-                quantize_int8(path, os.path.join(tmp, "int8.onnx"), data)
-                path = os.path.join(tmp, "int8.onnx")
-            return OnnxModule(path, self.threads)
+            return OnnxModule(self._onnx_file(model, example, tmp, dynamic_spatial=True), self.threads)
+
+    def _onnx_file(self, model: nn.Module, example: torch.Tensor, folder: str, dynamic_spatial: bool = False) -> str:
+        """``model`` exported into ``folder`` at this back-end's opset, int8-quantized at
+        ``precision='int8'`` (calibrated on ``calibration``, default the example alone); the file's path."""
+        from ..export import export_model
+        path = str(export_model(copy.deepcopy(model).eval(), example, os.path.join(folder, "model.onnx"),
+                                opset=self.opset, dynamic_spatial=dynamic_spatial, log=lambda _: None))
+        if self.precision == "int8":
+            from ..quantize import quantize_int8
+            data = list(self.calibration) or [example.detach().cpu().numpy()]
+            quantize_int8(path, os.path.join(folder, "int8.onnx"), data)
+            path = os.path.join(folder, "int8.onnx")
+        return path
 
     def channel_multiple(self) -> int:
         """ONNX Runtime's CPU convs run in a blocked NCHWc layout whose block is 16 channels with AVX-512
@@ -342,19 +348,12 @@ class OnnxRuntimeBackend(TimingBackend):
         return 16 if cpu_has("avx512f") else 8
 
     def prepare(self, model, inputs):
-        from ..export import export_model, ort_session
+        from ..export import ort_session
         if len(inputs) != 1:
             return {self.key: "the onnxruntime back-end takes models with one input tensor"}
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            path = export_model(copy.deepcopy(model).eval(), inputs[0], os.path.join(tmp, "model.onnx"),
-                                opset=self.opset)
-            if self.precision == "int8":
-                from ..quantize import quantize_int8
-                data = list(self.calibration) or [inputs[0].detach().cpu().numpy()]
-                quantize_int8(path, os.path.join(tmp, "int8.onnx"), data)
-                path = os.path.join(tmp, "int8.onnx")
-            session = ort_session(path, self.threads)
+            session = ort_session(self._onnx_file(model, inputs[0], tmp), self.threads)
         feeds = {session.get_inputs()[0].name: inputs[0].detach().cpu().numpy()}
         threads = session.get_session_options().intra_op_num_threads
         return {self.key: Runnable(self.key, lambda: session.run(None, feeds), session, inputs,
