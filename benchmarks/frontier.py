@@ -1,7 +1,8 @@
-"""The speed / quality frontier: measured speed-up against PSNR loss, per approach (issue 15, part 5).
+"""The speed / quality frontier: measured speed-up against PSNR loss, per approach and runtime (issues 15
+and 21).
 
-For EDSR-baseline x2 (LR 256², batch 1, 2 threads) and DnCNN (256², grey, sigma 25), each approach
-is run at each requested speed-up through the whole pipeline (plan, factorize, fine-tune with
+For EDSR-baseline x2 (LR 256², batch 1, 2 threads) and DnCNN (256², grey, sigma 25), each point (an
+approach on a back-end at a requested speed-up, :data:`FULL`) runs through the whole pipeline (plan, factorize, fine-tune with
 distillation, PSNR on the held-out photos, end-to-end timing against the original's fastest form
 in the same process):
 
@@ -10,8 +11,9 @@ in the same process):
   proxy): the single-stage baseline every refinement is compared with;
 * ``data-aware``: the same planner minimizing each layer's output error on training-photo patches;
 * ``multi-stage``: two rounds of plan / fine-tune / fold back (MUSCO), the weight proxy;
-* ``+ int8``: the latency planner's models quantized to static int8, timed on ONNX Runtime against
-  the dense float32 file on ONNX Runtime (the x of that line is an ORT speed-up).
+* ``+ bf16`` / ``+ int8``: the latency planner's OpenVINO model served by OpenVINO in bf16 (where the CPU
+  runs it natively) and in NNCF int8 (calibrated on training-photo crops), timed against OpenVINO's dense
+  fp32 model and scored through OpenVINO.
 
 Every point of a model has the same fine-tuning budget.  Each model gets its Pareto figure
 (``figures/frontier.png`` for EDSR, ``figures/frontier_dncnn.png``); the EDSR one adds published SR
@@ -22,28 +24,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import tempfile
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
-
-import torch
 
 from convfactor import models
-from convfactor.data.images import builtin_images
-from convfactor.export import OnnxModule
 from convfactor.measure.latency import environment
-from convfactor.measure.quality import evaluate_sr
 from convfactor.recipes.pipeline import PipelineConfig, compress_finetune_measure
 from convfactor.report.figures import frontier as frontier_figure
 from convfactor.report.published import SR_REFERENCES
+from convfactor.utils import BF16_FLAGS, cpu_has
 
-from .int8 import interleaved_ms, onnx_files, speed_row
+from .int8 import runtime_versions
 from .markdown import heading, table
 from .pipeline_settings import bench_config
 from .section import Section
 
-TITLE = "Frontier: measured speed-up against quality loss, per approach"
+TITLE = "Frontier: measured speed-up against quality loss, per approach and runtime"
 #: approach -> the pipeline settings that make it (on top of the model's spec)
 APPROACHES = {
     "uniform": dict(planner="fixed"),
@@ -52,22 +48,31 @@ APPROACHES = {
     "multi-stage": dict(planner="latency", stages=2),
 }
 BASELINE = "latency planner"
-INT8 = "latency planner + int8 (ORT)"
-#: EDSR: every approach at 3x, all but the uniform plan at 5x (its 3x point already shows how far a
-#: uniform MACs cut lands); DnCNN: the baseline and the data-aware planner.  450 / 800 fine-tuning steps
-#: per point (about 7 and 6 minutes on 2 cores, under the issue's 15 per point) keep the section near
-#: an hour.  DnCNN needs more than 200 steps: at 200 it kept 0.9-1.6 dB of its 7.8 dB loss.
-FULL = [dict(model="edsr_baseline_x2", side=256, steps=450, batch=16, patch=32, requests=(3.0, 5.0),
-             approaches=tuple(APPROACHES), skip={5.0: ("uniform",)}),
-        dict(model="dncnn", side=256, steps=800, batch=16, patch=40, requests=(3.0,),
-             approaches=(BASELINE, "data-aware"))]
-QUICK = [dict(model="edsr_baseline_x2", side=24, steps=2, batch=2, patch=16, requests=(3.0,),
-              approaches=tuple(APPROACHES))]
-INT8_FULL = dict(calib_side=96, calib_images=8, rounds=5, per_round=3)
-INT8_QUICK = dict(calib_side=24, calib_images=2, rounds=2, per_round=1)
-#: (model, request, loss bound dB): the issue's targets; the int8 one is a speed-up alone
-TARGETS = (("edsr_baseline_x2", 5.0, 0.15), ("edsr_baseline_x2", 3.0, 0.05), ("dncnn", 3.0, 0.10))
-INT8_TARGET = 6.0
+#: the lower precisions stacked on a baseline point planned on that runtime (bf16 only where the CPU runs
+#: it natively): timed against the runtime's dense fp32 model, scored through the runtime itself
+STACKED = {"openvino": ("bf16", "int8")}
+#: per model: (approach, back-end planned and timed on, requested speed-up) points.  EDSR: the uniform
+#: MACs cut and the planner on eager (the last round's story), then the planner and the data-aware
+#: planner on OpenVINO, the fastest runtime here, with bf16 and int8 stacked; DnCNN on OpenVINO.
+#: 600 fine-tuning steps per point (about 5 min on 2 cores, under the issue's 15) keep the section near
+#: an hour.
+FULL = [dict(model="edsr_baseline_x2", side=256, steps=600, batch=16, patch=32,
+             points=(("uniform", "torch", 3.0), (BASELINE, "torch", 3.0), (BASELINE, "openvino", 3.0),
+                     ("data-aware", "openvino", 3.0), (BASELINE, "openvino", 5.0))),
+        dict(model="dncnn", side=256, steps=600, batch=16, patch=40,
+             points=((BASELINE, "openvino", 3.0), ("data-aware", "openvino", 3.0)))]
+QUICK = [dict(model="edsr_baseline_x2", side=24, steps=2, batch=2, patch=16,
+              points=(*((a, "torch", 3.0) for a in APPROACHES), (BASELINE, "openvino", 3.0)))]
+#: (model, request, loss bound dB, back-end): the issues' targets (15: eager; 21: OpenVINO fp32)
+TARGETS = (("edsr_baseline_x2", 3.0, 0.05, "torch"), ("edsr_baseline_x2", 3.0, 0.15, "openvino"),
+           ("edsr_baseline_x2", 5.0, 0.15, "openvino"), ("dncnn", 3.0, 0.10, "openvino"))
+#: a lower precision stacked on low rank: speed-up against the runtime's dense fp32, loss bound dB (issue 21)
+STACKED_TARGET = (6.0, 0.20)
+
+
+def stacked_label(precision: str) -> str:
+    """The approach name of a lower precision stacked on the baseline: ``'latency planner + bf16'``."""
+    return f"{BASELINE} + {precision}"
 
 
 @dataclass
@@ -97,10 +102,20 @@ class Results:
     weights: dict                          # model -> held-out quality of the shipped weights (original)
 
 
-def _config(spec: dict, approach: str, request: float, quick: bool) -> PipelineConfig:
+def stacked_backends(backend: str, model: str) -> tuple[str, ...]:
+    """The lower-precision back-ends stacked on an EDSR baseline point planned on ``backend`` (those the
+    CPU can run: bf16 needs AVX512-BF16 or AMX)."""
+    if not model.startswith("edsr"):
+        return ()
+    precisions = [p for p in STACKED.get(backend, ()) if p != "bf16" or cpu_has(*BF16_FLAGS)]
+    return tuple(f"{backend}:precision={p}" for p in precisions)
+
+
+def _config(spec: dict, approach: str, backend: str, request: float, quick: bool) -> PipelineConfig:
+    stacked = stacked_backends(backend, spec["model"]) if approach == BASELINE else ()
     return bench_config(quick, model=spec["model"], speedup=request, input_size=spec["side"], steps=spec["steps"],
-                        batch_size=spec["batch"], patch_size=spec["patch"], backend="torch", report_backends=(),
-                        plan_margin=0.06, speed_max_rounds=8, **APPROACHES[approach])
+                        batch_size=spec["batch"], patch_size=spec["patch"], backend=backend,
+                        report_backends=stacked, plan_margin=0.06, speed_max_rounds=8, **APPROACHES[approach])
 
 
 def _log(tag: str, quiet: bool):
@@ -109,40 +124,45 @@ def _log(tag: str, quiet: bool):
     return lambda line: print(f"  [frontier/{tag}] {line}", file=sys.stderr, flush=True)
 
 
-def measure_point(spec: dict, approach: str, request: float, quick: bool) -> tuple[Point, object]:
-    """One approach at one request through the whole pipeline; the point and the pipeline's result."""
-    tag = f"{spec['model']}/{approach}/{request:g}x"
-    point = Point(spec["model"], approach, request)
+def measure_point(spec: dict, approach: str, backend: str, request: float, quick: bool
+                  ) -> tuple[list[Point], object]:
+    """One approach at one request through the whole pipeline on ``backend``: its point, then one point per
+    stacked lower precision (:func:`stacked_points`); and the pipeline's result."""
+    tag = f"{spec['model']}/{approach}/{backend}/{request:g}x"
+    point = Point(spec["model"], approach, request, backend=backend)
     try:
-        res = compress_finetune_measure(_config(spec, approach, request, quick), log=_log(tag, quick))
+        res = compress_finetune_measure(_config(spec, approach, backend, request, quick), log=_log(tag, quick))
     except Exception:  # noqa: BLE001 - one failed point must not lose the others
         point.failed = traceback.format_exc(limit=3).strip().splitlines()[-1]
-        return point, None
+        return [point], None
     q = res.quality
     point.speedup, point.interval, point.noise = res.speed.speedup, res.speed.interval, list(res.speed.noise)
     point.loss_db = q["original"]["psnr"] - q["compressed"]["psnr"]
     point.loss_before_db = q["original"]["psnr"] - q["compressed_before_finetune"]["psnr"]
     point.macs_reduction = res.macs.original / res.macs.compressed
     point.finetune_s, point.plan_s, point.planner = res.timings_s.finetune, res.timings_s.plan, res.plan_message
-    return point, res
+    return [point, *stacked_points(res, point)], res
 
 
-def measure_int8(res, request: float, quick: bool) -> Point:
-    """The fine-tuned model of ``res`` as static int8 on ONNX Runtime, against the dense float32 file
-    there (interleaved rounds), scored through ONNX Runtime on the held-out photos."""
-    spec = INT8_QUICK if quick else INT8_FULL
-    point = Point(res.config.model, INT8, request, backend="onnxruntime")
-    images = builtin_images("test", max_side=res.config.eval_side, limit=res.config.eval_limit)
-    with tempfile.TemporaryDirectory() as tmp:
-        files, _ = onnx_files({"dense": res.original, "low-rank": res.compressed}, res.example, Path(tmp), spec)
-        sessions = {n: OnnxModule(files[n], threads=2) for n in ("dense fp32", "low-rank int8")}
-        times = interleaved_ms(sessions, res.example, spec["rounds"], spec["per_round"])
-        row = speed_row(times, "low-rank int8", "dense fp32")
-        psnr = {n: evaluate_sr(s, images, 2, baseline=False)["psnr"] for n, s in sessions.items()}
-    point.speedup, point.interval = row["speedup"], row["interval"]
-    point.loss_db = psnr["dense fp32"] - psnr["low-rank int8"]
-    point.macs_reduction = res.macs.original / res.macs.compressed
-    return point
+def stacked_points(res, base: Point) -> list[Point]:
+    """Per lower-precision report back-end of ``res``: the fine-tuned model on that precision timed against
+    the dense fp32 model on the same runtime (the pipeline's ``B vs A`` row), its loss scored through the
+    runtime against the original's fp32 quality.  A precision that could not be timed or scored is a
+    failed point, saying which."""
+    points = []
+    for backend in res.config.report_backends:
+        precision = backend.split("precision=", 1)[1]
+        key, stage = f"{backend} vs {base.backend}", f"compressed@{backend}"
+        point = Point(base.model, stacked_label(precision), base.request, backend=key,
+                      macs_reduction=base.macs_reduction, finetune_s=base.finetune_s)
+        speed, quality = res.speeds.get(key), res.quality.get(stage)
+        if speed is None or quality is None:
+            point.failed = f"{backend}: {'not timed' if speed is None else 'not scored'} here"
+        else:
+            point.speedup, point.interval, point.noise = speed.speedup, speed.interval, list(speed.noise)
+            point.loss_db = res.quality["original"]["psnr"] - quality["psnr"]
+        points.append(point)
+    return points
 
 
 def _weights(name: str) -> dict:
@@ -159,22 +179,10 @@ def _weights(name: str) -> dict:
 def measure(quick: bool = False) -> Results:
     points = []
     for spec in QUICK if quick else FULL:
-        for request in spec["requests"]:
-            for approach in (a for a in spec["approaches"] if a not in spec.get("skip", {}).get(request, ())):
-                point, res = measure_point(spec, approach, request, quick)
-                points.append(point)
-                if approach == BASELINE and res is not None and spec["model"].startswith("edsr"):
-                    points.append(_guarded_int8(res, request, quick))
+        for approach, backend, request in spec["points"]:
+            points += measure_point(spec, approach, backend, request, quick)[0]
     weights = {spec["model"]: _weights(spec["model"]) for spec in (QUICK if quick else FULL)}
-    return Results(quick, points, environment(2), weights)
-
-
-def _guarded_int8(res, request: float, quick: bool) -> Point:
-    try:
-        return measure_int8(res, request, quick)
-    except Exception:  # noqa: BLE001 - an ORT failure must not lose the float points
-        return Point(res.config.model, INT8, request, backend="onnxruntime",
-                     failed=traceback.format_exc(limit=3).strip().splitlines()[-1])
+    return Results(quick, points, environment(2, **runtime_versions()), weights)
 
 
 # ---------------------------------------------------------------------------------------------- render
@@ -189,13 +197,17 @@ def _cells(p: Point) -> list:
 
 
 def target_lines(points: list[Point]) -> list[str]:
-    """Each target: met or MISSED by the best point (interval's lower edge >= the speed-up, loss within
-    the bound), and the single-stage weight-proxy point at the same request beside it."""
+    """Each target: met or MISSED by the best point on its back-end (interval's lower edge >= the speed-up,
+    loss within the bound), and the single-stage weight-proxy point at the same request beside it; a
+    target with no point measured says so.  Then the stacked-precision target."""
     ok = [p for p in points if not p.failed]
     lines = []
-    for model, speed, bound in TARGETS:
-        mine = [p for p in ok if p.model == model and p.backend == "torch"]
+    for model, speed, bound, backend in TARGETS:
+        mine = [p for p in ok if p.model == model and p.backend == backend]
+        where = "eager" if backend == "torch" else f"{backend} fp32"
         if not mine:
+            if any(p.model == model for p in points):
+                lines.append(f"- {model}: >= {speed:g}x at <= {bound:g} dB ({where}): not measured (no point).")
             continue
         hits = [p for p in mine if p.interval and p.interval[0] >= speed and p.loss_db <= bound]
         base = [p for p in mine if p.approach == BASELINE and p.request == speed]
@@ -203,13 +215,23 @@ def target_lines(points: list[Point]) -> list[str]:
         verdict = (f"met by {best.approach} ({best.speedup:.2f}x, {best.loss_db:.3f} dB)" if best else "**MISSED**")
         ref = (f"; single-stage weight proxy at {speed:g}x: {base[0].speedup:.2f}x, {base[0].loss_db:.3f} dB"
                if base else "")
-        lines.append(f"- {model}: >= {speed:g}x at <= {bound:g} dB (eager): {verdict}{ref}.")
-    int8 = [p for p in ok if p.approach == INT8]
-    if int8:
-        best = max(int8, key=lambda p: p.speedup)
-        met = best.interval and best.interval[0] >= INT8_TARGET
-        lines.append(f"- ONNX Runtime with int8 stacked >= {INT8_TARGET:g}x against dense fp32: "
-                     f"{'met' if met else '**MISSED**'} (best {best.speedup:.2f}x at {best.loss_db:.3f} dB lost).")
+        lines.append(f"- {model}: >= {speed:g}x at <= {bound:g} dB ({where}): {verdict}{ref}.")
+    return lines + stacked_target_lines(ok)
+
+
+def stacked_target_lines(ok: list[Point]) -> list[str]:
+    """The stacked-precision target (:data:`STACKED_TARGET`), judged per runtime on its best point."""
+    speed, bound = STACKED_TARGET
+    lines = []
+    for runtime in STACKED:
+        mine = [p for p in ok if p.backend.startswith(f"{runtime}:precision=") and " vs " in p.backend]
+        if not mine:
+            continue
+        hits = [p for p in mine if p.interval and p.interval[0] >= speed and p.loss_db <= bound]
+        best = max(hits or mine, key=lambda p: p.speedup)
+        lines.append(f"- {runtime} with a lower precision stacked >= {speed:g}x against its dense fp32 at <= "
+                     f"{bound:g} dB: {'met by ' + best.approach if hits else '**MISSED**'} ({best.request:g}x plan: "
+                     f"{best.speedup:.2f}x, {best.loss_db:.3f} dB lost).")
     return lines
 
 
@@ -221,15 +243,21 @@ def _loss_change(saved_db: float) -> str:
 
 
 def gain_lines(points: list[Point]) -> list[str]:
-    """What each refinement bought against the single-stage weight-proxy point at the same request."""
-    ok = {(p.model, p.approach, p.request): p for p in points if not p.failed}
+    """What each refinement bought against the single-stage weight-proxy point at the same request on the
+    same back-end; and what the runtime bought: the planner on each runtime against the planner on eager."""
+    ok = {(p.model, p.approach, p.request, p.backend): p for p in points if not p.failed}
     lines = []
-    for (model, approach, request), p in ok.items():
-        base = ok.get((model, BASELINE, request))
-        if approach in (BASELINE, INT8) or base is None:
+    for (model, approach, request, backend), p in ok.items():
+        base = ok.get((model, BASELINE, request, backend))
+        if approach == BASELINE:
+            base, approach = ok.get((model, BASELINE, request, "torch")), f"{BASELINE} on {backend}"
+            if backend == "torch" or base is None:
+                continue
+        elif base is None:
             continue
-        lines.append(f"- {model} at {request:g}x, {approach} vs {BASELINE}: speed-up {p.speedup:.2f}x vs "
-                     f"{base.speedup:.2f}x, loss {p.loss_db:.3f} vs {base.loss_db:.3f} dB "
+        lines.append(f"- {model} at {request:g}x, {approach} vs {base.approach} on {base.backend}: speed-up "
+                     f"{p.speedup:.2f}x vs {base.speedup:.2f}x, MACs / {p.macs_reduction or 0:.2f} vs "
+                     f"{base.macs_reduction or 0:.2f}, loss {p.loss_db:.3f} vs {base.loss_db:.3f} dB "
                      f"({_loss_change(base.loss_db - p.loss_db)})"
                      + (f"; before fine-tuning {p.loss_before_db:.3f} vs {base.loss_before_db:.3f} dB"
                         if p.loss_before_db is not None and base.loss_before_db is not None else "") + ".")
@@ -239,8 +267,11 @@ def gain_lines(points: list[Point]) -> list[str]:
 def render(r: Results) -> str:
     lines = heading(TITLE)
     side = QUICK[0]["side"] if r.quick else FULL[0]["side"]
-    lines += [f"LR / input {side}², batch 1, {r.env.get('threads')} threads, fp32 unless int8, {r.env.get('cpu')}, "
-              f"malloc={r.env.get('malloc')}, torch {r.env.get('torch')}. Every point went through the whole pipeline: "
+    lines += [f"LR / input {side}², batch 1, {r.env.get('threads')} threads, fp32 unless a back-end names its "
+              f"precision, {r.env.get('cpu')}, malloc={r.env.get('malloc')}, torch {r.env.get('torch')}, "
+              f"{r.env.get('onnxruntime', 'onnxruntime -')}, {r.env.get('openvino', 'openvino -')}. A back-end `B vs A` "
+              "is the fine-tuned model on the lower precision B timed against the dense model on A, its loss "
+              "scored through B against the original in fp32. Every point went through the whole pipeline: "
               "plan, factorize (image-facing convs dense), fine-tune with distillation (same steps for every "
               "approach; multi-stage splits them over its stages), PSNR(-Y) on the held-out photos, then the "
               "end-to-end speed-up against the same back-end's fastest dense form in the same process (median of "
@@ -280,12 +311,12 @@ def _side(r: Results, model: str) -> int:
 
 
 def figures(r: Results) -> dict[str, bytes]:
-    """One figure per measured model (:data:`FIGURES`): a line per approach (eager, and the int8 line on
-    ORT) from the original at (1x, 0 dB), with the published marks where they are on the same task."""
+    """One figure per measured model (:data:`FIGURES`): a line per approach and back-end from the original at (1x, 0 dB), with the published marks where they are on the same task."""
     out = {}
     for model in _figure_models(r):
         name, stem, loss_name, references = FIGURES[model]
-        pts = [{"group": p.approach + (" (eager)" if p.backend == "torch" else ""), "speedup": p.speedup,
+        pts = [{"group": f"{p.approach} ({'eager' if p.backend == 'torch' else p.backend.split(' vs ')[0]})",
+                "speedup": p.speedup,
                 "loss": p.loss_db, "interval": p.interval, "label": f"{p.request:g}x"}
                for p in r.points if not p.failed and p.model == model]
         origin = [{"group": g, "speedup": 1.0, "loss": 0.0} for g in dict.fromkeys(p["group"] for p in pts)]

@@ -453,6 +453,13 @@ def check_backend_name(text: str) -> None:
         raise ValueError(f"the {name} back-end runs precision {', '.join(cls.precisions)}, not {given['precision']!r}")
 
 
+def fp32_of(backend: str) -> str | None:
+    """``'openvino'`` for ``'openvino:precision=bf16'``: the same runtime in its default precision, for a
+    back-end configured at another one; None for a back-end at its default precision."""
+    name, options = parse_configured(backend, what="back-end")
+    return name if options.get("precision", "fp32") != "fp32" else None
+
+
 def get_backend(backend: str | TimingBackend = "torch", *, timer: Callable | None = None,
                 **options) -> TimingBackend:
     """The back-end ``backend`` (a name, or ``name:key=value,...`` such as ``openvino:precision=bf16``)

@@ -107,6 +107,9 @@ class PlanSummary:
     # what the latency planner aimed at, and the measured speed-ups it accepts (low, high)
     aimed_speedup: float | None = None
     speedup_band: tuple[float, float] | None = None
+    # a back-end at a lower precision: the dense model there against the dense fp32 model on the same runtime
+    # (backend, baseline, speedup, interval, meets_request); low rank was asked only for the rest
+    precision_credit: dict[str, Any] | None = None
     # settings that shaped the ranks
     energy: float | None = None
     weakening: float | None = None
@@ -233,16 +236,22 @@ class Plan:
             rules.append(rule)
         return rules
 
-    def apply(self, model: nn.Module, example_input=None, *, calibration=None):
+    def apply(self, model: nn.Module, example_input=None, *, calibration=None, allow_unreachable: bool = False):
         """Factorize a copy of ``model`` as planned -> ``(compressed, CompressionReport)``.
 
         ``model`` is not modified.  Its Conv/Linear layers must be those the plan was made for
         (:attr:`model_layers`, when recorded), and every planned layer must exist and be a
-        Conv/Linear; a mismatch, a bad name or rank fails before anything is factorized.  The
-        compressed model is left in the contiguous format; run it in :attr:`memory_format` (e.g. with
+        Conv/Linear; a mismatch, a bad name or rank fails before anything is factorized.  A plan that
+        measured below its speed-up request (:meth:`shortfall`) is refused unless ``allow_unreachable``:
+        its deepest cuts buy a speed-up nobody asked for at a large error.  The compressed model is
+        left in the contiguous format; run it in :attr:`memory_format` (e.g. with
         :func:`convfactor.measure.latency.to_memory_format`) to get the planned speed.
         """
         self.check_model(model)
+        short = self.shortfall()
+        if short and not allow_unreachable:
+            raise ValueError(f"{short}; plan for a smaller speed-up, or apply it anyway with "
+                             "allow_unreachable=True (CLI: --accept-unreachable)")
         layers = candidate_layers(model)
         missing = [p.name for p in self.compressed if p.name not in layers]
         if missing:
@@ -253,6 +262,17 @@ class Plan:
             return copy.deepcopy(model), CompressionReport(input_shape=shape,
                                                            notes=["the plan keeps every layer dense"])
         return compress(model, self.rules(), example_input, calibration=calibration)
+
+    def shortfall(self) -> str | None:
+        """Why this plan does not deliver its speed-up request: it measured below the accepted band (the
+        request left to low rank, after a lower precision's credit); None when it reached it, overshot
+        it, or had no speed-up request."""
+        s = self.summary
+        if not s.speedup_band or s.measured_speedup is None or s.measured_speedup >= s.speedup_band[0]:
+            return None
+        asked = (s.precision_credit or {}).get("low_rank_request") or s.requested_speedup
+        return (f"this plan measured {s.measured_speedup:.2f}x against a {asked:.3g}x request (band "
+                f"{s.speedup_band[0]:.3g}-{s.speedup_band[1]:.3g}x): {s.message or 'the target is unreachable here'}")
 
     def check_model(self, model: nn.Module) -> None:
         """Raise a one-line ValueError if ``model``'s Conv/Linear layers differ from the planned model's."""

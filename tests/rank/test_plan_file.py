@@ -193,3 +193,40 @@ def test_an_all_dense_plan_applies_as_an_unchanged_copy():
     copy, report = Plan(layers=[LayerPlan(name="0")]).apply(model, x)
     assert copy is not model and torch.equal(copy(x), model(x))
     assert report.compressed == [] and "dense" in report.notes[0]
+
+
+def _latency_plan(resnet, measured: float, band=(1.9, 2.1), credit=None) -> Plan:
+    """A latency plan for 2x over one real layer, its outcome set by hand."""
+    from convfactor.rank.planfile import PlanSummary
+    model, x = resnet
+    p = Plan(layers=[LayerPlan(name="layer1.0.conv1", method="channel_svd", ranks=[4], criterion="latency")],
+             criterion="latency", target={"speedup": 2.0})
+    p.summary = PlanSummary(requested_speedup=2.0, speedup_band=band, measured_speedup=measured,
+                            reachable=band[0] <= measured <= band[1], precision_credit=credit,
+                            message=None if measured >= band[0] else "speedup=2x is unreachable here: ...")
+    return p
+
+
+def test_a_plan_that_measured_below_its_request_is_refused_unless_allowed(resnet):
+    """issue 23: the quick start planned an unreachable 2x and applied rank 1-4 layers without a word."""
+    model, x = resnet
+    short = _latency_plan(resnet, measured=1.2)
+    assert short.shortfall().startswith("this plan measured 1.20x against a 2x request (band 1.9-2.1x): speedup=2x")
+    with pytest.raises(ValueError, match="allow_unreachable=True"):
+        short.apply(model, x)
+    compressed, report = short.apply(model, x, allow_unreachable=True)
+    assert [L.name for L in report.compressed] == ["layer1.0.conv1"]
+
+
+@pytest.mark.parametrize("measured", [2.0, 2.6])
+def test_a_plan_that_reached_or_overshot_its_request_applies(resnet, measured):
+    model, x = resnet
+    p = _latency_plan(resnet, measured=measured)
+    assert p.shortfall() is None
+    assert [L.name for L in p.apply(model, x)[1].compressed] == ["layer1.0.conv1"]
+
+
+def test_the_shortfall_of_a_precision_plan_is_against_the_rest_left_to_low_rank(resnet):
+    p = _latency_plan(resnet, measured=1.1, band=(1.25, 1.45), credit={"low_rank_request": 1.33})
+    assert "against a 1.33x request" in p.shortfall()
+    assert Plan.from_dict(p.to_dict()).shortfall() == p.shortfall()          # it survives the plan file
