@@ -33,6 +33,29 @@ def test_demo_quick_writes_a_consistent_report(tmp_path, capsys):
     assert torch_points[0] == {"group": "torch", "speedup": 1.0, "loss": 0.0}
     assert torch_points[1]["speedup"] == pytest.approx(demo["speedup"]) and torch_points[1]["loss"] == pytest.approx(loss)
     assert curve["references"] and (out / "figures" / "frontier.png").is_file()
+    # issue 23: the report opens with its answer: the verdict, the loss against the quality bar, where
+    answer = report["answer"]
+    assert answer[0].split(":")[0] in ("target met", "TARGET MISSED", "NOT CONFIRMED", "SLOWER THAN THE ORIGINAL")
+    assert answer[1].startswith(f"PSNR-Y lost on the held-out photos: {loss:.3f} dB")
+    assert answer[1].endswith("quality bar 0.15 dB: " + ("met" if loss <= 0.15 else "**MISSED**"))
+    assert answer[2].startswith("measured on torch, batch 1, input [1, 3, 24, 24], 1 threads, malloc=")
+    html = (out / "report.html").read_text()
+    assert html.index("id='answer'") < html.index("<table") and html.index("id='speed'") < html.index("id='layers'")
+    assert answer[1] in printed
+
+
+def test_the_quality_bar_is_judged_on_the_measured_loss():
+    from types import SimpleNamespace
+
+    from convfactor.recipes.demo import answer_lines
+    speed = SimpleNamespace(env={"threads": 2, "malloc": "default", "cpu": "x"}, speedup=3.2, interval=(3.1, 3.3))
+    result = SimpleNamespace(task="sr", speed=speed, speeds={"openvino": speed}, shipped="compressed",
+                             verdict=SimpleNamespace(line="target met: 3.20x"), example=SimpleNamespace(shape=(1, 3, 8, 8)),
+                             config=SimpleNamespace(backend="openvino"))
+    rows = [{"psnr": 33.40}, {}, {"psnr": 33.21}]
+    assert answer_lines(result, rows, 0.15)[1].endswith("(33.400 -> 33.210 dB); quality bar 0.15 dB: **MISSED**")
+    assert answer_lines(result, rows, 0.2)[1].endswith("quality bar 0.2 dB: met")
+    assert len(answer_lines(result, rows)) == 3       # no other back-end, and no allocator caveat off eager
 
 
 def test_demo_rejects_a_bad_target_before_any_work(tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..recipes.demo import run_demo
+from ..recipes.demo import MAX_LOSS_DB, run_demo
 from ..recipes.pipeline import PipelineConfig, default_report_backends
 from .common import add_malloc_argument, apply_malloc, backend_argument, backend_help
 
@@ -44,6 +44,9 @@ def add_arguments(p) -> None:
     p.add_argument("--error", choices=["kernel", "output"], default="kernel",
                    help="what the planner minimizes per layer: kernel (relative kernel error, a weight-space proxy; "
                         "default) or output (the layer's relative output error on training-photo patches: data-aware)")
+    p.add_argument("--max-loss-db", type=float, default=MAX_LOSS_DB,
+                   help="quality bar: PSNR(-Y) dB the compressed model may lose on the held-out photos; the report "
+                        "says met or MISSED (default %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long smoke run (tiny input, 3 steps, small crops); its numbers mean nothing")
 
@@ -75,7 +78,7 @@ def run(args) -> int:
     if args.quick:
         quick_overrides(args)
     args.planner = args.planner or "latency"
-    demo = run_demo(pipeline_config(args), args.output, quick=args.quick)
+    demo = run_demo(pipeline_config(args), args.output, quick=args.quick, max_loss_db=args.max_loss_db)
     print()
     print(demo.summary())
     paths = demo.paths

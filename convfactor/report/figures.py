@@ -68,7 +68,7 @@ def spectra(layer_spectra: dict[str, dict], threshold: float | None = None) -> b
     ax.set_ylabel("singular value / largest")
     ax.set_title("Singular-value spectra (dots: chosen rank)")
     if len(names) <= 12:
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=8)
     ax = fig.add_subplot(1, 2, 2)
     kappas = [min(layer_spectra[n]["kappa"], 1e300) for n in names]
     colors = ["#d62728" if threshold is not None and k > threshold else "#1f77b4" for k in kappas]
@@ -133,7 +133,7 @@ def tradeoff(points: Sequence[dict], quality_name: str = "quality") -> bytes:
             members = sorted(members, key=lambda p: p[key])
             ax.plot([p[key] for p in members], [p["quality"] for p in members], "o-", ms=4, label=group)
             for p in members:
-                ax.annotate(p["label"], (p[key], p["quality"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(p["label"], (p[key], p["quality"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(quality_name)
         ax.grid(alpha=0.3)
@@ -168,15 +168,15 @@ def frontier(points: Sequence[dict], references: Sequence[dict] = (), title: str
                 lo, hi = p["interval"]
                 ax.plot([lo, hi], [p["loss"]] * 2, "-", lw=3, alpha=0.35, color=line.get_color())
             if p.get("label"):
-                ax.annotate(p["label"], (p["speedup"], p["loss"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(p["label"], (p["speedup"], p["loss"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
     for ref in references:
         if ref.get("x") is None:
             ax.axhline(ref["loss"], ls=":", lw=1, color="#7f7f7f")
-            ax.annotate(ref["label"], (0.01, ref["loss"]), xycoords=("axes fraction", "data"), fontsize=6,
+            ax.annotate(ref["label"], (0.01, ref["loss"]), xycoords=("axes fraction", "data"), fontsize=8,
                         color="#555555", xytext=(0, 2), textcoords="offset points")
         else:
             ax.plot([ref["x"]], [ref["loss"]], "D", mfc="none", color="#555555", ms=7)
-            ax.annotate(ref["label"], (ref["x"], ref["loss"]), fontsize=6, color="#555555", xytext=(4, -8),
+            ax.annotate(ref["label"], (ref["x"], ref["loss"]), fontsize=8, color="#555555", xytext=(4, -8),
                         textcoords="offset points")
     if not points:
         ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)

@@ -45,8 +45,16 @@ def _layer_rows(data: dict) -> tuple[list[str], list[str], list[dict]]:
     return heads, fields, data.get("layers") or []
 
 
+#: the tables in reading order: the answer's evidence (speed, quality) before the per-layer detail
+TABLE_ORDER = ("speed", "backends", "quality", "tradeoff", "totals", "latency", "layers", "spectra")
+
+
 def _tables(data: dict) -> list[tuple[str, str, list[str], list[str], list[dict]]]:
-    """``(section id, title, column heads, row fields, rows)`` for every table present."""
+    """``(section id, title, column heads, row fields, rows)`` for every table present, in :data:`TABLE_ORDER`."""
+    return sorted(_all_tables(data), key=lambda t: TABLE_ORDER.index(t[0]))
+
+
+def _all_tables(data: dict) -> list[tuple[str, str, list[str], list[str], list[dict]]]:
     tables = []
     if data.get("totals"):
         t = dict(data["totals"])
@@ -66,12 +74,14 @@ def _tables(data: dict) -> list[tuple[str, str, list[str], list[str], list[dict]
         rows = [{"name": n, "kappa": s.get("kappa"), "rank": s.get("rank"), "full_rank": len(s.get("singular_values", [])),
                  "above_threshold": (s.get("kappa") > thr) if thr is not None and s.get("kappa") is not None else None}
                 for n, s in data["spectra"].items()]
-        tables.append(("spectra", f"Condition number per layer (threshold kappa = {fmt(thr)})",
+        threshold = f"threshold kappa = {fmt(thr)}" if thr is not None else "no kappa threshold set"
+        tables.append(("spectra", f"Condition number per layer ({threshold})",
                        ["layer", "kappa", "chosen rank", "full rank", "kappa > threshold"],
                        ["name", "kappa", "rank", "full_rank", "above_threshold"], rows))
     if data.get("latency"):
-        rows = [dict(r, threads=(r.get("env") or {}).get("threads"), memory_format=(r.get("env") or {}).get("memory_format"))
-                for r in data["latency"]]
+        threads = (data.get("env") or {}).get("threads")
+        rows = [dict(r, threads=(r.get("env") or {}).get("threads", threads),
+                     memory_format=(r.get("env") or {}).get("memory_format")) for r in data["latency"]]
         tables.append(("latency", "Measured latency", ["what", "median ms", "IQR ms", "threads", "memory format"],
                        ["label", "median_ms", "iqr_ms", "threads", "memory_format"], rows))
     if data.get("speed"):
@@ -136,6 +146,8 @@ _CAPTIONS = {"layers": "Per-layer parameters and MACs before and after (log scal
 # ---------------------------------------------------------------------------------- renderers
 def render_markdown(data: dict, figure_files: dict[str, str] | None = None) -> str:
     lines = [f"# {data.get('title', 'convfactor report')}", ""]
+    if data.get("answer"):
+        lines += ["## The answer", "", *(f"- {line}" for line in data["answer"]), ""]
     if data.get("model"):
         lines += [f"Model: `{data['model']}`", ""]
     if data.get("env"):
@@ -155,7 +167,8 @@ _STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#2
           "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}"
           "td.num{text-align:right;font-variant-numeric:tabular-nums}figure{margin:1.5em 0}img{max-width:100%}"
           "figcaption{color:#555;font-size:13px}.env{color:#555;font-size:12px}"
-          ".warning{background:#fde8e8;border-left:4px solid #c00;padding:6px 10px}")
+          ".warning{background:#fde8e8;border-left:4px solid #c00;padding:6px 10px}"
+          ".answer{background:#eef5ff;border-left:4px solid #246;padding:2px 12px;font-size:16px}")
 
 
 def render_html(data: dict, figures_png: dict[str, bytes]) -> str:
@@ -164,6 +177,10 @@ def render_html(data: dict, figures_png: dict[str, bytes]) -> str:
     out = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
            f"<title>{e(data.get('title', 'convfactor report'))}</title><style>{_STYLE}</style></head><body>",
            f"<h1>{e(data.get('title', 'convfactor report'))}</h1>"]
+    if data.get("answer"):
+        out.append("<section id='answer' class='answer'><h2>The answer</h2><ul>"
+                   + "".join(f"<li data-answer='{i}'>{e(line)}</li>" for i, line in enumerate(data["answer"]))
+                   + "</ul></section>")
     if data.get("model"):
         out.append(f"<p>Model: <code>{e(str(data['model']))}</code></p>")
     if data.get("env"):
