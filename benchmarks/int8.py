@@ -40,7 +40,7 @@ from .pipeline_settings import bench_config
 from .section import Section
 
 TITLE = "Low rank + int8 / bf16 on ONNX Runtime and OpenVINO"
-FULL = dict(side=256, steps=600, batch=16, patch=32, calib_side=96, calib_images=8, rounds=5, per_round=3,
+FULL = dict(side=256, steps=450, batch=16, patch=32, calib_side=96, calib_images=8, rounds=5, per_round=3,
             eval_side=None, eval_limit=None)
 QUICK = dict(side=24, steps=2, batch=2, patch=16, calib_side=24, calib_images=2, rounds=2, per_round=1,
              eval_side=48, eval_limit=1)

@@ -135,7 +135,7 @@ def _dncnn_model(quick: bool):
                                                     if quick else {}))
     p = plan(model, x, target=Target("speedup", REQUEST), criterion="latency", exclude=image_layers(model),
              latency=cfg, progress=False)
-    return p.apply(model)[0], tuple(x.shape)
+    return p.apply(model, allow_unreachable=True)[0], tuple(x.shape)
 
 
 def _allocator_env(env: dict) -> dict | None:

@@ -6,7 +6,24 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version; in a source tree that is not installed, pyproject.toml's."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("convfactor")
+    except PackageNotFoundError:
+        import re
+        from pathlib import Path
+        try:
+            text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+        except OSError:
+            return "0+unknown"
+        found = re.search(r'(?m)^version\s*=\s*"([^"]+)"', text)
+        return found.group(1) if found else "0+unknown"
+
+
+__version__ = _version()
 
 _EXPORTS = {
     "factorize": "convfactor.compression.api",

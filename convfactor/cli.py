@@ -14,8 +14,20 @@ from .measure.allocator import reexec_with_fast_allocator
 COMMANDS = ["inspect", "compress", "plan", "finetune", "evaluate", "demo", "report", "bench", "export", "compare"]
 
 
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line, ``convfactor COMMAND: error: ...`` with a
+    pointer to ``--help`` (not the whole usage block), exit status 2; subcommands' parsers are of this
+    class too (argparse makes them of the parent's class)."""
+
+    def error(self, message: str):
+        text = " ".join(str(message).split())          # argparse and type= messages may span lines
+        self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convfactor", description="Low-rank factorization of trained PyTorch CNNs.")
+    import convfactor
+    parser = Parser(prog="convfactor", description="Low-rank factorization of trained PyTorch CNNs.")
+    parser.add_argument("--version", action="version", version=f"convfactor {convfactor.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:

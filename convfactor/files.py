@@ -14,6 +14,7 @@ does not load the model format, compression or methods.  The model directory for
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -23,7 +24,8 @@ from typing import Any
 import yaml
 from safetensors.torch import load_file
 
-__all__ = ["atomic_write", "temporary_sibling_dir", "check_writable", "check_output", "read_structured", "read_safetensors"]
+__all__ = ["atomic_write", "temporary_sibling_dir", "check_writable", "check_output", "read_structured", "read_safetensors",
+           "file_sha256"]
 
 
 def _umask() -> int:
@@ -129,3 +131,12 @@ def temporary_sibling_dir(path: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The sha256 hex digest of the file at ``path`` (read in chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -23,6 +23,7 @@ import copy
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -55,8 +56,8 @@ def base_model_of(source: str | os.PathLike) -> str | None:
 
     A convfactor model directory (one holding a ``recipe.json``): the model its metadata records
     (``save(..., metadata={"model": ...})``), or None when it records none.  Anything else: ``source``
-    itself when it names a model (a zoo name, ``torchvision:NAME``, ``timm:NAME`` or
-    ``package.module:factory``), else None (e.g. a weights file, a missing path).
+    itself when it names a model (a zoo name, ``torchvision:NAME``, ``timm:NAME``, ``spandrel:PATH``
+    or ``package.module:factory``), else None (e.g. a weights file, a missing path).
     """
     recipe = Path(source) / "recipe.json"
     if recipe.is_file():
@@ -72,11 +73,14 @@ def base_model_of(source: str | os.PathLike) -> str | None:
 
 def check_model_output(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """:func:`check_output` for a model directory (:func:`save`): a non-empty directory must also be a
-    convfactor model directory (hold a ``recipe.json``), whatever ``overwrite`` says."""
-    path = check_output(path, overwrite=overwrite, directory=True)
-    if path.exists() and any(path.iterdir()) and not (path / "recipe.json").is_file():
-        raise FileExistsError(f"{path} exists and is not a convfactor model directory; refusing to write into it")
-    return path
+    convfactor model directory (hold a ``recipe.json``), whatever ``overwrite`` says: checked first, so
+    the message never suggests an ``--overwrite`` that would then be refused."""
+    given = Path(path)
+    if given.is_dir() and any(given.iterdir()) and not (given / "recipe.json").is_file():
+        raise FileExistsError(f"{given} holds other files and is not a convfactor model directory (no recipe.json); "
+                              "refusing to write into it, even with --overwrite: give a new or empty directory, "
+                              "or one convfactor wrote")
+    return check_output(path, overwrite=overwrite, directory=True)
 
 
 
@@ -103,9 +107,16 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = N
     convfactor model directory is written into only with ``overwrite``: :data:`MODEL_FILES` are
     replaced one by one (each atomically, the recipe last) and every other file there is kept.  A
     non-empty directory that is not a convfactor model directory is never written into.
+
+    ``metadata["model"]``, the base model, is recorded as :func:`convfactor.models.get` can build it
+    again: a ``spandrel:PATH`` base as its resolved path and sha256 (``spandrel:/abs/PATH#sha256=HEX``),
+    which :func:`base_model_of` gives back and which refuses a file that is gone or changed.
     """
     path = check_model_output(path, overwrite=overwrite)
-    recipe = {"format": FORMAT, "version": VERSION, "layers": recipe_of(model), "metadata": metadata or {},
+    metadata = dict(metadata or {})
+    if isinstance(metadata.get("model"), str):
+        metadata["model"] = models.thirdparty.pinned(metadata["model"])
+    recipe = {"format": FORMAT, "version": VERSION, "layers": recipe_of(model), "metadata": metadata,
               "shared": _shared_names(model), "folded_bn": folded_of(model), "merged": merge_records(model)}
     tmp = temporary_sibling_dir(path)
     try:
@@ -204,7 +215,9 @@ def _read_state(file: Path, trust_pickle: bool) -> dict:
     if file.suffix == ".safetensors":
         return read_safetensors(file)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():     # torch's "pickle protocol" UserWarning, before a refusal or not
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError subclasses, RuntimeError, ...
         if "weights only load failed" not in str(exc).lower():
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]

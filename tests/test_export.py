@@ -145,3 +145,31 @@ def test_torchvision_convnext_exports_after_compression(tmp_path):
     notes = []
     path = export_model(compressed, x, tmp_path / "m.onnx", log=notes.append)
     assert check_onnx(path, compressed, x)["rel_error"] < 1e-5 and "written by" in notes[0]
+
+
+# ------------------------------------------------------------------ issue 23: height and width dynamic by default
+def test_cli_onnx_takes_any_image_size_unless_static_shape(tmp_path, capsys):
+    """An SR model exported by default runs in onnxruntime at two image sizes and matches PyTorch at
+    both; with --static-shape the file is fixed at the example's size and refuses another."""
+    import onnxruntime as ort
+    from convfactor import io
+    run, dynamic, static = tmp_path / "sr", tmp_path / "sr.onnx", tmp_path / "sr_static.onnx"
+    assert main(["compress", "edsr_baseline_x2", "--input-size", "1x3x16x16", "--method", "channel_svd",
+                 "--rank", "8", "--op-names", "tail.0.0", "-o", str(run)]) == 0
+    common = ["export", str(run)]
+    assert main([*common, "-o", str(dynamic)]) == 0
+    assert "height and width dynamic" in capsys.readouterr().out
+    model = io.load(run, get("edsr_baseline_x2")).eval()          # the weights the file was exported from
+    session = ort.InferenceSession(str(dynamic), providers=["CPUExecutionProvider"])
+    for size in ((16, 16), (20, 28)):
+        x = torch.randn(1, 3, *size)
+        (got,) = session.run(None, {"input": x.numpy()})
+        with torch.no_grad():
+            ref = model(x).numpy()
+        assert got.shape == ref.shape == (1, 3, 2 * size[0], 2 * size[1])
+        assert abs(got - ref).max() <= 1e-4 * max(1.0, abs(ref).max())
+    assert main([*common, "--static-shape", "-o", str(static)]) == 0
+    assert "fixed at 16x16" in capsys.readouterr().out
+    fixed = ort.InferenceSession(str(static), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception):
+        fixed.run(None, {"input": torch.randn(1, 3, 20, 28).numpy()})

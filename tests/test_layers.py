@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"rank"},                           # 5. criteria, budget, latency table, planner, plan files
     {"train"},                          # 6. fine-tuning, distillation, checkpoints, DDP
     {"report", "recipes"},              # 7. workflow recipes (the demo pipeline) and their reports
-    {"commands", "cli"},                # 8. the thin CLI
+    {"commands", "cli", "__main__"},    # 8. the thin CLI (and python -m convfactor)
 ]
 LAYER_OF = {name: i for i, group in enumerate(LAYERS) for name in group}
 

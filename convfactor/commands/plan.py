@@ -56,6 +56,7 @@ def run(args) -> int:
     p = plan(model, example, target=target, criterion=args.criterion, methods=args.methods, op_names=args.op_names,
              exclude=args.exclude, config=config, latency=timing,
              model_name=args.model if not Path(args.model).exists() else None, progress=True)
+    p.weights = getattr(args, "weights_source", None)
     p.save(out, overwrite=args.overwrite)
     print(p.table())
     if p.summary.message:

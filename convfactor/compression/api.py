@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..methods.base import Cost, Factorized, Method, Ranks
+from ..methods.base import Cost, Factorized, Method, Ranks, default_input_size
 from ..methods.data_aware import DataAwareSettings, factorize_data_aware, fit_note
 from ..spec.convspec import ConvSpec, SamePad, UnsupportedLayer
 from ..utils import as_inputs, eval_mode, format_si
@@ -230,8 +230,8 @@ class _LayerPlan:
 
 
 def compress(model: nn.Module, rules, example_input=None, *, calibration=None,
-             progress: bool | None = None, fold_bn: bool | str = True,
-             merge: bool = True) -> tuple[nn.Module, CompressionReport]:
+             progress: bool | None = None, fold_bn: bool | str = True, merge: bool = True,
+             keep_dense: dict[str, str] | None = None) -> tuple[nn.Module, CompressionReport]:
     """Factorize the layers selected by ``rules`` in a deep copy of ``model``.
 
     ``rules`` (NNI style, see :mod:`convfactor.compression.surgery`) pick layers and give each a method
@@ -257,6 +257,8 @@ def compress(model: nn.Module, rules, example_input=None, *, calibration=None,
     (:func:`convfactor.compression.merge.merge`), only in groups that include a factorized layer (so
     layers no rule selects stay as they were unless merged with one); ``report.merge`` says what was
     merged and why a pair was not.  ``merge=False`` keeps every factorized layer as its method built it.
+    ``keep_dense``: ``{layer name: reason}`` of layers to leave dense even where a rule selects them
+    (e.g. the CLI's image-facing convs); each one a rule selects is reported skipped with its reason.
     """
     check_fold_mode(fold_bn)
     parsed = parse_rules(rules)
@@ -265,6 +267,7 @@ def compress(model: nn.Module, rules, example_input=None, *, calibration=None,
     report = CompressionReport(input_shape=tuple(as_inputs(example_input)[0].shape)
                                if example_input is not None else None)
     problems = layer_problems(work, {n: work.get_submodule(n) for n in chosen})
+    problems.update({n: reason for n, reason in (keep_dense or {}).items() if n in chosen and n not in problems})
     kept = {n: r for n, r in chosen.items() if n not in problems}
     folds = fold_batchnorm(work, example_input, layers=accepted_layers(work, kept), mode=fold_bn)
     report.notes += folds.notes()
@@ -373,12 +376,60 @@ def _resolve(rule: Rule, spec: ConvSpec, layer: nn.Module, size: tuple[int, ...]
         raise _Skip("data-aware fitting does not handle dynamic 'SAME' padding (timm's Conv2dSame); "
                     "use a weight-only rule for this layer")
     try:
-        return rule.method.resolve_ranks(spec, layer.weight.detach(), input_size=size or None,
-                                         **rule.target.as_kwargs())
+        ranks = rule.method.resolve_ranks(spec, layer.weight.detach(), input_size=size or None,
+                                          **rule.target.as_kwargs())
     except ValueError:
         raise
     except Exception as exc:         # noqa: BLE001 - a method failing on one layer never aborts the model
         raise _Skip(f"{rule.method.name} failed: {_describe(exc)}") from None
+    if rule.target.energy is not None and float(rule.target.energy) < 1:     # energy=1: exact, as asked
+        _check_energy_cuts_macs(rule.method, spec, layer.weight.detach(), ranks, rule.target.energy, size)
+    return ranks
+
+
+def _check_energy_cuts_macs(method: Method, spec: ConvSpec, weight: torch.Tensor, ranks: Ranks, energy: float,
+                           size: tuple[int, ...] = ()) -> None:
+    """The speed bound for an ``energy`` target: nothing when ``ranks`` (the smallest keeping ``energy``
+    of each spectrum) cost fewer MACs than the dense layer, else :class:`_Skip` with the reason.
+
+    MACs grow with every rank, so no smaller ranks keep the energy either: the layer stays dense.  The
+    reason names the largest ranks that do cut MACs (the speed bound, each rank capped at it) and the
+    energy they keep, for a ``rank=`` request that accepts the loss.  (``energy=1`` asks for an exact
+    factorization, not a cheaper one, and is not checked here.)"""
+    size = tuple(size) or default_input_size(spec)
+    dense = spec.dense_macs(size)
+    macs = method.cost(spec, tuple(ranks), size).macs
+    if macs < dense or dense <= 0:
+        return
+    reason = (f"energy={energy:g} needs {method.name} ranks {list(ranks)}, {format_si(macs)} MACs, which do not "
+              f"cut the dense {format_si(dense)}")
+    cap = _speed_bound(method, spec, ranks, size)
+    if cap is None:
+        raise _Skip(f"{reason}, and no rank does; kept dense")
+    spectra = method.spectra(weight.double(), spec)
+    kept = min(_kept(s, r) for s, r in zip(spectra, cap))
+    rank = cap[0] if len(cap) == 1 else tuple(cap)
+    raise _Skip(f"{reason}; the largest that do, {list(cap)}, keep only {kept:.3f} of the energy (ask for "
+                f"rank={rank} to accept that); kept dense")
+
+
+def _speed_bound(method: Method, spec: ConvSpec, ranks: Ranks, size: tuple[int, ...]) -> Ranks | None:
+    """``ranks`` capped to the largest that cut the dense MACs at ``size``: each rank at most the
+    largest member of the method's ``macs_ratio`` family below dense; None when even rank 1 is not."""
+    dense = spec.dense_macs(size)
+    try:
+        bound = method.ranks_for_macs(spec, (dense - 0.5) / dense, size)     # MACs are ints: < dense
+    except ValueError:
+        return None
+    capped = tuple(min(r, b) for r, b in zip(ranks, bound))
+    return capped if method.cost(spec, capped, size).macs < dense else tuple(bound)
+
+
+def _kept(spectrum: torch.Tensor, rank: int) -> float:
+    """The fraction of ``spectrum``'s squared singular values (all groups together) in its top ``rank``."""
+    s2 = spectrum.double().pow(2).reshape(-1, spectrum.shape[-1])
+    total = float(s2.sum())
+    return float(s2[:, :int(rank)].sum()) / total if total > 0 else 1.0
 
 
 def _describe(exc: BaseException) -> str:

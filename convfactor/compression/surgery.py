@@ -4,6 +4,7 @@ A *rule* is a dict in NNI's config-list style::
 
     {"op_types": ["Conv2d"], "op_names": ["body.*"], "exclude_op_names": ["head.*"],
      "method": "channel_svd", "macs_ratio": 0.5, ...method options...}
+    {"method": "sliced_svd:slices=4", "energy": 0.9}   # a configured method, as --method names it
     {"op_names": ["tail.*"], "exclude": True}          # remove these from compression
 
 Selection: ``op_types`` are class names, matched against every class of the layer's MRO, so
@@ -157,9 +158,11 @@ def parse_rule(raw: dict, index: int = 0) -> Rule:
     targets = {k: raw.pop(k) for k in TARGET_KEYS if k in raw}
     data_aware = _flag(raw.pop("data_aware", False), "data_aware", index)
     try:
-        default = registry.get(name)           # the one registry look-up of this rule's method
+        default = registry.get(name)           # the one look-up of this rule's method ("name:key=value" too)
     except KeyError as exc:
         raise ValueError(f"rule {index}: {exc.args[0]}") from None
+    except ValueError as exc:                   # a bad option in "name:key=value", in the method's words
+        raise ValueError(f"rule {index}: {exc}") from None
     _check_keys(raw, index, default)
     try:
         target = LayerTarget(**{k: v for k, v in targets.items() if v is not None})

@@ -59,10 +59,17 @@ def _check_options(method: Method, options: dict) -> None:
 def get(name: str | Method, **options) -> Method:
     """The method called ``name``, configured with ``options`` (its dataclass fields).
 
-    A :class:`Method` instance is returned as is, or with ``options`` replaced.  An unknown name
-    raises :class:`~convfactor.utils.UnknownName` (a ``KeyError``), an unknown option a ValueError.
+    ``name`` may carry options itself, ``"name:key=value,key=value"`` (see :func:`parse`; ``options``
+    given here win over those).  A :class:`Method` instance is returned as is, or with ``options``
+    replaced.  An unknown name raises :class:`~convfactor.utils.UnknownName` (a ``KeyError``), an
+    unknown option or a bad value a ValueError (the method's own message).
     """
-    method = name if isinstance(name, Method) else _default(name)
+    if isinstance(name, Method):
+        method = name
+    else:
+        base, given = parse_configured(name, what="method")
+        method = _default(base)
+        options = {**given, **options}
     if not options:
         return method
     _check_options(method, options)
@@ -80,5 +87,4 @@ def register(method: Method) -> Method:
 def parse(text: str) -> Method:
     """A configured method from ``"name"`` or ``"name:key=value,key=value"`` (values read as YAML
     scalars: ``sliced_svd:slices=4``, ``cp:form=folded,n_iter=25``), as the CLI's ``--method`` takes it."""
-    name, options = parse_configured(text, what="method")
-    return get(name, **options)
+    return get(text)

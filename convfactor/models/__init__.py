@@ -1,12 +1,14 @@
 """The model zoo: ``get(name, pretrained=False)`` builds a model by its lower-case name.
 
 Pretrained weights ship inside the package (``convfactor/weights/NAME.safetensors``) for the
-models listed by :func:`pretrained_names`; nothing is downloaded.
+models listed by :func:`pretrained_names`; nothing is downloaded.  The published SR models of
+:mod:`convfactor.models.published` read theirs from installed PyPI wheels (``convfactor[published]``).
 
 ``get`` also takes a spec (:mod:`convfactor.models.thirdparty`): ``torchvision:NAME``,
-``timm:NAME`` (optional extras: ``pip install 'convfactor[thirdparty]'``) or
-``package.module:factory``.  Every model's random initialisation is seeded (``seed=0`` by
-default, without touching torch's global generator), so two calls give the same weights: a plan
+``timm:NAME``, ``spandrel:PATH`` (a checkpoint spandrel recognizes, with its weights; optional
+extras: ``pip install 'convfactor[thirdparty]'``) or ``package.module:factory``.  Every model's
+random initialisation is seeded (``seed=0`` by default, without touching torch's global
+generator), so two calls give the same weights: a plan
 made for ``get("resnet20")`` applies to the next ``get("resnet20")``.
 """
 from __future__ import annotations
@@ -46,6 +48,11 @@ _ZOO: dict[str, tuple[str, tuple[int, ...], str]] = {
 }
 #: upscaling factor of the super-resolution models (``info(name)["scale"]``)
 _SCALE: dict[str, int] = {name: int(name.rsplit("_x", 1)[1]) for name, (_, _, task) in _ZOO.items() if task == "sr"}
+#: published SR models whose pretrained weights come from installed PyPI wheels (published.py): name -> scale
+_PUBLISHED: dict[str, int] = {"srmd_x2": 2, "srmd_x3": 3, "srmd_x4": 4, "realesrgan_x4plus": 4,
+                              "realesrgan_x4plus_anime": 4, "realesr_animevideov3": 4}
+_ZOO.update({name: (f"published:{name}", (3, 64, 64), "sr") for name in _PUBLISHED})
+_SCALE.update(_PUBLISHED)
 _CUSTOM: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -54,7 +61,9 @@ def names() -> list[str]:
 
 
 def pretrained_names() -> list[str]:
-    return sorted(n for n in names() if (WEIGHTS_DIR / f"{n}.safetensors").is_file())
+    from .published import installed
+    return sorted(n for n in names() if (WEIGHTS_DIR / f"{n}.safetensors").is_file()
+                  or (n in _PUBLISHED and installed(n)))
 
 
 def register(name: str, factory: Callable[..., nn.Module], input_shape=(3, 32, 32), task: str = "other",
@@ -73,10 +82,11 @@ def training_stages(recipe: dict) -> list[dict]:
 
 
 def info(name: str) -> dict:
-    """``{"name", "input_shape" (one sample, no batch axis; None if unknown), "task"[, "scale"]}``."""
+    """``{"name", "input_shape" (one sample, no batch axis; None if unknown), "task"[, "scale"]}``
+    (a ``spandrel:PATH`` checkpoint also gives its ``"architecture"``; its scale and input channels
+    are spandrel's reading of the file)."""
     if thirdparty.is_spec(name):
-        shape, task = thirdparty.facts(name)
-        return {"name": name, "input_shape": shape, "task": task}
+        return {"name": name, **thirdparty.describe(name)}
     if name not in _ZOO:
         raise UnknownName(f"unknown model {name!r}; built-in models: {', '.join(names())}")
     _, shape, task = _ZOO[name]
@@ -100,7 +110,7 @@ def _build(name: str, **kwargs) -> nn.Module:
         return _CUSTOM[name](**kwargs)
     if name not in _ZOO:
         raise UnknownName(f"unknown model {name!r}; built-in models: {', '.join(names())} "
-                          "(or torchvision:NAME, timm:NAME, package.module:factory)")
+                          "(or torchvision:NAME, timm:NAME, spandrel:PATH, package.module:factory)")
     module_name, factory = _ZOO[name][0].split(":")
     return getattr(importlib.import_module(f"{__name__}.{module_name}"), factory)(**kwargs)
 
@@ -111,18 +121,21 @@ def get(name: str, pretrained: bool = False, *, seed: int | None = 0, **kwargs) 
     Its random initialisation draws from a generator seeded with ``seed`` (None: torch's global
     generator, as it stands), and torch's global random state is left as it was.
     ``pretrained=True`` loads the shipped weights of a zoo model; third-party weights are never
-    downloaded (load your own with :func:`convfactor.load_weights`).
+    downloaded (load your own with :func:`convfactor.load_weights`).  A ``spandrel:PATH`` model comes
+    with the weights of its file (``pretrained`` changes nothing).
     """
-    if pretrained and thirdparty.is_spec(name):
+    if pretrained and thirdparty.is_spec(name) and not thirdparty.holds_weights(name):
         raise ValueError(f"{name}: convfactor ships no weights for it and never downloads any; "
                          "load your own with --weights FILE (convfactor.load_weights)")
+    if pretrained and name in _PUBLISHED and name not in _CUSTOM:    # the factory reads its wheel's weights
+        kwargs, pretrained = {**kwargs, "pretrained": True}, False
     if seed is None:
         model = _build(name, **kwargs)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             model = _build(name, **kwargs)
-    if pretrained:
+    if pretrained and not thirdparty.is_spec(name):
         file = WEIGHTS_DIR / f"{name}.safetensors"
         if not file.is_file():
             raise FileNotFoundError(f"no shipped weights for {name!r} (models with weights: "

@@ -211,6 +211,7 @@ class Plan:
     summary: PlanSummary = field(default_factory=PlanSummary)  # requested / achieved figures, messages
     options: dict[str, Any] = field(default_factory=dict)      # layer options passed to every method call
     model_layers: dict[str, list[int]] = field(default_factory=dict)   # the planned model's layers (empty: unknown)
+    weights: str | None = None      # where the planned model's weights came from (e.g. shipped:NAME@sha256=...)
 
     def __post_init__(self):
         if not isinstance(self.summary, PlanSummary):
@@ -273,6 +274,13 @@ class Plan:
         asked = (s.precision_credit or {}).get("low_rank_request") or s.requested_speedup
         return (f"this plan measured {s.measured_speedup:.2f}x against a {asked:.3g}x request (band "
                 f"{s.speedup_band[0]:.3g}-{s.speedup_band[1]:.3g}x): {s.message or 'the target is unreachable here'}")
+
+    def check_weights(self, source: str | None) -> None:
+        """Raise a one-line ValueError if the plan records its model's weights and ``source`` names others:
+        ranks chosen on trained weights say nothing about random ones (nor the other way round)."""
+        if self.weights and source and source != self.weights:
+            raise ValueError(f"this plan was made for weights {_short(self.weights)}, not {_short(source)}; load the "
+                             "same weights (a built-in model loads its shipped ones unless --random-init) or re-plan")
 
     def check_model(self, model: nn.Module) -> None:
         """Raise a one-line ValueError if ``model``'s Conv/Linear layers differ from the planned model's."""
@@ -370,3 +378,9 @@ def _show(value) -> str:
     if isinstance(value, tuple):
         return "(" + ", ".join(_show(v) for v in value) + ")"
     return str(value)
+
+
+def _short(source: str) -> str:
+    """A weights source with its sha256 cut to 12 hex digits, for messages."""
+    head, sep, digest = source.partition("@sha256=")
+    return head + (f"@sha256={digest[:12]}..." if sep else "")

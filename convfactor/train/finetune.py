@@ -9,12 +9,22 @@ directory, a checkpoint is written atomically every ``checkpoint.every`` steps a
 ``checkpoint.resume`` (the default) a run finding one there continues from it, losing at most one
 checkpoint interval.  A checkpoint records the run's settings (:func:`run_settings`): one written
 with other settings is never resumed (that would train a mix of two runs and record only one);
-it is an error, or with ``checkpoint.restart_on_mismatch`` it is removed and training starts fresh.
+it is an error, or with ``checkpoint.restart_on_mismatch`` it is removed and training starts fresh;
+:func:`resume_step` says which (and refuses a mismatch) from the checkpoint's JSON alone, so a caller
+can ask before an expensive set-up.
+
+Ctrl-C (SIGINT) during training, in the main thread and without DDP, is held until the step in progress
+ends; a checkpoint of that step is then written (atomically, when there is a checkpoint directory) and
+:class:`Interrupted` (a ``KeyboardInterrupt``) is raised, so re-running the same call resumes exactly
+where it stopped.  A second Ctrl-C stops at once (no checkpoint of the step in progress; the last one
+stays valid).  A ``KeyboardInterrupt`` raised by ``callback`` is treated like the first Ctrl-C.
 """
 from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +42,7 @@ from . import checkpoint as ckpt
 from .distill import FeatureTap, feature_loss, kd_loss
 
 __all__ = ["finetune", "FinetuneConfig", "OptimizerConfig", "DistillConfig", "CheckpointConfig", "lr_factor",
-           "make_optimizer", "batch_for_step", "run_settings"]
+           "make_optimizer", "batch_for_step", "run_settings", "resume_step", "Interrupted"]
 
 _LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss, "ce": F.cross_entropy}
 _OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -265,28 +275,38 @@ def _settings_mismatch(recorded: dict, current: dict) -> str | None:
     return None
 
 
+def resume_step(config: FinetuneConfig) -> int | None:
+    """The step a run with ``config`` resumes from, or None when it starts fresh (no checkpoint
+    directory or none there, ``checkpoint.resume=False``, or other settings with
+    ``checkpoint.restart_on_mismatch``).  A checkpoint written with other settings is otherwise a
+    ValueError.  Reads only the checkpoint's JSON pointer (no tensors) and writes nothing: call it
+    before an expensive set-up; :func:`finetune` calls it too."""
+    cp = config.checkpoint
+    meta = None if cp.directory is None or not cp.resume else ckpt.checkpoint_meta(cp.directory)
+    if meta is None:
+        return None
+    extra = meta.get("extra", {})
+    mismatch = _settings_mismatch({**extra.get("settings", {}), **{k: extra[k] for k in ("seed", "steps")
+                                                                   if k in extra}}, run_settings(config))
+    if mismatch is not None:
+        if cp.restart_on_mismatch:
+            return None
+        raise ValueError(f"checkpoint in {cp.directory} was written with {mismatch}; resume with the same "
+                         f"settings, start fresh (--overwrite; restart_on_mismatch=True) or use another "
+                         f"checkpoint directory")
+    if int(meta["step"]) > config.steps:
+        raise ValueError(f"checkpoint in {cp.directory} is at step {meta['step']}, beyond steps={config.steps}")
+    return int(meta["step"])
+
+
 def _resume(run: _Run) -> int:
-    """The first step to run: 0, or the step of the checkpoint found, which must have been made
-    with the same settings (else an error, or with ``restart_on_mismatch`` a fresh start)."""
-    cfg = run.config
-    directory = cfg.checkpoint.directory
+    """The first step to run: 0, or the step of the checkpoint found (see :func:`resume_step`), loaded."""
+    directory = run.config.checkpoint.directory
     if directory is None:
         return 0
-    meta = ckpt.checkpoint_meta(directory)
-    if meta is not None and cfg.checkpoint.resume:
-        extra = meta.get("extra", {})
-        mismatch = _settings_mismatch({**extra.get("settings", {}), **{k: extra[k] for k in ("seed", "steps")
-                                                                       if k in extra}}, run_settings(cfg))
-        if mismatch is None:
-            start = int(ckpt.load_checkpoint(directory, run.model, run.optimizer)["step"])
-            if start > cfg.steps:
-                raise ValueError(f"checkpoint in {directory} is at step {start}, beyond steps={cfg.steps}")
-            return start
-        if not cfg.checkpoint.restart_on_mismatch:
-            raise ValueError(f"checkpoint in {directory} was written with {mismatch}; resume with the same "
-                             f"settings, start fresh (--overwrite; restart_on_mismatch=True) or use another "
-                             f"checkpoint directory")
-    if meta is not None:
+    if resume_step(run.config) is not None:
+        return int(ckpt.load_checkpoint(directory, run.model, run.optimizer)["step"])
+    if ckpt.checkpoint_meta(directory) is not None:
         ckpt.clear_checkpoints(directory)                  # a fresh start never mixes with the old records
     return 0
 
@@ -337,16 +357,76 @@ def _step(run: _Run, data, step: int) -> tuple[float, float]:
     return value, lr
 
 
+def _save(run: _Run, done: int) -> None:
+    """The checkpoint of ``done`` steps (atomic; see :mod:`convfactor.train.checkpoint`)."""
+    cfg = run.config
+    ckpt.save_checkpoint(cfg.checkpoint.directory, done, run.model, run.optimizer,
+                         extra={"seed": cfg.seed, "steps": cfg.steps, "settings": run_settings(cfg)})
+
+
 def _maybe_checkpoint(run: _Run, done: int) -> None:
     """Rank 0 writes a checkpoint every ``checkpoint.every`` steps and at the end; DDP ranks wait for it."""
     cfg = run.config
     if cfg.checkpoint.directory is None or (done % cfg.checkpoint.every and done != cfg.steps):
         return
     if run.rank == 0:
-        ckpt.save_checkpoint(cfg.checkpoint.directory, done, run.model, run.optimizer,
-                             extra={"seed": cfg.seed, "steps": cfg.steps, "settings": run_settings(cfg)})
+        _save(run, done)
     if run.ddp:
         dist.barrier()
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (or a ``KeyboardInterrupt``) after ``step`` of ``steps`` steps.
+
+    ``checkpoint_step``: the step of the newest checkpoint in ``directory`` (``step`` itself when the
+    interrupt came between steps and the checkpoint was written then), or None when there is none;
+    ``saved``: whether the model's state at ``step`` is in that checkpoint (else the interrupt came
+    inside a step, and a re-run resumes from ``checkpoint_step``)."""
+
+    def __init__(self, step: int, steps: int, directory: str | Path | None, checkpoint_step: int | None,
+                 saved: bool):
+        super().__init__(f"interrupted at step {step} of {steps}")
+        self.step, self.steps, self.directory = step, steps, directory
+        self.checkpoint_step, self.saved = checkpoint_step, saved
+
+
+def _interrupted(run: _Run, done: int, between_steps: bool) -> Interrupted:
+    """The :class:`Interrupted` of a stop after ``done`` steps; between steps (the model and optimizer
+    whole) rank 0 of a run without DDP first writes the checkpoint of ``done`` (unless it exists)."""
+    directory = run.config.checkpoint.directory
+    last = None if directory is None else ckpt.latest_step(directory)
+    if between_steps and directory is not None and not run.ddp and run.rank == 0 and last != done:
+        _save(run, done)
+        last = done
+    return Interrupted(done, run.config.steps, directory, last, between_steps and last == done)
+
+
+class _HeldInterrupt:
+    """While training (main thread, the default SIGINT handler in place): the first Ctrl-C is held
+    until :meth:`check` at the end of the step in progress; a second one raises at once."""
+
+    def __init__(self, active: bool):
+        self.active = (active and threading.current_thread() is threading.main_thread()
+                       and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        self.requested = False
+
+    def __enter__(self) -> "_HeldInterrupt":
+        if self.active:
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
 
 
 def _progress_bar(run: _Run, start: int):
@@ -372,6 +452,8 @@ def finetune(model: nn.Module, data, config: FinetuneConfig, *, teacher: nn.Modu
     batches; rank 0 writes checkpoints.
     ``history``: a list receiving ``{"step", "loss", "lr", "time_s"}`` per step.
     ``callback(step, loss)``: called after each step (1-based count of steps done).
+    Ctrl-C (or a ``KeyboardInterrupt`` from ``callback``) raises :class:`Interrupted` after writing the
+    checkpoint of the last whole step (see the module docstring).
     """
     _check(config, teacher)
     run = _start(model, config, teacher)
@@ -379,18 +461,28 @@ def finetune(model: nn.Module, data, config: FinetuneConfig, *, teacher: nn.Modu
     bar = _progress_bar(run, start)
     t0 = time.perf_counter()
     model.train()
+    done = start
     try:
-        for step in range(start, config.steps):
-            value, lr = _step(run, data, step)
-            done = step + 1
-            if history is not None:
-                history.append({"step": done, "loss": value, "lr": lr, "time_s": time.perf_counter() - t0})
-            if bar is not None:
-                bar.set_postfix(loss=f"{value:.4g}", lr=f"{lr:.2g}", refresh=False)
-                bar.update(1)
-            _maybe_checkpoint(run, done)
-            if callback is not None:
-                callback(done, value)
+        with _HeldInterrupt(not run.ddp) as held:
+            for step in range(start, config.steps):
+                value, lr = _step(run, data, step)
+                done = step + 1
+                if history is not None:
+                    history.append({"step": done, "loss": value, "lr": lr, "time_s": time.perf_counter() - t0})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{value:.4g}", lr=f"{lr:.2g}", refresh=False)
+                    bar.update(1)
+                try:
+                    _maybe_checkpoint(run, done)
+                    if callback is not None:
+                        callback(done, value)
+                    held.check()
+                except KeyboardInterrupt:
+                    raise _interrupted(run, done, between_steps=True) from None
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise _interrupted(run, done, between_steps=False) from None
     finally:
         if bar is not None:
             bar.close()

@@ -26,7 +26,7 @@ def test_compress_never_modifies_the_input_model():
 def test_unselected_layers_stay_bit_identical_and_rules_override():
     model = models.get("resnet20").eval()
     rules = [{"op_types": ["Conv2d"], "method": "channel_svd", "rank": 4},
-             {"op_names": ["layer3.*"], "method": "channel_svd", "energy": 0.95},
+             {"op_names": ["layer3.*"], "method": "channel_svd", "energy": 0.7},
              {"op_names": ["layer1.*"], "exclude": True}]
     compressed, report = convfactor.compress(model, rules, torch.randn(1, 3, 32, 32))
     names = {L.name for L in report.compressed}
@@ -83,3 +83,41 @@ def test_count_matches_hand_computed():
     assert c["macs"] == conv_macs + lin_macs and c["flops"] == 2 * c["macs"]
     assert c["layers"]["0"]["macs"] == conv_macs and c["layers"]["3"]["macs"] == lin_macs
     assert c["params"] == 8 * 27 + 8 + 800 * 5 + 5
+
+
+# ------------------------------------------------------------------ issue 23: energy targets under the speed bound
+def test_an_energy_target_never_raises_a_layers_macs():
+    """The README's quick start: tucker2 at energy=0.9 on resnet20 wanted ranks for layer2.0.conv1 that
+    cost more MACs than the dense conv (1.18M -> 1.24M); that layer now stays dense, with the reason."""
+    model = models.get("resnet20")
+    rules = [{"op_types": ["Conv2d"], "method": "tucker2", "energy": 0.9},
+             {"op_names": ["layer3.*"], "method": "cp", "rank": 32},
+             {"op_names": ["conv1"], "exclude": True}]
+    compressed, report = convfactor.compress(model, rules, torch.randn(1, 3, 32, 32))
+    energy_layers = [L for L in report.layers if not L.name.startswith("layer3.")]
+    assert all(L.macs_after < L.macs_before for L in energy_layers if L.skipped is None)
+    by_name = {L.name: L for L in report.layers}
+    reason = by_name["layer2.0.conv1"].skipped
+    assert reason is not None and "energy=0.9" in reason and "kept dense" in reason and "rank=" in reason
+    assert by_name["layer2.0.conv1"].macs_after == by_name["layer2.0.conv1"].macs_before
+    assert isinstance(compressed.layer2[0].conv1, nn.Conv2d) and not isinstance(compressed.layer2[0].conv1, Factorized)
+    assert len(report.compressed) > 6          # the layers whose energy ranks do cut MACs are factorized
+
+
+def test_energy_one_stays_an_exact_factorization():
+    model = models.get("resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+    compressed, report = convfactor.compress(model, [{"op_names": ["layer2.1.conv1"], "method": "channel_svd",
+                                                     "energy": 1.0}], x)
+    (layer,) = report.compressed
+    assert layer.output_error < 1e-5
+
+
+def test_keep_dense_layers_are_reported_with_their_reason():
+    model = models.get("resnet20").eval()
+    compressed, report = convfactor.compress(model, [{"op_types": ["Conv2d"], "method": "channel_svd", "rank": 2}],
+                                             torch.randn(1, 3, 32, 32), keep_dense={"conv1": "mine", "fc": "unselected"})
+    by_name = {L.name: L for L in report.layers}
+    assert by_name["conv1"].skipped == "mine" and by_name["conv1"].macs_before > 0
+    assert "fc" not in by_name                                          # no rule selects it: not reported
+    assert _params_equal(model.conv1, compressed.conv1)

@@ -9,12 +9,14 @@ import textwrap
 
 import pytest
 import torch
+from finetune_models import press_ctrl_c
 from torch import nn
 
 from convfactor.compression.api import compress
 from convfactor.train import checkpoint as ckpt
-from convfactor.train.finetune import (CheckpointConfig, DistillConfig, FinetuneConfig, OptimizerConfig,
-                                       batch_for_step, finetune, lr_factor)
+from convfactor.train.finetune import (CheckpointConfig, DistillConfig, FinetuneConfig, Interrupted, OptimizerConfig,
+                                       batch_for_step, finetune, lr_factor, resume_step)
+
 
 
 def _net(seed=0):
@@ -81,6 +83,55 @@ def test_resume_after_sigkill_of_a_subprocess(tmp_path):
     resumed = finetune(_net(), _data(), _config(checkpoint_dir=tmp_path, checkpoint_every=4), history=history)
     assert history[0]["step"] == 9 and history[-1]["step"] == 12
     assert _equal(resumed, finetune(_net(), _data(), _config()))
+
+
+def test_ctrl_c_is_held_to_the_end_of_the_step_whose_checkpoint_resumes_exactly(tmp_path):
+    """The first SIGINT lets the step (and the callback) finish, then the checkpoint of that step is
+    written and Interrupted (a KeyboardInterrupt) raised; the resume ends where the straight run ends."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ref = finetune(_net(), _data(), _config())
+    went_on = []
+
+    def ctrl_c(step, loss):
+        if step == 7:
+            press_ctrl_c()
+            went_on.append(step)                       # held: the callback runs on
+    with pytest.raises(Interrupted) as stop:
+        finetune(_net(), _data(), _config(checkpoint_dir=tmp_path, checkpoint_every=5), callback=ctrl_c)
+    assert isinstance(stop.value, KeyboardInterrupt) and went_on == [7]
+    assert (stop.value.step, stop.value.steps, stop.value.saved, stop.value.checkpoint_step) == (7, 12, True, 7)
+    assert ckpt.latest_step(tmp_path) == 7 and len(list(tmp_path.glob("ckpt-*"))) == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler          # restored
+    assert resume_step(_config(checkpoint_dir=tmp_path, checkpoint_every=5)) == 7
+    assert _equal(finetune(_net(), _data(), _config(checkpoint_dir=tmp_path, checkpoint_every=5)), ref)
+
+
+def test_a_second_ctrl_c_stops_inside_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    data = _data()
+
+    def batches(step, generator):                      # two Ctrl-C while step 7 draws its batch
+        if step == 6:
+            press_ctrl_c()
+            press_ctrl_c()
+        return batch_for_step(data, step, 4, 0)
+    model = _net()
+    with pytest.raises(Interrupted) as stop:
+        finetune(model, batches, _config(checkpoint_dir=tmp_path, checkpoint_every=5))
+    assert (stop.value.step, stop.value.saved, stop.value.checkpoint_step) == (6, False, 5)
+    assert ckpt.latest_step(tmp_path) == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resume_step_reads_the_checkpoint_without_loading_it(tmp_path):
+    assert resume_step(_config(checkpoint_dir=tmp_path)) is None
+    finetune(_net(), _data(), _config(checkpoint_dir=tmp_path, checkpoint_every=5))
+    assert resume_step(_config(checkpoint_dir=tmp_path)) == 12
+    other = FinetuneConfig(steps=12, batch_size=4, optimizer=OptimizerConfig(lr=1e-3), progress=False,
+                           checkpoint=CheckpointConfig(tmp_path))
+    with pytest.raises(ValueError, match=r"lr=0.01 \(now 0.001\)"):
+        resume_step(other)
+    fresh = FinetuneConfig(**{**other.__dict__, "checkpoint": CheckpointConfig(tmp_path, restart_on_mismatch=True)})
+    assert resume_step(fresh) is None and ckpt.latest_step(tmp_path) == 12       # nothing removed by asking
 
 
 def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -1,0 +1,7 @@
+"""``python -m convfactor ...``: the same command line as the ``convfactor`` script."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
