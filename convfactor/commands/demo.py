@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..recipes.demo import MAX_LOSS_DB, run_demo
-from ..recipes.pipeline import PipelineConfig, default_report_backends
+from ..recipes.pipeline import PipelineConfig, default_plan_backend, default_report_backends
 from .common import add_malloc_argument, apply_malloc, backend_argument, backend_help
 
 HELP = ("compress the shipped EDSR-baseline x2 for a measured speed-up, fine-tune it with distillation, "
@@ -32,8 +32,9 @@ def add_arguments(p) -> None:
                    help="latency: the measured speed-up planner (default); budget: a MACs budget of 1/speedup; "
                         "fixed: channel SVD at per-layer MACs 1/speedup (the last two are MACs targets, not speed); "
                         "--quick defaults to budget")
-    p.add_argument("--backend", type=backend_argument, default="torch",
-                   help=backend_help("timing back-end the plan is made and judged on (default: torch, eager)"))
+    p.add_argument("--backend", type=backend_argument, default=default_plan_backend(),
+                   help=backend_help("timing back-end the plan is made and judged on (default: openvino where it "
+                                     "is installed, else torch, eager)"))
     p.add_argument("--backends", nargs="+", default=list(default_report_backends()), type=backend_argument,
                    help=backend_help("back-ends the final models are also timed on, side by side in the report "
                                      f"(default: {' '.join(default_report_backends())}; add compile for "
