@@ -185,7 +185,8 @@ def render(r: Results) -> str:
     lines += table(["runtime", "variant", "ms", "speed-up vs its dense fp32 (95%)", "PSNR-Y dB", "loss dB",
                     "ONNX file MiB"], body)
     lines += ["", f"- Kept in float (image-facing convs), ONNX Runtime: {', '.join(r.kept_fp32) or 'none'}; OpenVINO: "
-              "the convs with 4 or fewer input or output channels (the same two).", *target_lines(r.rows)]
+              "the convs the input reaches or that reach the output through no other conv, and any with 4 or fewer "
+              "input or output channels (`openvino_runtime.image_facing_convs`).", *target_lines(r.rows)]
     if r.plan_message:
         lines.append(f"- Planner: {r.plan_message}.")
     if r.quick:

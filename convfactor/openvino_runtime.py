@@ -95,17 +95,46 @@ def compile_model(model: Any, *, threads: int | None = None, precision: str = "f
 
 
 def image_facing_convs(ov_model, max_channels: int = 4) -> list[str]:
-    """Names of the Convolution ops of ``ov_model`` whose weight has ``max_channels`` or fewer output or
-    input channels (the convs that read or write the image itself)."""
-    names = []
+    """Names of the Convolution ops of ``ov_model`` that read or write the image itself: those the input
+    reaches, or that reach an output, through no other Convolution (a mean shift, a PixelShuffle, a
+    residual add or a merge's bias field between them and the image changes nothing: EDSR's upsampler
+    merged with its tail is a 44->12 conv whose channels are the image's sub-pixels), and those whose
+    weight has ``max_channels`` or fewer output or input channels."""
+    names = set(_convs_reached(ov_model.get_parameters(), _consumers))
+    names |= _convs_reached(ov_model.get_results(), _producers)
     for op in ov_model.get_ops():
         if op.get_type_name() != "Convolution":
             continue
         shape = op.input(1).get_partial_shape()
         if shape.rank.is_static and shape.rank.get_length() >= 2 and shape[0].is_static and shape[1].is_static:
             if min(shape[0].get_length(), shape[1].get_length()) <= max_channels:
-                names.append(op.get_friendly_name())
-    return names
+                names.add(op.get_friendly_name())
+    return sorted(names)
+
+
+def _consumers(node) -> list:
+    return [target.get_node() for out in node.outputs() for target in out.get_target_inputs()]
+
+
+def _producers(node) -> list:
+    return [inp.get_source_output().get_node() for inp in node.inputs()]
+
+
+def _convs_reached(start, step) -> set[str]:
+    """Friendly names of the Convolutions reached from ``start`` by ``step`` (consumers or producers)
+    without passing through another Convolution."""
+    found, seen, stack = set(), set(), list(start)
+    while stack:
+        node = stack.pop()
+        key = node.get_friendly_name()
+        if key in seen:
+            continue
+        seen.add(key)
+        if node.get_type_name() == "Convolution":
+            found.add(key)
+        else:
+            stack.extend(step(node))
+    return found
 
 
 def quantize_nncf(ov_model, calibration: Sequence[np.ndarray], *, keep_image_convs: bool = True):

@@ -8,8 +8,9 @@ calibrated on the inputs given (min-max by default; ``percentile``/``entropy`` o
 On x86 CPUs without VNNI the u8s8 kernels can saturate, so weights then use 7 bits
 (``reduce_range``, as ORT's documentation advises); the report records which.
 
-Kept in float32 by default: every conv that reads or writes the image itself (4 channels or fewer
-on either side).  int8's 256 levels are the image's own resolution there, so rounding the first
+Kept in float32 by default: every conv that reads or writes the image itself: the convs the input
+reaches, or that reach an output, through no other conv (a mean shift, PixelShuffle, residual add or a
+merge's bias field between them changes nothing), and any with 4 channels or fewer on either side.  int8's 256 levels are the image's own resolution there, so rounding the first
 layer's input and the last layer's output costs PSNR directly, and these layers hold a negligible
 share of the MACs.  :func:`image_conv_nodes` finds them from the weight shapes in the graph, so it
 works for either exporter's node names.
@@ -69,18 +70,45 @@ class QuantReport:
         return asdict(self)
 
 
+CONV_OPS = ("Conv", "ConvTranspose")
+
+
 def image_conv_nodes(model, max_channels: int = 4) -> list[str]:
-    """Names of the Conv nodes of an ONNX ``model`` whose weight has ``max_channels`` or fewer output or
-    input channels (``weight: (N, C/g, *k)`` read from the initializers; a node with a computed weight
-    is left alone)."""
+    """Names of the Conv nodes of an ONNX ``model`` that read or write the image: those the graph's inputs
+    reach, or that reach its outputs, through no other Conv, and those whose weight has ``max_channels``
+    or fewer output or input channels (``weight: (N, C/g, *k)`` read from the initializers)."""
     weights = {t.name: list(t.dims) for t in model.graph.initializer}
-    out = []
+    found = _edge_convs(model.graph)
     for node in model.graph.node:
-        if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1 and node.input[1] in weights:
+        if node.op_type in CONV_OPS and len(node.input) > 1 and node.input[1] in weights:
             shape = weights[node.input[1]]
             if min(shape[0], shape[1]) <= max_channels:
-                out.append(node.name)
-    return out
+                found.add(node.name)
+    return [n.name for n in model.graph.node if n.name in found]
+
+
+def _edge_convs(graph) -> set[str]:
+    """Conv nodes reached from the graph's inputs (forward) or its outputs (backward) through no other Conv."""
+    producer = {t: n for n in graph.node for t in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    found, seen = set(), set()
+    stack = [(n, "fwd") for i in graph.input for n in consumers.get(i.name, [])]
+    stack += [(producer[o.name], "back") for o in graph.output if o.name in producer]
+    while stack:
+        node, way = stack.pop()
+        if (node.name, way) in seen:
+            continue
+        seen.add((node.name, way))
+        if node.op_type in CONV_OPS:
+            found.add(node.name)
+        elif way == "fwd":
+            stack += [(c, way) for t in node.output for c in consumers.get(t, [])]
+        else:
+            stack += [(producer[t], way) for t in node.input if t in producer]
+    return found
 
 
 class _Reader:

@@ -45,12 +45,36 @@ def test_int8_keeps_the_image_facing_convs_in_float():
     model, x = _sr_model(), torch.rand(1, 3, 16, 16)
     ov_model = ovr.read_onnx(_onnx(model, x))
     names = ovr.image_facing_convs(ov_model)
-    assert len(names) == 1                          # the 3->12 head; 12->12 is not image-facing
-    quantized = ovr.quantize_nncf(ov_model, [torch.rand(1, 3, 16, 16).numpy() for _ in range(2)])
-    fq_inputs = {op.get_friendly_name() for op in quantized.get_ops() if op.get_type_name() == "Convolution"
-                 and any(i.get_source_output().get_node().get_type_name() == "FakeQuantize"
-                         for i in op.inputs())}
-    assert fq_inputs and names[0] not in fq_inputs
+    convs = [op.get_friendly_name() for op in ov_model.get_ops() if op.get_type_name() == "Convolution"]
+    assert len(names) == 2 and set(names) == set(convs)    # the 3->12 head, and the 12->12 that writes the
+    quantized = ovr.quantize_nncf(ov_model, [torch.rand(1, 3, 16, 16).numpy() for _ in range(2)])  # sub-pixels
+    assert not _quantized_convs(quantized) & set(names)
+
+
+def _quantized_convs(ov_model) -> set[str]:
+    return {op.get_friendly_name() for op in ov_model.get_ops() if op.get_type_name() == "Convolution"
+            and any(i.get_source_output().get_node().get_type_name() == "FakeQuantize" for i in op.inputs())}
+
+
+def test_int8_finds_the_image_writing_conv_behind_a_merge():
+    """The 19 dB int8 loss of a merged low-rank EDSR: its tail became a wide conv (r -> 12 sub-pixels)
+    plus a bias field, which no channel count flags; the graph walk does, and int8 then stays close."""
+    from convfactor import compress, models
+    model, x = models.get("edsr_baseline_x2", pretrained=True), torch.rand(1, 3, 24, 24)
+    rules = [{"op_types": ["Conv2d"], "method": "channel_svd", "macs_ratio": 0.3, "exclude_op_names": ["head", "tail.1"]}]
+    merged, report = compress(model, rules, x)
+    assert report.merge.merged                                  # the sub-pixel merge happened
+    ov_model = ovr.read_onnx(_onnx(merged.eval(), x))
+    names = ovr.image_facing_convs(ov_model)
+    writer = [n for n in names if n.endswith("tail.0.1/conv/Conv/WithoutBiases")]
+    assert writer, names
+    calibration = [torch.rand(1, 3, 24, 24).numpy() for _ in range(3)]
+    quantized = ovr.quantize_nncf(ov_model, calibration)
+    assert _quantized_convs(quantized) and not _quantized_convs(quantized) & set(names)
+    with torch.no_grad():
+        ref = merged(x)
+    out = torch.from_numpy(ovr.compile_model(quantized, threads=1)(x.numpy())[0])
+    assert float((out - ref).norm() / ref.norm()) < 0.05
 
 
 def _onnx(model, x):

@@ -37,6 +37,22 @@ def test_dynamic_spatial_export_runs_at_other_sizes(edsr_onnx):
             assert torch.allclose(session(x), model(x), atol=1e-4)
 
 
+def test_the_conv_that_writes_the_image_behind_a_merge_is_kept_in_float(tmp_path):
+    """A merged low-rank EDSR's tail is a wide conv (r -> 12 sub-pixels) plus a bias field: no channel
+    count flags it, the graph walk does (it reaches the output through PixelShuffle and adds only)."""
+    import onnx
+
+    from convfactor import compress
+    model, x = models.get("edsr_baseline_x2", pretrained=True), torch.rand(1, 3, 24, 24)
+    rules = [{"op_types": ["Conv2d"], "method": "channel_svd", "macs_ratio": 0.3, "exclude_op_names": ["head", "tail.1"]}]
+    merged, report = compress(model, rules, x)
+    assert report.merge.merged
+    graph = onnx.load(str(export_model(merged.eval(), x, tmp_path / "m.onnx", opset=17, log=lambda m: None)))
+    kept = image_conv_nodes(graph)
+    assert "/head/Conv" in kept and "/tail/tail.0/tail.0.1/conv/Conv" in kept, kept
+    assert not any(name.startswith("/body/") for name in kept)
+
+
 def test_int8_model_tracks_ortfloat_and_keeps_image_convs_in_fp32(edsr_onnx, tmp_path):
     import onnx
     _, path, crops = edsr_onnx
