@@ -183,3 +183,12 @@ def test_a_refused_pickle_is_one_line_without_a_warning(tmp_path, capsys):
         assert cli.main(["inspect", "resnet20", "--weights", str(file)]) == 2
     assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
     assert "--trust-pickle" in _one_line_error(capsys, "inspect")
+
+
+def test_a_factory_in_the_current_folder_says_how_to_import_it(tmp_path, monkeypatch, capsys):
+    """issue 23: `mymodule:factory` failed from the module's own folder with no word about PYTHONPATH."""
+    (tmp_path / "mymod_cf_hint.py").write_text("from torch import nn\ndef make():\n    return nn.Conv2d(3, 4, 3)\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["inspect", "mymod_cf_hint:make", "--input-size", "1x3x8x8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mymod_cf_hint is in the current folder" in err[0] and "PYTHONPATH=." in err[0]

@@ -196,6 +196,15 @@ def _timm_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     return timm.create_model(name, **{**kwargs, "pretrained": False})
 
 
+def _path_hint(module_name: str) -> str:
+    """A hint when ``module_name`` lives in the current folder, which a console script does not search."""
+    top = module_name.split(".")[0]
+    if Path(f"{top}.py").is_file() or Path(top, "__init__.py").is_file():
+        return (f"; {top} is in the current folder, which the convfactor command does not search: run it as "
+                f"PYTHONPATH=. convfactor ... or python -m convfactor ...")
+    return ""
+
+
 def _factory(spec: str):
     """The callable ``package.module:attr.path`` names, with one-line errors."""
     module_name, attr = _split(spec)
@@ -208,7 +217,7 @@ def _factory(spec: str):
                 raise
             obj = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise ValueError(f"cannot import {module_name} ({_first_line(exc)})") from None
+        raise ValueError(f"cannot import {module_name} ({_first_line(exc)}){_path_hint(module_name)}") from None
     except Exception as exc:  # noqa: BLE001 - the user's module may fail in any way while importing
         raise ValueError(f"cannot import {module_name} ({_first_line(exc)})") from exc
     for part in attr.split("."):
