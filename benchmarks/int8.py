@@ -100,7 +100,7 @@ def speed_row(times: dict[str, list[list[float]]], name: str, reference: str) ->
     return dict(ms=med[name], speedup=med[reference] / med[name], interval=ratio_interval(times[reference], times[name]))
 
 
-def openvino_sessions(models: dict[str, torch.nn.Module], example: torch.Tensor, crops: list, spec: dict
+def openvino_sessions(models: dict[str, torch.nn.Module], example: torch.Tensor, crops: list
                       ) -> dict[str, OpenVinoModule]:
     """``"LABEL PRECISION"`` -> the model compiled by OpenVINO at that precision (int8 calibrated on ``crops``)."""
     calibration = [np.asarray(c) for c in crops]
@@ -120,7 +120,7 @@ def measure(quick: bool = False) -> Results:
     with tempfile.TemporaryDirectory() as tmp:
         files, kept = onnx_files(models, res.example, Path(tmp), spec)
         runtimes = {"onnxruntime": {n: OnnxModule(f, threads=2) for n, f in files.items()},
-                    "openvino": openvino_sessions(models, res.example, crops, spec)}
+                    "openvino": openvino_sessions(models, res.example, crops)}
         for runtime, sessions in runtimes.items():
             times = interleaved_ms(sessions, res.example, spec["rounds"], spec["per_round"])
             rows += [dict(runtime=runtime, variant=n, **speed_row(times, n, "dense fp32"),

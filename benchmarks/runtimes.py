@@ -31,6 +31,7 @@ from convfactor.recipes.pipeline import PipelineConfig, compress_finetune_measur
 from convfactor.utils import cpu_has
 
 from .fresh_timing import compare_in_fresh_process
+from .int8 import runtime_versions
 from .markdown import heading, table
 from .pipeline_settings import bench_config
 from .section import Section
@@ -263,18 +264,12 @@ def _allocator_lines(entries: list[dict]) -> list[str]:
                           "speed-up (95%)", "noisy"], rows)
 
 
-def _runtime_versions() -> str:
-    """The runtimes' versions, as installed (each figure also records its own in its environment)."""
-    import onnxruntime
-    from convfactor.openvino_runtime import version
-    return f"onnxruntime {onnxruntime.__version__}, openvino {version()}"
-
-
 def render(r: Results) -> str:
     lines = heading(TITLE)
     lines += [f"EDSR-baseline x2, LR input {QUICK['side'] if r.quick else FULL['side']}², batch 1, "
               f"{r.env.get('threads')} threads, fp32 unless a back-end names its precision, {r.env.get('cpu')}, "
-              f"malloc={r.env.get('malloc')}, torch {r.env.get('torch')}, {_runtime_versions()}. Each speed-up is "
+              f"malloc={r.env.get('malloc')}, torch {r.env.get('torch')}, "
+              f"{', '.join(runtime_versions().values())}. Each speed-up is "
               "against that back-end's own fastest dense form at the same precision; a row `B vs A` times the "
               "compressed model on B against the dense model on A (a lower precision against the dense fp32 model "
               "it replaces). A plan on a lower precision first credits the dense model at that precision against "

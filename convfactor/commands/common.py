@@ -121,7 +121,7 @@ def load_model(args) -> tuple[nn.Module, torch.Tensor]:
     """The model the arguments describe, with weights, and an example input (seeded)."""
     from pathlib import Path
     from .. import io, models
-    source, pretrained = Path(args.model), False
+    source, note = Path(args.model), None
     if source.is_dir() and (source / "recipe.json").is_file():
         import json
         name = io.base_model_of(source)
@@ -140,13 +140,13 @@ def load_model(args) -> tuple[nn.Module, torch.Tensor]:
         elif args.weights:
             io.load_weights(model, args.weights, trust_pickle=args.trust_pickle)
         args.weights_source = weights_source(args.model, args.weights, pretrained)
+        note = random_weights_note(args, pretrained)
     if args.input_size:
         shape = parse_shape(args.input_size)
     if shape is None:
         raise ValueError(f"--input-size is needed for {args.model} (its library states no input size)")
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     models.check_input(model, example)
-    note = random_weights_note(args, pretrained) if not (source.is_dir() and (source / "recipe.json").is_file()) else None
     if note:
         import sys
         print(note, file=sys.stderr)
