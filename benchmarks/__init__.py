@@ -29,6 +29,7 @@ SECTIONS = [
     "runtimes",          # the same compressed model on eager / ONNX Runtime / torch.compile (issue 13)
     "int8",              # low rank stacked with static int8 on ONNX Runtime (issue 15)
     "frontier",          # measured speed-up vs quality loss per approach, with a figure (issue 15)
+    "esrgan",            # published SRMD / Real-ESRGAN weights: sequential fits, precision, Sedky & Hosmer (issue 22)
     "peers",             # TensorLy / TensorLy-Torch side by side (issue 6)
     "im2col",            # im2col + GEMM vs native conv (issue 6)
     "experiments",       # the seeds' headline experiments in miniature (issue 6)

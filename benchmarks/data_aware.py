@@ -99,8 +99,8 @@ def _rules(patterns, method, ratio, variant):
     rules = []
     for p in patterns:
         rule = {"op_names": [p], "op_types": ["Conv2d"], "method": method, "macs_ratio": ratio}
-        if variant != "weight-only":
-            rule["data_aware"] = True
+        if variant != "weight-only":        # each layer on the original's inputs (the sequential fit: esrgan section)
+            rule.update(data_aware=True, sequential=False, relu=False)
         if variant == "data-aware + relu" and p == relu_layer:
             rule["relu"] = True
         rules.append(rule)

@@ -144,7 +144,7 @@ def _train_rrdbnet(cfg: dict) -> tuple[nn.Module, float]:
     return model.eval(), train_s
 
 
-def _kappa_marking(model: nn.Module, x: torch.Tensor, keep: list[str]) -> tuple[list[float], float, list[str]]:
+def kappa_marking(model: nn.Module, x: torch.Tensor, keep: list[str]) -> tuple[list[float], float, list[str]]:
     """Their Fig. 2: kappa of every non-image conv, the threshold between the two middle kappas, the marked layers."""
     facts = [f for f in inspect_model(model, x) if f["name"] not in keep and f.get("kappa") is not None]
     kappas = [f["kappa"] for f in facts]
@@ -180,7 +180,7 @@ def measure_sedky(quick: bool = False) -> Sedky:
     model, train_s = _train_rrdbnet(cfg)
     x = torch.rand(1, 3, cfg["speed_side"], cfg["speed_side"], generator=torch.Generator().manual_seed(1))
     keep = image_layers(model)
-    kappas, threshold, marked = _kappa_marking(model, x, keep)
+    kappas, threshold, marked = kappa_marking(model, x, keep)
     exp = Sedky(cfg, train_s, kappas, threshold, marked, _quality(model, 4, quick))
     exp.rows = [SedkyRow("original", count_params(model), count(model, x)["macs"], exp.base)]
     exp.rows += [_sedky_method(model, x, label, method, exp, keep, quick)

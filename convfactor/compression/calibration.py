@@ -8,6 +8,10 @@ sample of what that layer received:
   data), and samples beyond the budget are dropped by reservoir sampling (uniform over all seen);
 * ``nn.Linear`` layers: rows ``(P, in_features)`` (leading axes flattened), reservoir-sampled.
 
+:func:`collect_input_pairs` gives one layer's inputs in two models at once (the original and the
+partly compressed copy), cropped alike, for the sequential (asymmetric) fit; :func:`probe_layers`
+gives the layers' execution order and which of them feed only a ReLU.
+
 Sampling is seeded, so the same batches give the same calibration set.  The model runs on copies
 of the batches (:func:`clone_tree`): a model that scales its input in place (``x *= 255``) must not
 change the caller's tensors.
@@ -18,10 +22,12 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..utils import as_inputs, eval_mode
 
-__all__ = ["collect_inputs", "as_batches", "clone_tree"]
+__all__ = ["collect_inputs", "collect_input_pairs", "probe_layers", "as_batches", "clone_tree"]
 
 #: keep at least this many samples per layer when cropping to the budget
 MIN_ITEMS = 8
@@ -142,3 +148,110 @@ def collect_inputs(model: nn.Module, layer_names: Iterable[str], calibration_bat
             h.remove()
     return {name: stores[name].result() for name in names}
 
+
+
+class _Reached(Exception):
+    """Raised by a pre-hook once the layer's input is captured: the rest of the forward is not needed."""
+
+
+def _input_of(model: nn.Module, name: str, batch) -> torch.Tensor:
+    """What layer ``name`` of ``model`` receives on ``batch`` (its first call; the forward stops there)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(mod, args):
+        seen.append(args[0].detach().clone())
+        raise _Reached
+
+    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        model(*clone_tree(as_inputs(batch)))
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError(f"no calibration input reached {name}")
+    return seen[0]
+
+
+@torch.no_grad()
+def collect_input_pairs(reference: nn.Module, model: nn.Module, name: str, calibration_batches, *,
+                        max_bytes: int = 32 * 2 ** 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(reference's inputs, model's inputs)`` of layer ``name`` on the same samples, cropped alike.
+
+    ``model`` is ``reference`` with some layers before ``name`` replaced: the pair is what the
+    original layer saw and what it will see (Zhang et al. TPAMI 2016 sec. 3.3).  Each forward stops at
+    the layer.  Conv layers give two ``(S, C, *spatial)``, Linear layers two ``(P, in_features)``,
+    sampled as :func:`collect_inputs` samples (both halves of a pair travel as one tensor).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    is_linear = isinstance(reference.get_submodule(name), nn.Linear)
+    store = _Reservoir(max_bytes, gen, crop=not is_linear)
+    with eval_mode(reference), eval_mode(model):
+        for batch in as_batches(calibration_batches):
+            x_ref, x_now = _input_of(reference, name, batch), _input_of(model, name, batch)
+            if x_ref.shape != x_now.shape:
+                raise ValueError(f"{name} receives {tuple(x_now.shape)} in the compressed model, "
+                                 f"{tuple(x_ref.shape)} in the original")
+            if is_linear:
+                x_ref, x_now = x_ref.reshape(-1, x_ref.shape[-1]), x_now.reshape(-1, x_now.shape[-1])
+            store.add(torch.cat([x_ref, x_now], dim=-1 if is_linear else 1))
+    both = store.result()
+    half = both.shape[-1 if is_linear else 1] // 2
+    return (both[..., :half], both[..., half:]) if is_linear else (both[:, :half], both[:, half:])
+
+
+#: the calls that apply a ReLU to a tensor
+RELU_CALLS = (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
+
+
+def _inspects(func) -> bool:
+    """Whether ``func`` only reads a tensor's metadata (``.shape``, ``.size()``, ``.dim()``), not its values."""
+    return getattr(func, "__name__", "") in ("__get__", "size", "dim", "ndimension")
+
+
+class _Consumers(TorchFunctionMode):
+    """Records, for each watched tensor, every torch function called on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.watched: dict[int, tuple[str, torch.Tensor]] = {}    # id -> (layer name, the tensor, kept alive)
+        self.calls: dict[str, set] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in (*args, *kwargs.values()):
+            for item in (value if isinstance(value, (list, tuple)) else (value,)):
+                if isinstance(item, torch.Tensor) and id(item) in self.watched and not _inspects(func):
+                    self.calls.setdefault(self.watched[id(item)][0], set()).add(func)
+        result = func(*args, **kwargs)
+        if func in RELU_CALLS and isinstance(result, torch.Tensor) and id(result) in self.watched:
+            del self.watched[id(result)]        # an in-place ReLU: the tensor now holds what the ReLU gave
+        return result
+
+
+@torch.no_grad()
+def probe_layers(model: nn.Module, names: Iterable[str], batch) -> tuple[list[str], set[str]]:
+    """``(names in the order the forward first runs them, names whose output feeds only a ReLU)``.
+
+    One forward of ``batch`` (eval mode) with every torch call watched; a layer whose output is also
+    added, concatenated or normalized is not ReLU-fed.  Names the forward never reaches come last.
+    """
+    names = list(dict.fromkeys(names))
+    mode, order = _Consumers(), []
+
+    def hook(mod, args, output, name):
+        if name not in order:
+            order.append(name)
+        if isinstance(output, torch.Tensor):
+            mode.watched[id(output)] = (name, output)
+
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in names]
+    try:
+        with eval_mode(model), mode:
+            model(*clone_tree(as_inputs(batch)))
+    finally:
+        for h in handles:
+            h.remove()
+    relu_fed = {n for n, calls in mode.calls.items() if calls and all(c in RELU_CALLS for c in calls)}
+    return order + [n for n in names if n not in order], relu_fed

@@ -55,6 +55,7 @@ TT is not supported (its module is not a chain of convs).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -90,15 +91,20 @@ def fit_note(module: nn.Module) -> str | None:
 class DataAwareSettings:
     """How a layer is fitted to its responses (see the module docstring)."""
 
-    relu: bool = False
+    relu: bool | str = "auto"
     alternate: int = 0
     iters: int = 25
     ridge: float = 1e-8
     max_positions: int = 16384
     seed: int = 0
     holdout: float = 0.2
+    sequential: bool = True
 
     def __post_init__(self):
+        if self.relu not in (True, False, "auto"):
+            raise ValueError(f"relu must be true, false or 'auto', got {self.relu!r}")
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential must be true or false, got {self.sequential!r}")
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (self.alternate, self.iters)):
             raise ValueError(f"alternate and iters must be non-negative ints, got {self.alternate!r}, {self.iters!r}")
         if not self.ridge >= 0:
@@ -107,6 +113,10 @@ class DataAwareSettings:
             raise ValueError(f"max_positions must be a positive int, got {self.max_positions!r}")
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 <= self.holdout < 1:
             raise ValueError(f"holdout must be a number in [0, 1), got {self.holdout!r}")
+
+    def resolved(self, followed_by_relu: bool = False) -> "DataAwareSettings":
+        """These settings with ``relu="auto"`` decided: True when the layer's output only feeds a ReLU."""
+        return dataclasses.replace(self, relu=followed_by_relu) if self.relu == "auto" else self
 
 
 # ---------------------------------------------------------------------------- data plumbing
@@ -205,28 +215,29 @@ def _anchored(cov: torch.Tensor, w: torch.Tensor, ridge: float) -> torch.Tensor:
 
 def fit_response_svd(weight: torch.Tensor, bias: torch.Tensor | None, responses: torch.Tensor, rank: int,
                      groups: int = 1, *, relu: bool = False, iters: int = 25, ridge: float = 1e-8,
-                     ) -> dict[str, torch.Tensor]:
+                     targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Zhang et al.'s response reconstruction for a rank-``rank`` channel SVD.
 
-    ``weight: (N, C/g, *k)``, ``bias: (N,)`` or None, ``responses: (P, N)`` = ``W * x`` at P sampled
-    positions (no bias).  Returns channel_svd factors ``first: (g r, C/g, *k)``, ``second: (N, r)``
-    and ``bias`` (when the layer has one).  The response covariance is anchored to ``W W^T`` by
-    ``ridge`` (see :func:`_anchored`).
+    ``weight: (N, C/g, *k)``, ``bias: (N,)`` or None, ``responses: (P, N)`` = ``W * x_hat`` at P sampled
+    positions (no bias), on the inputs the layer will receive.  ``targets: (P, N)`` = ``W * x`` on the
+    original network's inputs at the same positions (asymmetric reconstruction, Zhang et al. TPAMI 2016
+    sec. 3.3: ``min ||y - M y_hat||``, M of rank r, by reduced-rank regression); None: the same as
+    ``responses`` (``M = U_r U_r^T``).  Returns channel_svd factors ``first: (g r, C/g, *k)``,
+    ``second: (N, r)`` and ``bias`` (when the layer has one).  The fitted values' covariance is
+    anchored to ``M W (M W)^T`` by ``ridge`` (see :func:`_anchored`).
     """
     n_out = weight.shape[0]
     n = n_out // groups
     firsts, seconds, biases = [], [], []
     for j in range(groups):
-        w = weight[j * n:(j + 1) * n].reshape(n, -1)
-        y = responses[:, j * n:(j + 1) * n]
-        b = bias[j * n:(j + 1) * n] if bias is not None else None
-        mu = y.mean(0) if b is not None else torch.zeros(n, dtype=y.dtype, device=y.device)
-        yc = y - mu
-        u = _top_eigvecs(_anchored(yc.T @ yc, w, ridge), rank)          # (n, r)
-        left, right = u, u.T                                          # W_hat = left @ right @ W
-        b_hat = b + mu - u @ (u.T @ mu) if b is not None else None
+        cut = slice(j * n, (j + 1) * n)
+        w = weight[cut].reshape(n, -1)
+        y_in = responses[:, cut]
+        y_t = targets[:, cut] if targets is not None else y_in
+        b = bias[cut] if bias is not None else None
+        left, right, b_hat = _response_projection(y_in, y_t, w, b, rank, ridge)
         if relu:
-            left, right, b_hat = _relu_fit(y, b, left, right, b_hat, rank, iters, ridge)
+            left, right, b_hat = _relu_fit(y_in, y_t, b, left, right, b_hat, rank, iters, ridge)
         firsts.append(right @ w)
         seconds.append(left)
         if b_hat is not None:
@@ -238,28 +249,44 @@ def fit_response_svd(weight: torch.Tensor, bias: torch.Tensor | None, responses:
     return factors
 
 
-def _relu_fit(y, b, left, right, b_hat, rank, iters, ridge):
-    """Zhang et al. 2016 sec. 3.2: ``min ||r(y + b) - r(M y + b_hat)||``, ``M = left @ right`` of rank r."""
-    target = (y + b if b is not None else y).clamp(min=0)
+def _response_projection(y_in, y_t, w, b, rank: int, ridge: float):
+    """``(left (n, r), right (r, n), b_hat)`` with ``left @ right @ y_in + b_hat`` the best rank-r linear
+    predictor of ``y_t + b`` (``y_in, y_t: (P, n)``).  Symmetric (``y_t is y_in``): the top eigenvectors
+    of the response covariance, ``right = left^T``; else reduced-rank regression through the ridge
+    regression ``M`` (anchored at the identity) of the centred targets on the centred inputs."""
+    mu_in = y_in.mean(0) if b is not None else torch.zeros_like(y_in[0])
+    yc = y_in - mu_in
+    if y_t is y_in:
+        u = _top_eigvecs(_anchored(yc.T @ yc, w, ridge), rank)
+        return u, u.T, (b + mu_in - u @ (u.T @ mu_in) if b is not None else None)
+    mu_t = y_t.mean(0) if b is not None else torch.zeros_like(y_t[0])
+    eye = torch.eye(yc.shape[1], dtype=yc.dtype, device=yc.device)
+    m = (eye + _solve(yc, (y_t - mu_t) - yc, ridge)).T                # (n, n): y_t - mu_t ~ m (y_in - mu_in)
+    fitted = yc @ m.T
+    u = _top_eigvecs(_anchored(fitted.T @ fitted, m @ w, ridge), rank)
+    right = u.T @ m
+    return u, right, (b + mu_t - u @ (right @ mu_in) if b is not None else None)
+
+
+def _relu_fit(y_in, y_t, b, left, right, b_hat, rank, iters, ridge):
+    """Zhang et al. 2016 sec. 3.2-3.3: ``min ||r(y_t + b) - r(M y_in + b_hat)||``, ``M = left @ right`` of rank r
+    (``y_t is y_in``: the symmetric case)."""
+    target = (y_t + b if b is not None else y_t).clamp(min=0)
     has_bias = b is not None
 
-    def objective(left, right, b_hat):
-        pred = y @ (left @ right).T + (b_hat if has_bias else 0)
-        return (target - pred.clamp(min=0)).pow(2).sum().item()
-
     def predict(left, right, b_hat):
-        return y @ (left @ right).T + (b_hat if has_bias else 0)
+        return y_in @ (left @ right).T + (b_hat if has_bias else 0)
 
     y_hat = predict(left, right, b_hat)
     best = ((target - y_hat.clamp(min=0)).pow(2).sum().item(), left, right, b_hat)
-    ybar = y.mean(0) if has_bias else torch.zeros_like(y[0])
-    yc = y - ybar
+    ybar = y_in.mean(0) if has_bias else torch.zeros_like(y_in[0])
+    yc = y_in - ybar
     solve = _RidgeLS(yc, ridge)
     cov = yc.T @ yc
     for lam in lam_schedule(iters):
         z = relu_z_step(target, y_hat, lam)
         zbar = z.mean(0) if has_bias else torch.zeros_like(z[0])
-        m_ls = solve(z - zbar).T                                          # (n, n): z ~ m_ls y
+        m_ls = solve(z - zbar).T                                          # (n, n): z ~ m_ls y_in
         u = _top_eigvecs(m_ls @ cov @ m_ls.T, rank)                       # reduced-rank regression
         left, right = u, u.T @ m_ls
         b_hat = zbar - left @ (right @ ybar) if has_bias else None
@@ -333,21 +360,26 @@ def _conv_rows(conv: nn.Module, design: torch.Tensor) -> torch.Tensor:
 
 
 def refit_last(module: Factorized, layer: nn.Module, xs: Sequence[torch.Tensor],
-               settings: DataAwareSettings = DataAwareSettings()) -> Factorized:
-    """Re-solve the last conv/Linear of ``module`` so it reproduces ``layer`` on ``xs``, in place.
+               settings: DataAwareSettings = DataAwareSettings(), targets: Sequence[torch.Tensor] | None = None
+               ) -> Factorized:
+    """Re-solve the last conv/Linear of ``module`` so that ``module(xs)`` reproduces ``layer`` on ``xs``
+    (or, asymmetrically, on ``targets``: the original network's inputs, shaped like ``xs``), in place.
 
     The modules run in their own dtype; the least squares are solved in float64, anchored at the
     last piece's current weights (see :func:`_fit_conv`).  With ``settings.alternate`` and a
     two-piece chain ending in a pointwise conv, the first piece is re-solved too (alternately).
     """
-    return _LastPieceFit(module, layer, xs, settings)(settings.ridge)
+    settings = settings.resolved()
+    return _LastPieceFit(module, layer, xs, targets or xs, settings)(settings.ridge)
 
 
 class _LastPieceFit:
-    """Refitting the last piece of ``module`` on ``xs`` as a problem solvable for several ridges: the
-    rows are sampled once, each call starts again from the module's pieces as given."""
+    """Refitting the last piece of ``module`` on ``xs`` (responses: ``layer`` on ``ts``) as a problem
+    solvable for several ridges: the rows are sampled once, each call starts again from the module's
+    pieces as given."""
 
-    def __init__(self, module: Factorized, layer: nn.Module, xs: Sequence[torch.Tensor], settings: DataAwareSettings):
+    def __init__(self, module: Factorized, layer: nn.Module, xs: Sequence[torch.Tensor], ts: Sequence[torch.Tensor],
+                 settings: DataAwareSettings):
         pieces = list(module)
         pre, self.last = _split_piece(pieces[-1])
         prefix = nn.Sequential(*pieces[:-1], *pre)
@@ -356,7 +388,7 @@ class _LastPieceFit:
         with torch.no_grad():
             _check_is_chain(module, prefix, self.last, xs[0][:2])
             self.design, self.target, self.first_rows = _sampled_rows(layer, prefix, self.last, self.first, xs,
-                                                                      settings)
+                                                                      ts, settings)
         self.module, self.settings = module, settings
         self.anchor = conv_params(self.last)     # the weight-only last piece: what undetermined directions keep
         self.first_start = self.first[1].weight.detach().clone() if self.first is not None else None
@@ -400,17 +432,18 @@ def _check_is_chain(module: Factorized, prefix: nn.Module, last: nn.Module, prob
                                f"of pieces, so its last piece cannot be refitted")
 
 
-def _sampled_rows(layer, prefix, last, first_piece, xs, settings: DataAwareSettings):
-    """Sampled im2col rows of the last piece's input ``(P, g, q)``, the layer's responses ``(P, N)`` and,
+def _sampled_rows(layer, prefix, last, first_piece, xs, ts, settings: DataAwareSettings):
+    """Sampled im2col rows of the last piece's input ``(P, g, q)`` on ``xs``, the layer's responses to
+    ``ts`` ``(P, N)`` and,
     with ``first_piece`` (``(modules before it, the first conv)``, when alternating) that conv's input
     rows ``(P, C k)``; all float64."""
     last_spec = ConvSpec.from_module(last)
     gen = torch.Generator().manual_seed(settings.seed)
     per_item = max(1, settings.max_positions // len(xs))
     designs, targets, firsts = [], [], []
-    for x in xs:
+    for x, x_t in zip(xs, ts):
         d = patches(prefix(x), last_spec).double()
-        t = rows(layer(x)).double()
+        t = rows(layer(x_t)).double()
         if d.shape[0] != t.shape[0]:
             raise UnsupportedLayer("data-aware fitting: the chain's last piece does not map positions 1:1")
         idx = _sample(d.shape[0], per_item, gen)
@@ -473,54 +506,72 @@ def _relu_refit(last: nn.Module, design: torch.Tensor, target_pre: torch.Tensor,
 
 # ---------------------------------------------------------------------------- entry point (compression/api.py)
 def factorize_data_aware(layer: nn.Module, method: Method, spec: ConvSpec, ranks: Ranks, calibration,
-                         settings: DataAwareSettings = DataAwareSettings()) -> Factorized:
+                         settings: DataAwareSettings = DataAwareSettings(), targets=None) -> Factorized:
     """:func:`convfactor.factorize` with ``calibration=X`` (the layer's inputs, a tensor or a list).
 
-    At the full rank: the (exact) weight-only factorization.  Below it: the response fit, its ridge
-    chosen on the held-out part of ``X`` (``settings.holdout``, :func:`_choose_ridge`), unless even the
-    best one is worse there than the weight-only fit; then the weight-only fit, with a note
-    (:func:`fit_note`) and a :class:`DataAwareFallbackWarning`.
+    ``targets``: the inputs the *original* network gives the layer, aligned with ``calibration`` (same
+    samples, same shapes), when ``calibration`` holds what the already-compressed layers before it
+    produce: the fit then reproduces the original responses from the inputs the layer will really
+    receive (asymmetric, Zhang et al. TPAMI 2016 sec. 3.3).  None: the responses to ``calibration``.
+
+    At the full rank: the (exact) weight-only factorization, unless ``targets`` differ (then there is
+    upstream error to absorb).  Below it: the response fit, its ridge chosen on the held-out part of
+    ``X`` (``settings.holdout``, :func:`_choose_ridge`), unless even the best one is worse there than
+    the weight-only fit; then the weight-only fit, with a note (:func:`fit_note`) and a
+    :class:`DataAwareFallbackWarning`.  ``relu="auto"`` is False here (:func:`convfactor.compress`
+    resolves it from the model's graph).
     """
     if spec.transposed:        # the closed forms and the refit read the weight as (N, C/g, *k)
         raise UnsupportedLayer("data-aware fitting: ConvTranspose is not supported (fit it weight-only)")
+    settings = settings.resolved()
     weight = layer.weight.detach()
     xs = prepare_inputs(calibration, spec, device=weight.device, dtype=weight.dtype)   # convs run in the layer's dtype
+    ts = xs if targets is None else _aligned(prepare_inputs(targets, spec, device=weight.device, dtype=weight.dtype), xs)
     if settings.relu and method.uses_calibration:
         raise ValueError(f"{method.name}: relu=True is not supported (the method fits linear responses itself)")
     weight_only = _weight_only(layer, method, spec, ranks)
-    if all(r >= f for r, f in zip(ranks, method.full_rank(spec))):
+    if ts is xs and all(r >= f for r, f in zip(ranks, method.full_rank(spec))):
         return weight_only                                   # exact: nothing for the data to improve
     train, held = split_holdout(xs, spec, settings.holdout)
+    train_t, held_t = (train, held) if ts is xs else split_holdout(ts, spec, settings.holdout)
     ridge = settings.ridge
     if held:
-        fitter = _response_fitter(layer, method, spec, ranks, train, settings, weight_only)
-        ridge, errors = _choose_ridge(fitter, weight_only, layer, held, settings)
+        fitter = _response_fitter(layer, method, spec, ranks, train, train_t, settings, weight_only)
+        ridge, errors = _choose_ridge(fitter, weight_only, layer, (held, held_t), settings)
         if ridge is None:
             note = (f"data-aware fit kept the weight-only factors: its relative output error on held-out "
                     f"calibration inputs was {errors[0]:.4g}, the weight-only fit's {errors[1]:.4g}")
             setattr(weight_only, FIT_NOTE, note)
             warnings.warn(note, DataAwareFallbackWarning, stacklevel=2)
             return weight_only
-    return _response_fitter(layer, method, spec, ranks, xs, settings, weight_only)(ridge)
+    return _response_fitter(layer, method, spec, ranks, xs, ts, settings, weight_only)(ridge)
+
+
+def _aligned(ts: list[torch.Tensor], xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``ts`` when each of its batches has the shape of the matching batch of ``xs``; else a ValueError."""
+    if [t.shape for t in ts] != [x.shape for x in xs]:
+        raise ValueError(f"targets must match calibration batch by batch, got shapes {[tuple(t.shape) for t in ts]} "
+                         f"and {[tuple(x.shape) for x in xs]}")
+    return ts
 
 
 #: ridges (relative Tikhonov terms) tried above ``settings.ridge`` by the held-out check
 RIDGES = (1e-4, 1e-2, 1e-1, 1.0)
 
 
-def _choose_ridge(fitter, weight_only: Factorized, layer: nn.Module, held: list[torch.Tensor],
+def _choose_ridge(fitter, weight_only: Factorized, layer: nn.Module, held: tuple[list, list],
                   settings: DataAwareSettings) -> tuple[float | None, tuple[float, float]]:
     """The ridge whose fit (``fitter(ridge)``, fitted without ``held``) does best on ``held``, or None when
     even that one is worse there than ``weight_only`` (the infinite ridge); and ``(its error, the
-    weight-only error)``.  Ridges go up from ``settings.ridge``; a larger one must lower the held-out
+    weight-only error)``.  ``held``: (inputs, the original network's inputs).  Ridges go up from ``settings.ridge``; a larger one must lower the held-out
     error by 1% to be taken, so ample data keeps the documented ridge."""
     candidates = [settings.ridge] + ([r for r in RIDGES if r > settings.ridge] if fitter.tunable else [])
     best, best_error = None, math.inf
     for ridge in candidates:
-        error = _relative_output_error(fitter(ridge), layer, held, settings.relu)
+        error = _relative_output_error(fitter(ridge), layer, *held, settings.relu)
         if best is None or error < 0.99 * best_error:
             best, best_error = ridge, error
-    weight_error = _relative_output_error(weight_only, layer, held, settings.relu)
+    weight_error = _relative_output_error(weight_only, layer, *held, settings.relu)
     return (None if best_error > weight_error else best), (best_error, weight_error)
 
 
@@ -545,22 +596,25 @@ class _Fitter:
 
 
 def _response_fitter(layer, method: Method, spec: ConvSpec, ranks: Ranks, xs: list[torch.Tensor],
-                     settings: DataAwareSettings, weight_only: Factorized) -> _Fitter:
-    """The response fit on ``xs``: by the method itself (its own options; the ridge is not used), by
-    Zhang et al.'s closed form, or by refitting the last piece of (a copy of) ``weight_only``."""
+                     ts: list[torch.Tensor], settings: DataAwareSettings, weight_only: Factorized) -> _Fitter:
+    """The response fit on inputs ``xs`` to ``layer``'s responses to ``ts``: by the method itself (its own
+    options, on ``xs`` only; the ridge is not used), by Zhang et al.'s closed form, or by refitting the
+    last piece of (a copy of) ``weight_only``."""
     if method.uses_calibration:
         return _Fitter(lambda ridge: _fit_by_method(layer, method, spec, ranks, xs, settings), tunable=False)
     if isinstance(method, ChannelSVD) and type(method).factorize is ChannelSVD.factorize:
-        return _Fitter(_channel_svd_fitter(layer, method, spec, ranks, xs, settings), tunable=True)
-    return _Fitter(_LastPieceFit(copy.deepcopy(weight_only), layer, xs, settings), tunable=True)
+        return _Fitter(_channel_svd_fitter(layer, method, spec, ranks, xs, ts, settings), tunable=True)
+    return _Fitter(_LastPieceFit(copy.deepcopy(weight_only), layer, xs, ts, settings), tunable=True)
 
 
 @torch.no_grad()
-def _relative_output_error(module: nn.Module, layer: nn.Module, xs: Sequence[torch.Tensor], relu: bool) -> float:
-    """``||f(module(x)) - f(layer(x))|| / ||f(layer(x))||`` over the batches ``xs`` (``f``: ReLU when ``relu``)."""
+def _relative_output_error(module: nn.Module, layer: nn.Module, xs: Sequence[torch.Tensor],
+                           ts: Sequence[torch.Tensor], relu: bool) -> float:
+    """``||f(module(x)) - f(layer(t))|| / ||f(layer(t))||`` over the batches ``xs`` and their originals
+    ``ts`` (``f``: ReLU when ``relu``)."""
     num = den = 0.0
-    for x in xs:
-        y, y_hat = layer(x).double(), module(x).double()
+    for x, t in zip(xs, ts):
+        y, y_hat = layer(t).double(), module(x).double()
         if relu:
             y, y_hat = y.clamp(min=0), y_hat.clamp(min=0)
         num += float((y_hat - y).pow(2).sum())
@@ -615,24 +669,31 @@ def _fit_by_method(layer, method: Method, spec: ConvSpec, ranks: Ranks, xs, sett
     return method.build(spec, ranks, factors, dtype=weight.dtype, device=weight.device)
 
 
-def _channel_svd_fitter(layer, method: ChannelSVD, spec: ConvSpec, ranks: Ranks, xs, settings):
-    """Zhang et al.'s closed form on the layer's responses (sampled positions for the ReLU fit), as a
-    function of the ridge; the responses are computed once."""
+def _channel_svd_fitter(layer, method: ChannelSVD, spec: ConvSpec, ranks: Ranks, xs, ts, settings):
+    """Zhang et al.'s closed form on the layer's responses to ``xs`` (and, asymmetric, to ``ts``; sampled
+    positions for the ReLU fit and the asymmetric one), as a function of the ridge; the responses are
+    computed once."""
     weight = layer.weight.detach()
     bias = layer.bias.detach().double() if layer.bias is not None else None
     gen = torch.Generator().manual_seed(settings.seed)
     per_item = max(1, settings.max_positions // len(xs))
-    ys = []
+    asymmetric = ts is not xs
+    ys, yts = [], []
     with torch.no_grad():
-        for x in xs:
+        for x, t in zip(xs, ts):
             y = rows(layer(x)).double()
             y = y - bias if bias is not None else y
-            idx = _sample(y.shape[0], per_item, gen) if settings.relu else None
+            idx = _sample(y.shape[0], per_item, gen) if settings.relu or asymmetric else None
             ys.append(y if idx is None else y[idx])
+            if asymmetric:
+                y_t = rows(layer(t)).double()
+                y_t = y_t - bias if bias is not None else y_t
+                yts.append(y_t if idx is None else y_t[idx])
     responses = torch.cat(ys)
+    targets = torch.cat(yts) if asymmetric else None
 
     def fit(ridge: float) -> Factorized:
         factors = fit_response_svd(weight.to(torch.float64), bias, responses, ranks[0], spec.groups,
-                                   relu=settings.relu, iters=settings.iters, ridge=ridge)
+                                   relu=settings.relu, iters=settings.iters, ridge=ridge, targets=targets)
         return method.build(spec, ranks, factors, dtype=weight.dtype, device=weight.device)
     return fit

@@ -42,7 +42,9 @@ class RankConfig:
     kernels with each eval-mode BatchNorm folded in, as :func:`convfactor.compress` does by default.
     ``error``: what a candidate's error is: ``"kernel"`` (relative kernel error, a weight-space proxy)
     or ``"output"`` (relative error of the layer's output on the inputs the example input gives it:
-    data-aware; give an example made of real data).
+    data-aware; give an example made of real data) or ``"response"`` (the same, but for channel /
+    linear SVD the error the data-aware fit reaches, its closed form: plan this way for
+    ``Plan.apply(..., calibration=...)``).
     """
 
     round_to: int | None = None
@@ -54,8 +56,8 @@ class RankConfig:
     error: str = "kernel"
 
     def __post_init__(self):
-        if self.error not in ("kernel", "output"):
-            raise ValueError(f"error must be 'kernel' or 'output', got {self.error!r}")
+        if self.error not in ("kernel", "output", "response"):
+            raise ValueError(f"error must be 'kernel', 'output' or 'response', got {self.error!r}")
         if not isinstance(self.fold_bn, bool):
             raise ValueError(f"fold_bn must be True or False, got {self.fold_bn!r}")
         if self.round_to is not None and (isinstance(self.round_to, bool) or int(self.round_to) < 1):

@@ -23,6 +23,9 @@ __all__ = ["LayerFacts", "Totals", "collect", "input_gram", "output_error"]
 
 Ranks = tuple[int, ...]
 
+#: methods whose data-aware fit has a closed-form error (:meth:`LayerFacts.response_error`)
+RESPONSE_FIT_METHODS = ("channel_svd", "linear_svd")
+
 
 @dataclass
 class LayerFacts:
@@ -40,6 +43,8 @@ class LayerFacts:
     spectra: dict[str, list[torch.Tensor]] = field(default_factory=dict)   # method key -> its spectra
     errors: dict[tuple, float] = field(default_factory=dict)   # (method key, ranks) -> fitted kernel error
     gram: torch.Tensor | None = None  # (groups, C/g k, C/g k) input patch Gram: errors are then output errors
+    response: bool = False            # with gram: channel/linear SVD errors are those of the data-aware fit
+    response_spectrum: torch.Tensor | None = None   # (groups, N/g) eigenvalues of W G W^T, descending
 
     @property
     def dense_macs(self) -> int:
@@ -53,7 +58,10 @@ class LayerFacts:
 
     def kernel_error(self, method, ranks: Ranks) -> float:
         """Relative error of ``method`` at ``ranks``: of the kernel (from spectra where exact, else by
-        fitting), or with :attr:`gram` set, of the layer's output on its example inputs."""
+        fitting), or with :attr:`gram` set, of the layer's output on its example inputs (with
+        :attr:`response`, for channel / linear SVD: the output error of the data-aware fit)."""
+        if self.gram is not None and self.response and method.name in RESPONSE_FIT_METHODS:
+            return self.response_error(ranks[0])
         if self.gram is None and spectral_error_is_exact(method):
             return error_estimate(self.spectra_of(method), ranks)
         key = (method.key(), tuple(ranks))
@@ -62,6 +70,19 @@ class LayerFacts:
             self.errors[key] = (relative_error(approx, self.weight) if self.gram is None
                                 else output_error(approx, self.weight, self.gram))
         return self.errors[key]
+
+    def response_error(self, rank: int) -> float:
+        """Relative output error of Zhang et al.'s response fit at ``rank`` (TPAMI 2016 sec. 3.1): the
+        discarded share of the response spectrum, ``sqrt(sum_{i>r} l_i / sum l_i)``, ``l`` the eigenvalues
+        of ``W G W^T`` per group (bias and centring left out)."""
+        if self.response_spectrum is None:
+            g = self.gram.shape[0]
+            w = self.weight.reshape(g, self.weight.shape[0] // g, -1)
+            cov = torch.einsum("gni,gij,gmj->gnm", w, self.gram, w)
+            self.response_spectrum = torch.linalg.eigvalsh(cov).flip(-1).clamp_min(0)
+        total = float(self.response_spectrum.sum())
+        tail = float(self.response_spectrum[:, int(rank):].sum())
+        return math.sqrt(tail / total) if total > 0 else 0.0
 
     def bounded(self, method, ranks: Sequence[int], round_to: int | None) -> tuple[Ranks | None, str | None]:
         """Round, then enforce the speed bound -> ``(ranks, note)``; ranks None keeps the layer dense."""
@@ -139,10 +160,12 @@ def output_error(approx: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor)
 
 
 def collect(model: nn.Module, example_input, methods: list, op_names: Sequence[str] | None = None,
-            exclude: Sequence[str] | None = None, on_data: bool = False) -> tuple[list[LayerFacts], Totals]:
+            exclude: Sequence[str] | None = None, on_data: bool = False, response: bool = False
+            ) -> tuple[list[LayerFacts], Totals]:
     """Facts of the selected layers the forward pass runs, and the model's totals (one forward pass).
     With ``on_data``, each layer's input Gram (:func:`input_gram`) is kept, so its candidates' errors
-    are output errors on the example input's data (not for transposed convs: those keep kernel errors)."""
+    are output errors on the example input's data (not for transposed convs: those keep kernel errors);
+    with ``response`` too, channel / linear SVD's are those of the data-aware fit."""
     layers = candidate_layers(model)
     names = [n for n in layers
              if (not op_names or any(fnmatch.fnmatchcase(n, p) for p in op_names))
@@ -160,6 +183,7 @@ def collect(model: nn.Module, example_input, methods: list, op_names: Sequence[s
     if on_data:
         for f in facts:
             f.gram = None if f.spec.transposed else input_gram(io[f.name][0], f.spec)
+            f.response = response
     return facts, Totals(int(macs), count_params(model))
 
 

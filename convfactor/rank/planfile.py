@@ -226,14 +226,17 @@ class Plan:
     def compressed(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer.compressed]
 
-    def rules(self) -> list[dict]:
-        """NNI-style rules for :func:`convfactor.compress`: one per compressed layer, by exact name."""
+    def rules(self, data_aware: bool = False) -> list[dict]:
+        """NNI-style rules for :func:`convfactor.compress`: one per compressed layer, by exact name (with
+        ``data_aware: true`` when ``data_aware``: fitted to calibration inputs, sequentially)."""
         rules = []
         for layer in self.compressed:
             rule = {"op_names": [glob.escape(layer.name)], "method": layer.method,
                     "rank": layer.ranks[0] if len(layer.ranks) == 1 else tuple(layer.ranks)}
             rule.update(self.options.get(layer.method, {}) if isinstance(self.options.get(layer.method), dict) else {})
             rule.update(layer.options or {})
+            if data_aware:
+                rule["data_aware"] = True
             rules.append(rule)
         return rules
 
@@ -246,7 +249,10 @@ class Plan:
         measured below its speed-up request (:meth:`shortfall`) is refused unless ``allow_unreachable``:
         its deepest cuts buy a speed-up nobody asked for at a large error.  The compressed model is
         left in the contiguous format; run it in :attr:`memory_format` (e.g. with
-        :func:`convfactor.measure.latency.to_memory_format`) to get the planned speed.
+        :func:`convfactor.measure.latency.to_memory_format`) to get the planned speed.  With
+        ``calibration`` (batches of model inputs) every layer is fitted to its responses on them, in
+        execution order (the sequential data-aware fit of :func:`convfactor.compress`); without it,
+        to its weights.
         """
         self.check_model(model)
         short = self.shortfall()
@@ -262,7 +268,7 @@ class Plan:
             shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else None
             return copy.deepcopy(model), CompressionReport(input_shape=shape,
                                                            notes=["the plan keeps every layer dense"])
-        return compress(model, self.rules(), example_input, calibration=calibration)
+        return compress(model, self.rules(data_aware=calibration is not None), example_input, calibration=calibration)
 
     def shortfall(self) -> str | None:
         """Why this plan does not deliver its speed-up request: it measured below the accepted band (the

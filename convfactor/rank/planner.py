@@ -72,7 +72,7 @@ def plan(model: nn.Module, example_input, target=None, criterion: str | Criterio
     model = folded_copy(model, example_input) if config.fold_bn else model     # the kernels compress factorizes
     with eval_mode(model):
         layers, totals = collect(model, example_input, chosen_methods, op_names, exclude,
-                                 on_data=config.error == "output")
+                                 on_data=config.error in ("output", "response"), response=config.error == "response")
         result = Plan(criterion=chooser.name, target=goal.as_dict() if goal else {}, model=model_name,
                       input_shape=list(x0.shape), model_layers=layer_signature(model))
         result.summary.update(kappa_threshold=config.kappa_threshold, error_metric=config.error,

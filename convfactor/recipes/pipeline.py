@@ -35,7 +35,7 @@ from ..train.datasets import training_set
 from ..train.finetune import CheckpointConfig, DistillConfig, FinetuneConfig, OptimizerConfig, finetune
 from ..utils import cpu_has, plain_data, torch_threads
 
-__all__ = ["PipelineConfig", "PipelineResult", "Counts", "StageTimes", "compress_finetune_measure",
+__all__ = ["PipelineConfig", "default_demo_model", "fit_calibration", "PipelineResult", "Counts", "StageTimes", "compress_finetune_measure",
            "summary_rows", "image_layers", "plan_for_speedup", "photo_example"]
 
 
@@ -74,11 +74,17 @@ class PipelineConfig:
     checkpoint_dir: str | None = None
     stages: int = 1                       # multi-stage: plan for speedup^(k/K), fine-tune, fold back, repeat
     error: str = "kernel"                 # candidates' error: "kernel" (weight proxy) or "output" (data-aware)
+    fit: str = "weights"                  # factors fitted to the "weights", or to "data": training-photo crops,
+                                          # layer by layer on what the compressed prefix gives (sequential)
+    calibration_crops: int = 8            # with fit="data": that many crops of calibration_side (LR side)
+    calibration_side: int = 64
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.error not in ("kernel", "output"):
             raise ValueError(f"error must be 'kernel' (weight proxy) or 'output' (data-aware), got {self.error!r}")
+        if self.fit not in ("weights", "data"):
+            raise ValueError(f"fit must be 'weights' or 'data' (calibration photos), got {self.fit!r}")
         if not isinstance(self.stages, int) or isinstance(self.stages, bool) or self.stages < 1:
             raise ValueError(f"stages must be a positive int, got {self.stages!r}")
         if self.stages > 1 and self.steps < self.stages:
@@ -107,7 +113,7 @@ def plan_for_speedup(model: nn.Module, example: torch.Tensor, cfg: PipelineConfi
                                e2e_rounds=cfg.plan_e2e_rounds,
                                e2e_repeats=cfg.plan_e2e_repeats, max_iter=cfg.plan_max_iter, margin=cfg.plan_margin)
         p = plan(model, example, target=Target("speedup", cfg.speedup), criterion="latency", exclude=exclude or None,
-                 latency=timing, model_name=cfg.model, progress=cfg.progress, config=RankConfig(error=cfg.error))
+                 latency=timing, model_name=cfg.model, progress=cfg.progress, config=RankConfig(error=_error(cfg)))
         credit = p.summary.precision_credit
         if credit:
             log(f"  dense at {credit['backend']} vs {credit['baseline']}: {credit['speedup']:.2f}x (95% interval "
@@ -125,12 +131,18 @@ def plan_for_speedup(model: nn.Module, example: torch.Tensor, cfg: PipelineConfi
                    f"aimed at {p.summary.aimed_speedup:.3g}x{rest})")
     if cfg.planner == "budget":
         p = plan(model, example, target=Target("macs", 1.0 / cfg.speedup), criterion="budget", model_name=cfg.model,
-                 exclude=exclude or None, config=RankConfig(error=cfg.error))
+                 exclude=exclude or None, config=RankConfig(error=_error(cfg)))
         return p, f"MACs budget of 1/{cfg.speedup:g} (a MACs target, not a measured speed-up)"
     log("  fixed channel-SVD plan at per-layer MACs = 1/speed-up; this is a MACs target, not a measured speed-up")
     rules = [{"op_types": ["Conv2d"], "method": "channel_svd", "macs_ratio": 1.0 / cfg.speedup,
               **({"exclude_op_names": exclude} if exclude else {})}]
     return rules, f"fixed channel_svd plan at macs_ratio={1.0 / cfg.speedup:.3g} (a MACs target, not a measured speed-up)"
+
+
+def _error(cfg: PipelineConfig) -> str:
+    """The planner's candidate error: ``cfg.error``, or with data-aware errors and ``fit="data"``, the
+    error the data-aware fit reaches (``"response"``)."""
+    return "response" if cfg.error == "output" and cfg.fit == "data" else cfg.error
 
 
 # ---------------------------------------------------------------------------------------------- result
@@ -259,14 +271,31 @@ def _compress(original: nn.Module, plan_or_rules, example: torch.Tensor, cfg: Pi
     """Factorize a copy of ``original`` by a plan (or the fixed plan's rules) -> (model, report, plan dict)."""
     if plan_or_rules == []:                         # dense at a lower precision met the request
         return copy.deepcopy(original), CompressionReport(input_shape=tuple(example.shape)), {"rules": []}
+    calibration = fit_calibration(_task_of(cfg), cfg) if cfg.fit == "data" else None
+    if calibration is not None:
+        log(f"  fitting to the responses on {len(calibration)} training-photo crops, layer by layer")
     if isinstance(plan_or_rules, list):
-        compressed, report = compress(original, plan_or_rules, example, progress=cfg.progress)
-        return compressed, report, {"rules": plan_or_rules}
-    compressed, report = plan_or_rules.apply(original, example, allow_unreachable=True)
+        rules = [dict(rule, data_aware=True) for rule in plan_or_rules] if calibration else plan_or_rules
+        compressed, report = compress(original, rules, example, progress=cfg.progress, calibration=calibration)
+        return compressed, report, {"rules": rules}
+    compressed, report = plan_or_rules.apply(original, example, allow_unreachable=True, calibration=calibration)
     measured = plan_or_rules.summary.measured_speedup
     log(f"  plan: {len(plan_or_rules.compressed)} layers factorized"
         + (f", planner measured {measured:.2f}x in {plan_or_rules.memory_format}" if measured else ""))
     return compressed, report, plan_or_rules.to_dict()
+
+
+def fit_calibration(info: dict, cfg: PipelineConfig) -> list[torch.Tensor]:
+    """``cfg.calibration_crops`` seeded model-input crops ``(1, C, side, side)`` of the built-in *training*
+    photos (LR crops for SR), for the data-aware fit; never the held-out photos.  With ``cfg.train_side`` the
+    crops are at most as large as the cropped photos allow."""
+    side = cfg.calibration_side
+    if cfg.train_side:
+        side = max(4, min(side, cfg.train_side // (info.get("scale") or 1)))
+    data = training_set(info["task"], scale=info.get("scale"), sigma=cfg.sigma, patch_size=side,
+                        length=cfg.calibration_crops, seed=cfg.seed + 13, grey=info["input_shape"][0] == 1,
+                        max_side=cfg.train_side)
+    return [data[i][0][None] for i in range(cfg.calibration_crops)]
 
 
 def _finetune(compressed: nn.Module, original: nn.Module, info: dict, cfg: PipelineConfig) -> list[dict]:
@@ -325,6 +354,13 @@ def _speed(original: nn.Module, compressed: nn.Module, example: torch.Tensor, cf
             speeds[key].macs_original, speeds[key].macs_compressed = c0["macs"], c1["macs"]
             log(f"  {key}: {speeds[key].speedup:.2f}x")
     return speeds, Counts(c0["params"], c1["params"]), Counts(c0["macs"], c1["macs"])
+
+
+def default_demo_model() -> str:
+    """The demo's model: ``srmd_x2``, the published, well-trained SRMD x2 (what users bring), where its
+    wheel is installed (``make`` installs it); else ``edsr_baseline_x2``, trained by this project."""
+    from ..models import published
+    return "srmd_x2" if published.installed("srmd_x2") else "edsr_baseline_x2"
 
 
 def default_plan_backend() -> str:

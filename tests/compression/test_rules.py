@@ -27,7 +27,7 @@ def test_method_options_and_data_aware_settings_are_split_once():
                             "admm_iters": 5, "ridge": 1e-6, "max_positions": 100}])
     assert rule.target.rank == (2, 1)
     assert rule.method == registry.get("lowrank_sparse", admm_iters=5, ridge=1e-6)      # ridge: both
-    assert rule.data_aware == DataAwareSettings(ridge=1e-6, max_positions=100)
+    assert rule.data_aware == DataAwareSettings(relu=False, ridge=1e-6, max_positions=100)
     method, settings = configure("channel_svd", {}, data_aware=False)
     assert method is registry.get("channel_svd") and settings is None
 

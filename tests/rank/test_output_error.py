@@ -70,3 +70,22 @@ def test_the_planner_uses_output_errors_on_the_example(tmp_path):
         assert p.error == pytest.approx(float(want), rel=1e-4), (p.name, p.ranks)
     with pytest.raises(ValueError, match="error must be"):
         RankConfig(error="weights")
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_response_error_is_what_the_data_aware_fit_reaches(groups):
+    """error="response": a channel-SVD candidate's error is the data-aware fit's relative output error
+    on the example (the discarded share of the response spectrum), which factorizing it confirms."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(8, 12, 3, padding=1, groups=groups, bias=False).double()
+    x = torch.randn(2, 8, 10, 10, dtype=torch.float64) * torch.linspace(0.1, 3, 8, dtype=torch.float64)[:, None, None]
+    from convfactor.rank.facts import collect
+    from convfactor.methods import registry
+    method = registry.get("channel_svd")
+    (facts,), _ = collect(nn.Sequential(layer), x, [method], on_data=True, response=True)
+    fitted = convfactor.factorize(layer, "channel_svd", rank=3, calibration=x, holdout=0.0, ridge=0.0)
+    with torch.no_grad():
+        want = (fitted(x) - layer(x)).norm() / layer(x).norm()
+    assert facts.kernel_error(method, (3,)) == pytest.approx(float(want), rel=1e-6)
+    (weights_only,), _ = collect(nn.Sequential(layer), x, [method], on_data=True)
+    assert weights_only.kernel_error(method, (3,)) > facts.kernel_error(method, (3,))

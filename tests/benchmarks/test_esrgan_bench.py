@@ -1,0 +1,43 @@
+"""The esrgan section (issue 22): the three fits of SRMD at equal ranks, Real-ESRGAN's RRDBNet under Sedky &
+Hosmer's marking and a data-aware budget, each with fidelity and measured speed; targets judged, MISSED said."""
+import math
+
+import pytest
+
+from benchmarks import esrgan, load_section
+from convfactor.measure.compare import SpeedComparison
+
+
+def test_esrgan_quick_measures_every_fit_and_point():
+    section = load_section("esrgan")
+    data = section.measure(True, backends=("torch",))
+    text = section.render(data)
+    assert text.startswith(f"## {esrgan.TITLE}")
+    assert [f.fit for f in data.fits] == list(esrgan.FITS)
+    # identical ranks for the three fits: one timing per method
+    assert [s.label for s in data.speeds] == ["SRMD x2, channel_svd 8"]
+    for f in data.fits:
+        assert math.isfinite(f.loss_db) and f.fidelity_db > 0 and f.loss_after_ft_db is not None
+    assert [p["label"] for p in data.rrdb] == ["Sedky & Hosmer: channel SVD", "data-aware planner, MACs budget 0.5"]
+    for p in data.rrdb:
+        assert 0 < p["macs_ratio"] < 1 and p["speeds"][0].backend == "torch"
+    assert "MISSED" in text or "met" in text
+
+
+def _speed(x, lo):
+    s = SpeedComparison.__new__(SpeedComparison)
+    s.speedup, s.interval, s.noise = x, (lo, x * 1.01), []
+    return s
+
+
+def test_the_targets_are_judged_by_the_interval_and_the_quality():
+    res = esrgan.Results(esrgan.QUICK, 30.0)
+    res.fits = [esrgan.Fit("channel_svd", 48, "data-aware (independent)", 1, 3.4, 20),
+                esrgan.Fit("channel_svd", 48, "sequential (default)", 1, 1.8, 25)]
+    assert "**MISSED** (0.53 of it)" in esrgan._verdict_seq(res)
+    res.fits[1].loss_db = 1.7
+    assert "**met**" in esrgan._verdict_seq(res)
+    res.precision = [{"model": "srmd_x2", "speed": _speed(8.0, 7.9), "psnr": 34.0, "loss_db": 0.01},
+                     {"model": "srmd_x4", "speed": _speed(3.1, 2.9), "psnr": 30.0, "loss_db": 0.01}]
+    lines = esrgan._precision_table(res)
+    assert lines[2].endswith("| met |") and lines[3].endswith("| MISSED |")     # 2.9x lower edge misses 3x
