@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .section import Section
 
-__all__ = ["SECTIONS", "Section", "available", "load_section"]
+__all__ = ["SECTIONS", "DEVICE_SECTIONS", "Section", "available", "load_section"]
 
 #: section module names, in BENCHMARKS.md order
 SECTIONS = [
@@ -30,6 +30,7 @@ SECTIONS = [
     "int8",              # low rank stacked with static int8 on ONNX Runtime (issue 15)
     "frontier",          # measured speed-up vs quality loss per approach, with a figure (issue 15)
     "esrgan",            # published SRMD / Real-ESRGAN weights: sequential fits, precision, Sedky & Hosmer (issue 22)
+    "cuda",              # the published models' low-rank plans and bf16 on a GPU (issue 22; run where CUDA is)
     "peers",             # TensorLy / TensorLy-Torch side by side (issue 6)
     "im2col",            # im2col + GEMM vs native conv (issue 6)
     "experiments",       # the seeds' headline experiments in miniature (issue 6)
@@ -51,6 +52,10 @@ def __getattr__(name: str):
         from .section import Section
         return Section
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+#: sections that need a GPU: run only when named (``--sections cuda``); a full run keeps their last text
+DEVICE_SECTIONS = ("cuda",)
 
 
 def available() -> list[str]:

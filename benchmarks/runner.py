@@ -77,7 +77,7 @@ def run(args) -> int:
         raise ValueError("--backend applies to sections; an --experiment times eager PyTorch only")
     if args.output:
         check_writable(args.output)                     # fail before any work
-    kept = _kept_sections(args) if args.update else {}
+    kept = _kept_sections(args) if args.update else _device_sections(args)
     if args.list:
         print("sections:", " ".join(bench.available()))
         print("experiments:", " ".join(experiments.NAMES))
@@ -109,6 +109,15 @@ def _kept_sections(args) -> dict[str, str]:
     return kept
 
 
+def _device_sections(args) -> dict[str, str]:
+    """A full run to an existing file keeps that file's GPU sections (:data:`DEVICE_SECTIONS`), which it
+    does not re-run: a machine without a GPU cannot measure them."""
+    if args.sections is not None or args.experiment or not args.output or not Path(args.output).is_file():
+        return {}
+    old = Path(args.output).read_text()
+    return {n: _dated(t, old) for n, t in split_sections(old).items() if n in bench.DEVICE_SECTIONS}
+
+
 def _run_experiment(args) -> Outcome:
     """``--experiment NAME``: one of the seeds' experiments, stamped as ``experiments:NAME``."""
     if args.experiment not in experiments.NAMES:
@@ -122,7 +131,7 @@ def _run_experiment(args) -> Outcome:
 def _run_sections(args, kept: dict[str, str]) -> Outcome:
     """Run ``--sections`` (default: all) in order; after each, an interrupted run's file is written."""
     available = bench.available()
-    names = available if args.sections is None else args.sections
+    names = [n for n in available if n not in bench.DEVICE_SECTIONS] if args.sections is None else args.sections
     unknown = [n for n in names if n not in available]
     if unknown:
         raise ValueError(f"no such section(s): {', '.join(unknown)}; available: {', '.join(available)}")
@@ -175,6 +184,7 @@ def _document(args, kept: dict[str, str], parts: dict[str, str]) -> str:
     """The whole file: a fresh header and ``parts``, or with ``--update`` the kept sections merged in."""
     if args.update:
         return _merged(args, kept, parts)
+    parts = {**parts, **kept}                    # a full run: the kept GPU sections after the others
     return header(args.quick, args.threads, list(parts)) + "\n" + "\n".join(parts.values())
 
 

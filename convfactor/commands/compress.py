@@ -38,6 +38,12 @@ def add_arguments(p) -> None:
     p.add_argument("--accept-unreachable", action="store_true",
                    help="apply a plan that measured below its speed-up request (refused by default: its deep cuts "
                         "lose much quality for a speed-up nobody asked for)")
+    p.add_argument("--fit", choices=["weights", "data"], default="weights",
+                   help="weights: each factorized layer fitted to its kernel (default); data: to the original's "
+                        "responses on crops of the built-in training photos shaped like the input (values in [0, 1]; "
+                        "LR crops for an SR model), layer by layer on what the compressed layers before it give: much "
+                        "better without fine-tuning (for a model that wants other inputs, use the API's calibration=)")
+    p.add_argument("--calibration-crops", type=int, default=8, help="with --fit data: how many crops (default 8)")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--no-merge", action="store_true",
                    help="keep each factorized layer as its method built it: no exact merging of adjacent linear "
@@ -96,15 +102,19 @@ def run(args) -> int:
     if rules is not None:
         parse_rules(rules)                                                      # and so do bad rules in them
     model, example = load_model(args)
+    calibration = photo_calibration(args, example) if args.fit == "data" else None
     if plan is not None:
         plan.check_weights(getattr(args, "weights_source", None))
         if plan.summary.message:
             print(f"WARNING: the plan {args.plan} says: {plan.summary.message}")
         compressed, report = _apply_plan(plan, model, example, merge=not args.no_merge,
-                                         allow_unreachable=args.accept_unreachable)
+                                         allow_unreachable=args.accept_unreachable, calibration=calibration)
     else:
         keep = {} if args.rules or args.include_image_layers else image_facing(model)
-        compressed, report = compress(model, rules, example, progress=True, merge=not args.no_merge, keep_dense=keep)
+        if calibration is not None:
+            rules = [{"data_aware": True, **rule} for rule in rules]
+        compressed, report = compress(model, rules, example, progress=True, merge=not args.no_merge, keep_dense=keep,
+                                      calibration=calibration)
     meta = {"model": args.model if ":" in args.model or not Path(args.model).exists() else None,
             "input_shape": list(example.shape), "weights_source": getattr(args, "weights_source", None)}
     io.save(compressed, args.output, metadata={k: v for k, v in meta.items() if v is not None},
@@ -130,13 +140,38 @@ def image_facing(model) -> dict[str, str]:
     return out
 
 
-def _apply_plan(plan: Plan, model, example, *, merge: bool, allow_unreachable: bool = False):
+def _apply_plan(plan: Plan, model, example, *, merge: bool, allow_unreachable: bool = False, calibration=None):
     """``plan.apply`` (which merges, as :func:`compress` does by default); without ``merge``, the plan's
-    model and reachability checks and then ``compress(..., merge=False)`` on its rules."""
+    model and reachability checks and then ``compress(..., merge=False)`` on its rules.  ``calibration``:
+    fit to the data (see :meth:`Plan.apply`)."""
     from ..compression.api import compress
     if merge or not plan.compressed:
-        return plan.apply(model, example, allow_unreachable=allow_unreachable)
+        return plan.apply(model, example, allow_unreachable=allow_unreachable, calibration=calibration)
     plan.check_model(model)
     if plan.shortfall() and not allow_unreachable:
         raise ValueError(f"{plan.shortfall()}; plan for a smaller speed-up, or pass --accept-unreachable")
-    return compress(model, plan.rules(), example, progress=True, merge=False)
+    return compress(model, plan.rules(data_aware=calibration is not None), example, progress=True, merge=False,
+                    calibration=calibration)
+
+
+def photo_calibration(args, example) -> list:
+    """``--calibration-crops`` centre crops of the built-in training photos, shaped like ``example`` (its
+    channels: RGB, or grey as the mean; its spatial size, at most 64 px a side), LR crops (bicubic) for
+    an SR model whose scale is known: model inputs for the data-aware fit."""
+    from .. import models
+    from ..data.images import builtin_images
+    from ..data.sr import calibration_crops
+    import torch
+    if example.dim() != 4 or example.shape[1] not in (1, 3):
+        raise ValueError(f"--fit data makes image crops; this model's input {tuple(example.shape)} is not an image "
+                         "batch (use the API's calibration= with your own inputs)")
+    if args.calibration_crops < 1:
+        raise ValueError(f"--calibration-crops must be >= 1, got {args.calibration_crops}")
+    try:
+        scale = models.info(args.model).get("scale") or 1
+    except (ValueError, KeyError, ImportError):
+        scale = 1
+    side = min(64, *example.shape[2:])
+    crops = calibration_crops(builtin_images("train"), scale, side, limit=args.calibration_crops)
+    out = [torch.from_numpy(c) for c in crops]
+    return [c.mean(1, keepdim=True) if example.shape[1] == 1 else c for c in out]

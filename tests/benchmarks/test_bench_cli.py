@@ -17,7 +17,7 @@ def test_bench_quick_writes_every_section(tmp_path, capsys):
     text = out.read_text()
     assert rc == 0, text
     assert text.startswith("# convfactor benchmarks") and "Quick mode" in text and "threads | 1" in text
-    names = bench.available()
+    names = [n for n in bench.available() if n not in bench.DEVICE_SECTIONS]     # a GPU section runs when named
     assert text.count("\n## ") >= len(names)
     for name in names:
         assert f"section `{name}`" in text
@@ -180,3 +180,14 @@ def test_convfactor_bench_from_an_installed_copy_without_a_checkout(tmp_path):
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "python -m benchmarks" in res.stderr
     assert not (site / "B.md").exists()
+
+
+def test_a_full_run_keeps_the_gpu_sections_it_cannot_measure(tmp_path, monkeypatch):
+    cpu = bench.Section("cpu_one", "CPU one", measure=lambda quick: "cpu figures", render=lambda d: f"## CPU one\n\n{d}")
+    monkeypatch.setattr(bench, "available", lambda: ["cpu_one", "cuda"])
+    monkeypatch.setattr(bench, "load_section", lambda name: cpu if name == "cpu_one" else 1 / 0)
+    out = tmp_path / "b.md"
+    out.write_text("# convfactor benchmarks\n\n## GPU\n\nH100 figures\n\n_(section `cuda`: 12.0 s; 2026-12-06 11:00 UTC; H100)_\n")
+    assert main(["--quick", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "cpu figures" in text and "H100 figures" in text and text.index("cpu figures") < text.index("H100 figures")
