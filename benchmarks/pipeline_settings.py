@@ -10,7 +10,8 @@ from convfactor.recipes.pipeline import PipelineConfig
 __all__ = ["bench_config", "QUICK_SETTINGS"]
 
 #: what quick mode overrides: tiny training crops, one small held-out photo, few timing repeats, 1 thread
-QUICK_SETTINGS = dict(train_side=64, threads=1, eval_side=48, eval_limit=1, speed_repeats=3)
+QUICK_SETTINGS = dict(train_side=64, threads=1, eval_side=48, eval_limit=1, speed_repeats=3, calibration_crops=2,
+                      calibration_side=12)
 
 
 def bench_config(quick: bool, **settings) -> PipelineConfig:

@@ -110,7 +110,7 @@ def run(args) -> int:
         compressed, report = _apply_plan(plan, model, example, merge=not args.no_merge,
                                          allow_unreachable=args.accept_unreachable, calibration=calibration)
     else:
-        keep = {} if args.rules or args.include_image_layers else image_facing(model)
+        keep = {} if args.rules or args.include_image_layers else image_facing(model, example)
         if calibration is not None:
             rules = [{"data_aware": True, **rule} for rule in rules]
         compressed, report = compress(model, rules, example, progress=True, merge=not args.no_merge, keep_dense=keep,
@@ -128,15 +128,17 @@ def run(args) -> int:
     return 0
 
 
-def image_facing(model) -> dict[str, str]:
-    """``{name: reason}`` of the image-facing convs (:func:`convfactor.recipes.pipeline.image_layers`),
-    which ``--method`` leaves dense unless ``--include-image-layers``."""
+def image_facing(model, example) -> dict[str, str]:
+    """``{name: reason}`` of the image-facing convs (:func:`convfactor.recipes.pipeline.image_layers`: few
+    channels, or reading the input / writing the output through no other conv), which ``--method``
+    leaves dense unless ``--include-image-layers``."""
     from ..recipes.pipeline import image_layers
     out = {}
-    for name in image_layers(model):
+    for name in image_layers(model, example):
         conv = model.get_submodule(name)
-        out[name] = (f"image-facing ({conv.in_channels}->{conv.out_channels} channels: a low rank here loses colour "
-                     "no later layer restores); kept dense, --include-image-layers factorizes it")
+        out[name] = (f"image-facing ({conv.in_channels}->{conv.out_channels} channels, reading or writing the image: a "
+                     "low rank here loses colour no later layer restores); kept dense, --include-image-layers "
+                     "factorizes it")
     return out
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..recipes.demo import MAX_LOSS_DB, run_demo
-from ..recipes.pipeline import PipelineConfig, default_demo_model, default_plan_backend, default_report_backends
+from ..recipes.pipeline import (PipelineConfig, default_demo_model, default_plan_backend, default_report_backends,
+                                finetune_hints)
 from .common import add_malloc_argument, apply_malloc, backend_argument, backend_help
 
 HELP = ("compress a published SR model (SRMD x2) for a measured speed-up, fine-tune it with distillation, "
@@ -25,8 +26,11 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads for timing and training (default 2)")
     p.add_argument("--steps", type=int, default=400, help="fine-tuning steps (default 400, a few minutes on 2 cores)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--patch-size", type=int, default=32, help="LR training patch side (default 32)")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="LR training patch side (default: the model's recommendation, e.g. 48 for SRMD; else 32)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: the model's recommendation, e.g. 5e-6 for the published SRMD, "
+                        "whose weights 2e-4 wrecks within a few steps; else 2e-4)")
     p.add_argument("--eval-side", type=int, default=384,
                    help="centre-crop the held-out photos to this side for quality (0: full images; default 384)")
     p.add_argument("--eval-images", type=int, default=0, help="use only the first N held-out photos (0: all)")
@@ -44,9 +48,10 @@ def add_arguments(p) -> None:
     p.add_argument("--stages", type=int, default=1,
                    help="multi-stage compression: K rounds of plan (for speedup^(k/K)), fine-tune, fold back; "
                         "finished stages are kept in OUT/stages and a re-run resumes after them (default 1)")
-    p.add_argument("--error", choices=["kernel", "output"], default="kernel",
-                   help="what the planner minimizes per layer: kernel (relative kernel error, a weight-space proxy; "
-                        "default) or output (the layer's relative output error on training-photo patches: data-aware)")
+    p.add_argument("--error", choices=["kernel", "output"], default="output",
+                   help="what the planner minimizes per layer: output (the layer's relative output error on "
+                        "training-photo patches, as the --fit data fit reaches it; default) or kernel (relative "
+                        "kernel error, a weight-space proxy)")
     p.add_argument("--fit", choices=["data", "weights"], default="data",
                    help="data: fit each factorized layer to the original's responses on training-photo crops, in "
                         "order, on what the compressed layers before it give (default); weights: to its kernel only")
@@ -63,6 +68,14 @@ def quick_overrides(args) -> None:
     args.eval_side, args.eval_images = 48, 2
     args.calibration_crops, args.calibration_side = 2, 16
     args.planner = args.planner or "budget"
+
+
+def finetune_defaults(args) -> None:
+    """``--lr`` and ``--patch-size`` not given: the model's recommendation (``models.info(...)["finetune"]``),
+    else 2e-4 and 32, the settings of the EDSR trained here."""
+    hints = finetune_hints(args.model)
+    args.lr = args.lr if args.lr is not None else hints.get("lr", 2e-4)
+    args.patch_size = args.patch_size if args.patch_size is not None else hints.get("patch_size", 32)
 
 
 def pipeline_config(args) -> PipelineConfig:
@@ -85,6 +98,7 @@ def run(args) -> int:
         raise ValueError(f"--speedup must be >= 1, got {args.speedup}")
     if args.quick:
         quick_overrides(args)
+    finetune_defaults(args)
     args.planner = args.planner or "latency"
     demo = run_demo(pipeline_config(args), args.output, quick=args.quick, max_loss_db=args.max_loss_db)
     print()

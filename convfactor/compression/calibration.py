@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..utils import as_inputs, eval_mode
 
-__all__ = ["collect_inputs", "collect_input_pairs", "probe_layers", "as_batches", "clone_tree"]
+__all__ = ["collect_inputs", "collect_input_pairs", "probe_layers", "image_facing", "as_batches", "clone_tree"]
 
 #: keep at least this many samples per layer when cropping to the budget
 MIN_ITEMS = 8
@@ -255,3 +255,72 @@ def probe_layers(model: nn.Module, names: Iterable[str], batch) -> tuple[list[st
             h.remove()
     relu_fed = {n for n, calls in mode.calls.items() if calls and all(c in RELU_CALLS for c in calls)}
     return order + [n for n in names if n not in order], relu_fed
+
+
+#: the calls that start a new ancestry (a conv's or Linear's output carries only that layer)
+LAYER_CALLS = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+               torch.conv1d, torch.conv2d, torch.conv3d, F.linear)
+
+
+class _Ancestry(TorchFunctionMode):
+    """Tags each tensor with the convs it comes from through no other conv (``"input"``: the model input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags: dict[int, tuple[frozenset, torch.Tensor]] = {}
+
+    def of(self, value) -> frozenset:
+        out = frozenset()
+        for item in (value if isinstance(value, (list, tuple)) else (value,)):
+            if isinstance(item, (list, tuple)):
+                out |= self.of(item)
+            elif isinstance(item, torch.Tensor) and id(item) in self.tags:
+                out |= self.tags[id(item)][0]
+        return out
+
+    def mark(self, value, tags: frozenset) -> None:
+        for item in (value if isinstance(value, (list, tuple)) else (value,)):
+            if isinstance(item, torch.Tensor):
+                self.tags[id(item)] = (tags, item)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if not _inspects(func):
+            self.mark(result, frozenset({"@layer"}) if func in LAYER_CALLS else self.of((args, tuple(kwargs.values()))))
+        return result
+
+
+@torch.no_grad()
+def image_facing(model: nn.Module, example, names: Iterable[str] | None = None) -> set[str]:
+    """The convs that read the model's input through no other conv or Linear, or whose output reaches the
+    model's output through none (one forward of ``example``, every torch call followed).
+
+    They read or write the image itself, whatever their channel counts: SRMD's first conv (RGB plus 15
+    degradation maps, 18 channels) and its last (12 = 3 x 2² sub-pixels) as much as a 3-channel head.
+    ``names``: the convs to consider (default: every Conv module).
+    """
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    names = [n for n in (names if names is not None else convs) if n in convs]
+    mode, reading = _Ancestry(), set()
+
+    def before(mod, args, name):
+        if "input" in mode.of(args):
+            reading.add(name)
+
+    def after(mod, args, output, name):
+        mode.mark(output, frozenset({name}))
+
+    handles = [h for n in names for h in (
+        convs[n].register_forward_pre_hook(lambda m, a, n=n: before(m, a, n)),
+        convs[n].register_forward_hook(lambda m, a, o, n=n: after(m, a, o, n)))]
+    try:
+        with eval_mode(model), mode:
+            inputs = clone_tree(as_inputs(example))
+            mode.mark(list(inputs), frozenset({"input"}))
+            output = model(*inputs)
+            writing = set(mode.of(output if isinstance(output, (list, tuple)) else [output]))
+    finally:
+        for h in handles:
+            h.remove()
+    return (reading | writing) & set(names)

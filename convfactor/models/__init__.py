@@ -52,6 +52,9 @@ _SCALE: dict[str, int] = {name: int(name.rsplit("_x", 1)[1]) for name, (_, _, ta
 _PUBLISHED: dict[str, int] = {"srmd_x2": 2, "srmd_x3": 3, "srmd_x4": 4, "realesrgan_x4plus": 4,
                               "realesrgan_x4plus_anime": 4, "realesr_animevideov3": 4}
 _ZOO.update({name: (f"published:{name}", (3, 64, 64), "sr") for name in _PUBLISHED})
+#: fine-tuning settings that suit a model better than the generic ones (measured: Adam at 2e-4 wrecks
+#: the published SRMD within a few steps, 5e-6 on 48² patches improves a data-fitted copy)
+_FINETUNE: dict[str, dict] = {name: {"lr": 5e-6, "patch_size": 48} for name in ("srmd_x2", "srmd_x3", "srmd_x4")}
 _SCALE.update(_PUBLISHED)
 _CUSTOM: dict[str, Callable[..., nn.Module]] = {}
 
@@ -82,7 +85,8 @@ def training_stages(recipe: dict) -> list[dict]:
 
 
 def info(name: str) -> dict:
-    """``{"name", "input_shape" (one sample, no batch axis; None if unknown), "task"[, "scale"]}``
+    """``{"name", "input_shape" (one sample, no batch axis; None if unknown), "task"[, "scale"][, "finetune"]}``
+    (``finetune``: settings such as ``lr`` and ``patch_size`` that suit the model better than the defaults)
     (a ``spandrel:PATH`` checkpoint also gives its ``"architecture"``; its scale and input channels
     are spandrel's reading of the file)."""
     if thirdparty.is_spec(name):
@@ -93,6 +97,8 @@ def info(name: str) -> dict:
     out = {"name": name, "input_shape": shape, "task": task}
     if name in _SCALE:
         out["scale"] = _SCALE[name]
+    if name in _FINETUNE:
+        out["finetune"] = dict(_FINETUNE[name])
     return out
 
 

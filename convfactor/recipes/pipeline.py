@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import models
 from ..compression.api import CompressionReport, compress
+from ..compression.calibration import image_facing
 from ..compression.fold import fold_factorized
 from ..data.images import builtin_images
 from ..measure.backends import BF16_FLAGS, fp32_of, get_backend
@@ -35,7 +36,7 @@ from ..train.datasets import training_set
 from ..train.finetune import CheckpointConfig, DistillConfig, FinetuneConfig, OptimizerConfig, finetune
 from ..utils import cpu_has, plain_data, torch_threads
 
-__all__ = ["PipelineConfig", "default_demo_model", "fit_calibration", "PipelineResult", "Counts", "StageTimes", "compress_finetune_measure",
+__all__ = ["PipelineConfig", "default_demo_model", "fit_calibration", "finetune_hints", "PipelineResult", "Counts", "StageTimes", "compress_finetune_measure",
            "summary_rows", "image_layers", "plan_for_speedup", "photo_example"]
 
 
@@ -91,13 +92,18 @@ class PipelineConfig:
             raise ValueError(f"{self.stages} stages need at least one fine-tuning step each, got steps={self.steps}")
 
 
-def image_layers(model: nn.Module) -> list[str]:
-    """Names of the convs that read or write the image itself (<= 4 channels on either side).
+def image_layers(model: nn.Module, example=None) -> list[str]:
+    """Names of the convs that read or write the image itself: <= 4 channels on either side, and, given
+    an ``example`` input, those the input reaches or that reach the output through no other conv
+    (:func:`convfactor.compression.calibration.image_facing`: SRMD's 18-channel first conv, its
+    12-channel sub-pixel last one).
 
-    They hold a negligible share of the MACs, and a low rank there loses colour / intensity
-    information no later layer can restore, so the pipeline keeps them dense by default.
+    They hold a small share of the MACs, and a low rank there loses colour / intensity information no
+    later layer can restore, so the pipeline keeps them dense by default.
     """
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and min(m.in_channels, m.out_channels) <= 4]
+    by_graph = image_facing(model, example) if example is not None else set()
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
+            and (min(m.in_channels, m.out_channels) <= 4 or n in by_graph)]
 
 
 def plan_for_speedup(model: nn.Module, example: torch.Tensor, cfg: PipelineConfig, log: Callable = print):
@@ -105,7 +111,7 @@ def plan_for_speedup(model: nn.Module, example: torch.Tensor, cfg: PipelineConfi
     / a fixed channel-SVD plan, both clearly labelled as MACs targets."""
     if cfg.planner not in ("latency", "budget", "fixed"):
         raise ValueError(f"planner must be 'latency', 'budget' or 'fixed', got {cfg.planner!r}")
-    exclude = image_layers(model) if cfg.keep_image_layers else []
+    exclude = image_layers(model, example) if cfg.keep_image_layers else []
     if exclude:
         log(f"  keeping the image-facing layers dense: {', '.join(exclude)}")
     if cfg.planner == "latency":
@@ -361,6 +367,15 @@ def default_demo_model() -> str:
     wheel is installed (``make`` installs it); else ``edsr_baseline_x2``, trained by this project."""
     from ..models import published
     return "srmd_x2" if published.installed("srmd_x2") else "edsr_baseline_x2"
+
+
+def finetune_hints(name: str) -> dict:
+    """The fine-tuning settings that suit model ``name`` better than the defaults (``models.info``'s
+    ``"finetune"``, e.g. ``{"lr": 5e-6, "patch_size": 48}`` for SRMD); ``{}`` for none or an unknown name."""
+    try:
+        return dict(models.info(name).get("finetune", {}))
+    except (ValueError, KeyError):
+        return {}
 
 
 def default_plan_backend() -> str:

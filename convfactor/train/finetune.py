@@ -456,6 +456,20 @@ def finetune(model: nn.Module, data, config: FinetuneConfig, *, teacher: nn.Modu
     checkpoint of the last whole step (see the module docstring).
     """
     _check(config, teacher)
+    # the teacher is frozen and put in eval mode while it teaches, and handed back as it came
+    thawed = [p for p in teacher.parameters() if p.requires_grad] if teacher is not None else []
+    teacher_training = teacher.training if teacher is not None else False
+    try:
+        return _train(model, data, config, teacher, history, callback)
+    finally:
+        for p in thawed:
+            p.requires_grad_(True)
+        if teacher is not None:
+            teacher.train(teacher_training)
+
+
+def _train(model: nn.Module, data, config: FinetuneConfig, teacher, history, callback) -> nn.Module:
+    """:func:`finetune`'s loop (the teacher's flags are the caller's to restore)."""
     run = _start(model, config, teacher)
     start = _resume(run)
     bar = _progress_bar(run, start)

@@ -289,3 +289,17 @@ def test_basis_regularizer_is_applied_when_the_model_has_basis_layers():
     finetune(compressed, torch.randn(16, 8, 6, 6), FinetuneConfig(steps=30, batch_size=4, optimizer=OptimizerConfig(
         lr=1e-2), distill=DistillConfig(weight=0.0), basis_weight=1.0, progress=False), teacher=net)
     assert float(basis.basis_regularizer(compressed, original=net).detach()) < 0.5 * start
+
+
+def test_the_teacher_is_handed_back_as_it_came():
+    """Distillation freezes the teacher and puts it in eval mode while it teaches, then restores both: the
+    caller's model can still be trained afterwards (it was frozen for good before)."""
+    student, teacher = _net(0), _net(1)
+    teacher.train()
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    finetune(student, _data(), _config(), teacher=teacher)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(before[n], p) for n, p in teacher.named_parameters())
+    teacher[0].weight.requires_grad_(False)                 # a caller's own frozen layer stays frozen
+    finetune(_net(2), _data(), _config(), teacher=teacher)
+    assert not teacher[0].weight.requires_grad and teacher[4].weight.requires_grad
