@@ -370,7 +370,7 @@ def refit_last(module: Factorized, layer: nn.Module, xs: Sequence[torch.Tensor],
     two-piece chain ending in a pointwise conv, the first piece is re-solved too (alternately).
     """
     settings = settings.resolved()
-    return _LastPieceFit(module, layer, xs, targets or xs, settings)(settings.ridge)
+    return _LastPieceFit(module, layer, xs, xs if targets is None else targets, settings)(settings.ridge)
 
 
 class _LastPieceFit:
