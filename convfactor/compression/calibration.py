@@ -205,6 +205,15 @@ def collect_input_pairs(reference: nn.Module, model: nn.Module, name: str, calib
 RELU_CALLS = (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
 
 
+def _tensors(value):
+    """The tensors in ``value``: a tensor, or nested lists / tuples of them (other items skipped)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
 def _inspects(func) -> bool:
     """Whether ``func`` only reads a tensor's metadata (``.shape``, ``.size()``, ``.dim()``), not its values."""
     return getattr(func, "__name__", "") in ("__get__", "size", "dim", "ndimension")
@@ -220,9 +229,9 @@ class _Consumers(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for value in (*args, *kwargs.values()):
-            for item in (value if isinstance(value, (list, tuple)) else (value,)):
-                if isinstance(item, torch.Tensor) and id(item) in self.watched and not _inspects(func):
+        if not _inspects(func):
+            for item in _tensors((args, tuple(kwargs.values()))):
+                if id(item) in self.watched:
                     self.calls.setdefault(self.watched[id(item)][0], set()).add(func)
         result = func(*args, **kwargs)
         if func in RELU_CALLS and isinstance(result, torch.Tensor) and id(result) in self.watched:
@@ -270,18 +279,12 @@ class _Ancestry(TorchFunctionMode):
         self.tags: dict[int, tuple[frozenset, torch.Tensor]] = {}
 
     def of(self, value) -> frozenset:
-        out = frozenset()
-        for item in (value if isinstance(value, (list, tuple)) else (value,)):
-            if isinstance(item, (list, tuple)):
-                out |= self.of(item)
-            elif isinstance(item, torch.Tensor) and id(item) in self.tags:
-                out |= self.tags[id(item)][0]
-        return out
+        """The tags of every tensor in ``value`` together."""
+        return frozenset().union(*(self.tags[id(t)][0] for t in _tensors(value) if id(t) in self.tags))
 
     def mark(self, value, tags: frozenset) -> None:
-        for item in (value if isinstance(value, (list, tuple)) else (value,)):
-            if isinstance(item, torch.Tensor):
-                self.tags[id(item)] = (tags, item)
+        for item in _tensors(value):
+            self.tags[id(item)] = (tags, item)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

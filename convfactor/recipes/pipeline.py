@@ -298,10 +298,15 @@ def fit_calibration(info: dict, cfg: PipelineConfig) -> list[torch.Tensor]:
     side = cfg.calibration_side
     if cfg.train_side:
         side = max(4, min(side, cfg.train_side // (info.get("scale") or 1)))
-    data = training_set(info["task"], scale=info.get("scale"), sigma=cfg.sigma, patch_size=side,
-                        length=cfg.calibration_crops, seed=cfg.seed + 13, grey=info["input_shape"][0] == 1,
-                        max_side=cfg.train_side)
-    return [data[i][0][None] for i in range(cfg.calibration_crops)]
+    return training_crops(info, cfg, side, cfg.calibration_crops, seed=cfg.seed + 13)
+
+
+def training_crops(info: dict, cfg: PipelineConfig, side: int, count: int, seed: int) -> list[torch.Tensor]:
+    """``count`` seeded model inputs ``(1, C, side, side)`` drawn from the built-in training photos (LR
+    patches for SR, noisy patches for denoising), as ``cfg`` crops and degrades them."""
+    data = training_set(info["task"], scale=info.get("scale"), sigma=cfg.sigma, patch_size=side, length=count,
+                        seed=seed, grey=info["input_shape"][0] == 1, max_side=cfg.train_side)
+    return [data[i][0][None] for i in range(count)]
 
 
 def _finetune(compressed: nn.Module, original: nn.Module, info: dict, cfg: PipelineConfig) -> list[dict]:
@@ -413,10 +418,7 @@ def runtime_stages(stages: dict[str, nn.Module], example: torch.Tensor, info: di
 
 def _calibration(info: dict, cfg: PipelineConfig, example: torch.Tensor) -> list:
     """Eight training-photo crops shaped like ``example`` (model inputs), for int8 calibration."""
-    side = int(example.shape[-1])
-    data = training_set(info["task"], scale=info.get("scale"), sigma=cfg.sigma, patch_size=side, length=8,
-                        seed=cfg.seed + 11, grey=info["input_shape"][0] == 1, max_side=cfg.train_side)
-    return [data[i][0][None].numpy() for i in range(8)]
+    return [c.numpy() for c in training_crops(info, cfg, int(example.shape[-1]), 8, seed=cfg.seed + 11)]
 
 
 # ---------------------------------------------------------------------------------------------- multi-stage
