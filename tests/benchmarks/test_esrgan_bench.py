@@ -21,6 +21,7 @@ def test_esrgan_quick_measures_every_fit_and_point():
     assert [p["label"] for p in data.rrdb] == ["Sedky & Hosmer: channel SVD", "data-aware planner, MACs budget 0.5"]
     for p in data.rrdb:
         assert 0 < p["macs_ratio"] < 1 and p["speeds"][0].backend == "torch"
+        assert p["fidelity_ft_db"] > 0 and math.isfinite(p["psnr_ft"]) and p["ft_s"] > 0   # both are fine-tuned
     assert "MISSED" in text or "met" in text
 
 
@@ -41,3 +42,20 @@ def test_the_targets_are_judged_by_the_interval_and_the_quality():
                      {"model": "srmd_x4", "speed": _speed(3.1, 2.9), "psnr": 30.0, "loss_db": 0.01}]
     lines = esrgan._precision_table(res)
     assert lines[2].endswith("| met |") and lines[3].endswith("| MISSED |")     # 2.9x lower edge misses 3x
+
+
+def test_an_rrdbnet_plan_is_judged_before_and_after_fine_tuning_at_its_own_speed():
+    from types import SimpleNamespace
+    point = {"label": "Sedky & Hosmer: channel SVD", "macs_ratio": 0.5, "seconds": 10, "psnr": 24.0,
+             "fidelity_db": 31.0, "speeds": [SimpleNamespace(backend="openvino", comparison=_speed(2.2, 2.05))],
+             "psnr_ft": 24.85, "fidelity_ft_db": 33.0, "ft_s": 600}
+    row = esrgan._rrdb_row(point, 25.0)
+    assert row[4:] == ["31.00", "-1.000", "10", "met", "33.00", "-0.150", "10.0", "met"]
+    point["psnr_ft"] = 25.3                     # a gain beyond 0.2 dB is a change too (GAN output moved)
+    assert esrgan._rrdb_row(point, 25.0)[-1] == "MISSED"
+    point["speeds"] = [SimpleNamespace(backend="openvino", comparison=_speed(2.1, 1.95))]    # interval below 2x
+    point["psnr_ft"] = 25.0
+    row = esrgan._rrdb_row(point, 25.0)
+    assert (row[7], row[11]) == ("MISSED", "MISSED")
+    del point["psnr_ft"]
+    assert esrgan._rrdb_row(point, 25.0)[-4:] == ["-", "-", "-", "-"]

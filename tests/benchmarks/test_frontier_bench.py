@@ -27,15 +27,30 @@ def test_targets_are_met_only_by_a_point_inside_both_bounds_on_their_backend():
                                "(3.90x, 0.120 dB)")
     assert "**MISSED**" in lines[2] and "5.30x, 0.200 dB" in lines[2]                         # loss above 0.15
     assert lines[3] == "- dncnn: >= 3x at <= 0.1 dB (openvino fp32): not measured (no point)." or len(lines) == 4
-    assert lines[-1].startswith("- openvino with a lower precision stacked >= 6x against its dense fp32 at <= 0.2 dB: "
-                                "met by latency planner + bf16 (3x plan: 11.00x, 0.190 dB lost)")
+    assert lines[-1].startswith("- edsr_baseline_x2, openvino with a lower precision stacked >= 6x against its dense "
+                                "fp32 at <= 0.2 dB: met by latency planner + bf16 (3x plan: 11.00x, 0.190 dB lost)")
 
 
 def test_a_stacked_target_is_missed_when_every_point_loses_too_much():
     lines = frontier.stacked_target_lines([_p(stacked_label("int8"), 3.0, 7.0, 0.25,
                                               backend="openvino:precision=int8 vs openvino")])
-    assert lines == ["- openvino with a lower precision stacked >= 6x against its dense fp32 at <= 0.2 dB: **MISSED** "
-                     "(3x plan: 7.00x, 0.250 dB lost)."]
+    assert lines == ["- edsr_baseline_x2, openvino with a lower precision stacked >= 6x against its dense fp32 at <= "
+                     "0.2 dB: **MISSED** (3x plan: 7.00x, 0.250 dB lost)."]
+
+
+def test_the_srmd_targets_count_any_openvino_precision_against_its_dense_fp32_but_only_eager_for_eager():
+    da = "data-aware"
+    points = [_p(da, 2.0, 2.1, 0.40, model="srmd_x2"), _p(da, 3.0, 3.2, 0.90, model="srmd_x2", backend="openvino"),
+              _p(stacked_label("bf16", da), 3.0, 16.0, 0.91, model="srmd_x2", backend="openvino:precision=bf16 vs openvino"),
+              _p(stacked_label("int8", da), 3.0, 9.0, 0.12, model="srmd_x2", backend="openvino:precision=int8 vs openvino"),
+              _p(da, 3.0, 3.1, 0.01, model="srmd_x2", backend="onnxruntime")]     # another runtime: not counted
+    eager, best = [line for line in frontier.target_lines(points) if line.startswith("- srmd_x2: ")]
+    assert eager == ("- srmd_x2: >= 2x at <= 0.05 dB (eager): **MISSED** (least loss at that speed: data-aware on "
+                     "torch, 2.10x, 0.400 dB).")
+    assert best == ("- srmd_x2: >= 3x at <= 0.15 dB (openvino, any precision, against its dense fp32): met by "
+                    "data-aware + int8 (9.00x, 0.120 dB).")
+    slow = [_p(da, 3.0, 2.5, 0.02, model="srmd_x2", backend="openvino")]
+    assert "**MISSED** (fastest: data-aware on openvino, 2.50x, 0.020 dB)" in frontier.target_lines(slow)[-1]
 
 
 def test_gains_are_reported_against_the_same_request_and_backend_baseline():
@@ -75,11 +90,14 @@ def test_stacked_points_read_the_pipelines_cross_precision_rows():
 
 def test_bf16_is_stacked_only_where_the_cpu_runs_it(monkeypatch):
     monkeypatch.setattr(frontier, "cpu_has", lambda *flags: False)
-    assert frontier.stacked_backends("openvino", "edsr_baseline_x2") == ("openvino:precision=int8",)
+    edsr, dncnn, srmd = frontier.FULL
+    assert frontier.stacked_backends("openvino", edsr, BASELINE) == ("openvino:precision=int8",)
     monkeypatch.setattr(frontier, "cpu_has", lambda *flags: True)
-    assert frontier.stacked_backends("openvino", "edsr_baseline_x2") == ("openvino:precision=bf16",
+    assert frontier.stacked_backends("openvino", edsr, BASELINE) == ("openvino:precision=bf16", "openvino:precision=int8")
+    assert frontier.stacked_backends("torch", edsr, BASELINE) == () == frontier.stacked_backends("openvino", dncnn, BASELINE)
+    assert frontier.stacked_backends("openvino", edsr, "data-aware") == ()       # stacked on one approach only
+    assert frontier.stacked_backends("openvino", srmd, "data-aware") == ("openvino:precision=bf16",
                                                                         "openvino:precision=int8")
-    assert frontier.stacked_backends("torch", "edsr_baseline_x2") == () == frontier.stacked_backends("openvino", "dncnn")
 
 
 def test_quick_run_measures_every_approach_and_writes_the_figure(tmp_path):
@@ -106,6 +124,18 @@ def test_a_section_without_a_figure_directory_writes_no_figure(tmp_path, monkeyp
     assert [p.name for p in (tmp_path / "f").iterdir()] == ["frontier.png"]
 
 
+def test_srmd_is_drawn_beside_edsr_with_each_line_named_by_its_model(monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(frontier, "frontier_figure", lambda pts, refs, **kw: drawn.setdefault(kw["title"], pts) and b"")
+    points = [_p(BASELINE, 3.0, 3.1, 0.2), _p("data-aware", 3.0, 3.0, 0.5, model="srmd_x2", backend="openvino"),
+              _p(BASELINE, 3.0, 3.4, 0.09, model="dncnn")]
+    assert sorted(frontier.figures(Results(False, points, {"threads": 2}, {}))) == ["frontier", "frontier_dncnn"]
+    shared = next(pts for title, pts in drawn.items() if "SRMD" in title)
+    assert {p["group"] for p in shared} == {"EDSR: latency planner (eager)", "SRMD: data-aware (openvino)"}
+    alone = next(pts for title, pts in drawn.items() if "DnCNN" in title)
+    assert {p["group"] for p in alone} == {"latency planner (eager)"}
+
+
 def test_each_measured_model_gets_its_own_pareto_figure():
     points = [_p(BASELINE, 3.0, 3.1, 0.2), _p(BASELINE, 3.0, 3.4, 0.09, model="dncnn"),
               _p("data-aware", 3.0, 3.2, 0.05, model="dncnn"),
@@ -113,6 +143,7 @@ def test_each_measured_model_gets_its_own_pareto_figure():
     r = Results(False, points, {"threads": 2}, {})
     drawn = frontier.figures(r)
     assert sorted(drawn) == ["frontier", "frontier_dncnn"]
+
     assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in drawn.values())
     text = frontier.render(r)
     assert "![frontier](figures/frontier.png)" in text and "![frontier_dncnn](figures/frontier_dncnn.png)" in text
