@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from convfactor import models
 from convfactor.measure.latency import environment
+from convfactor.models import published
 from convfactor.recipes.pipeline import PipelineConfig, compress_finetune_measure
 from convfactor.report.figures import frontier as frontier_figure
 from convfactor.report.published import SR_REFERENCES
@@ -212,8 +213,12 @@ def _on_backend(p: Point, backend: str) -> bool:
     runtime in any precision timed against its own dense fp32 (``'openvino:precision=bf16 vs openvino'``)."""
     if not backend.endswith("+"):
         return p.backend == backend
-    runtime = backend[:-1]
-    return p.backend == runtime or (p.backend.startswith(f"{runtime}:precision=") and p.backend.endswith(f" vs {runtime}"))
+    return p.backend == backend[:-1] or _stacked_on(p, backend[:-1])
+
+
+def _stacked_on(p: Point, runtime: str) -> bool:
+    """Whether ``p`` is a lower precision of ``runtime`` timed against its dense fp32 (:func:`stacked_points`)."""
+    return p.backend.startswith(f"{runtime}:precision=") and p.backend.endswith(f" vs {runtime}")
 
 
 def _where(backend: str) -> str:
@@ -260,8 +265,7 @@ def stacked_target_lines(ok: list[Point]) -> list[str]:
     lines = []
     for model in dict.fromkeys(p.model for p in ok):
         for runtime in STACKED:
-            mine = [p for p in ok if p.model == model and p.backend.startswith(f"{runtime}:precision=")
-                    and " vs " in p.backend]
+            mine = [p for p in ok if p.model == model and _stacked_on(p, runtime)]
             if not mine:
                 continue
             hits = [p for p in mine if p.interval and p.interval[0] >= speed and p.loss_db <= bound]
@@ -306,7 +310,8 @@ def _own_settings_line(spec: dict) -> str:
     settings = spec["settings"]
     fit = ("factors fitted layer by layer to training-photo crops (the sequential data-aware fit)"
            if settings.get("fit") == "data" else "factors fitted to the weights")
-    return (f"- {spec['model']}: published weights; {fit}; fine-tuned {spec['steps']} steps, batch {spec['batch']}, "
+    origin = "published weights; " if spec["model"] in published.FILES else ""
+    return (f"- {spec['model']}: {origin}{fit}; fine-tuned {spec['steps']} steps, batch {spec['batch']}, "
             f"{spec['patch']}² patches, Adam {settings.get('lr', 'default rate')}.")
 
 
